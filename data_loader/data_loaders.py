@@ -1,0 +1,85 @@
+"""Data loaders named by the config's `data_loader.type`. Each takes `training` so test.py can ask for the test split."""
+import copy
+from pathlib import Path
+
+import torch
+
+from base import BaseDataLoader
+from data_loader.datasets import CsvImageDataset, read_csv
+from utils.util import UserError
+
+
+class CsvImageDataLoader(BaseDataLoader):
+    """The competition layout: `data_dir/train.csv` (id, label) with images in `data_dir/train/`, and a test CSV
+    with images in `data_dir/test/`. Transforms are lists of torchvision.transforms.v2 `{type, args}` applied to
+    uint8 images; the loader then scales to [0, 1] and normalises with `mean`/`std` when given."""
+
+    def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
+                 train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
+                 id_column="id", label_column="label", extension=".png", classes=None, image_mode="unchanged",
+                 train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True):
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}")
+        if classes is None:
+            labels = read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column]
+            classes = sorted(labels.unique().tolist())
+        common = dict(classes=classes, id_column=id_column, label_column=label_column, extension=extension,
+                      image_mode=image_mode, cache=cache)
+        eval_transform = build_transforms(eval_transforms, mean, std, "eval_transforms")
+        if training:
+            train_transform = build_transforms(train_transforms, mean, std, "train_transforms")
+            dataset = CsvImageDataset(data_dir / train_csv, data_dir / train_images, transform=train_transform, **common)
+            if dataset.targets is None:
+                raise UserError(f"{data_dir / train_csv}: no label column {label_column!r} to train on")
+            eval_dataset = _with_transform(dataset, eval_transform)
+        else:
+            dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
+                                                     transform=eval_transform, **common)
+        self.dataset = dataset
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset)
+
+
+def _with_transform(dataset, transform):
+    """The same samples (and decoded-image cache) under another transform."""
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
+
+
+def build_transforms(specs, mean, std, where):
+    """A v2.Compose of the named transforms, then float conversion and optional normalisation."""
+    from torchvision.transforms import v2
+
+    steps = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise UserError(f"data_loader.args.{where}[{i}]: expected {{\"type\": ..., \"args\": {{...}}}}")
+        cls = getattr(v2, spec["type"], None)
+        if not isinstance(cls, type):
+            raise UserError(f"data_loader.args.{where}[{i}].type: {spec['type']!r} is not in torchvision.transforms.v2")
+        try:
+            steps.append(cls(**spec.get("args", {})))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"data_loader.args.{where}[{i}]: {spec['type']} rejected its arguments: {e}") from None
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if (mean is None) != (std is None):
+        raise UserError("data_loader.args.mean and data_loader.args.std: give both or neither")
+    if mean is not None:
+        steps.append(v2.Normalize(mean, std))
+    return v2.Compose(steps)
+
+
+class MnistDataLoader(BaseDataLoader):
+    """torchvision's MNIST, as in victoresque/pytorch-template; downloads into `data_dir` when online."""
+
+    def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.0, num_workers=1, training=True):
+        from torchvision import datasets, transforms
+
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        try:
+            self.dataset = datasets.MNIST(data_dir, train=training, download=True, transform=transform)
+        except OSError as e:
+            raise UserError(f"MNIST in {data_dir!r} is missing and could not be downloaded ({e}); put the raw files "
+                            f"in {data_dir}/MNIST/raw or use CsvImageDataLoader on data/mnist5k") from None
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers)

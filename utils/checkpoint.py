@@ -1,0 +1,73 @@
+"""Writing and reading checkpoints: atomic saves, `weights_only` loads and clean state-dict keys."""
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from utils.util import UserError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+REQUIRED_KEYS = ("state_dict", "config")
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash mid-save leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint onto the CPU with `weights_only=True`; anything else is refused with one clear line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint-last.pth"
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {str(path)!r}: the file is empty")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0] if "weights_only" not in str(e) else "it holds objects other than tensors and plain data"
+        raise UserError(f"checkpoint {str(path)!r}: refused to load: {reason}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"checkpoint {str(path)!r}: not a readable checkpoint (truncated or another format): "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise UserError(f"checkpoint {str(path)!r}: not a checkpoint of this template "
+                        f"(expected a dict with keys {', '.join(REQUIRED_KEYS)})")
+    return state
+
+
+def clean_state_dict(state_dict):
+    """Drop the prefixes that DDP and torch.compile wrappers add, so saved keys match the bare model."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def unwrap(model):
+    """The bare module inside DDP or torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def load_model_weights(model, state_dict, source):
+    """Load weights strictly; a checkpoint of another architecture gets one line naming the mismatch."""
+    try:
+        unwrap(model).load_state_dict(clean_state_dict(state_dict))
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UserError(f"checkpoint {str(source)!r} does not fit model {type(unwrap(model)).__name__}: {detail[:300]}") from None

@@ -1,0 +1,109 @@
+"""Small helpers shared by train.py, test.py and the trainer: errors, JSON files, seeding, devices, run folders."""
+import json
+import os
+import random
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+
+
+def write_json(content, path):
+    """Write JSON atomically so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=4) + "\n")
+    os.replace(tmp, path)
+
+
+def seed_everything(seed, deterministic=False):
+    """Seed Python, NumPy and torch; `deterministic` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def get_rng_state():
+    """Every random generator the training loop may draw from, in a form `weights_only` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def resolve_device(requested, n_gpu, logger):
+    """The torch device to train on: `requested` (from --device) wins, else CUDA when n_gpu > 0 and present."""
+    if requested is None:
+        if n_gpu > 0 and torch.cuda.is_available():
+            return torch.device("cuda")
+        if n_gpu > 0:
+            logger.warning("warning: n_gpu is %d but no CUDA device is available; training on the CPU", n_gpu)
+        return torch.device("cpu")
+    name = f"cuda:{requested}" if requested.isdigit() else requested
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r}: expected cpu, cuda, cuda:N or a GPU index N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or count == 0:
+            raise UserError(f"--device {requested!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {requested!r}: expected cpu, cuda, cuda:N or a GPU index N")
+    return device
+
+
+def make_run_dir(save_dir, name):
+    """A new, never reused folder save_dir/name/<month-day_time>[_n] for one run."""
+    parent = Path(save_dir) / name
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%m%d_%H%M%S")
+    for n in range(1000):
+        run_dir = parent / (stamp if n == 0 else f"{stamp}_{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"{parent}: could not find a free run folder name")
