@@ -21,7 +21,7 @@ class Accuracy(Metric):
         return torch.stack([(output.argmax(dim=1) == target).sum(), torch.tensor(target.numel(), device=target.device)])
 
     def compute(self, total):
-        return (total[0] / total[1]).item()
+        return (total[0].double() / total[1]).item()
 
 
 class TopKAccuracy(Metric):
@@ -35,7 +35,7 @@ class TopKAccuracy(Metric):
         return torch.stack([hits.sum(), torch.tensor(target.numel(), device=target.device)])
 
     def compute(self, total):
-        return (total[0] / total[1]).item()
+        return (total[0].double() / total[1]).item()
 
 
 class ConfusionMatrix(Metric):

@@ -78,7 +78,7 @@ def resolve_device(requested, n_gpu, logger):
         if n_gpu > 0 and torch.cuda.is_available():
             return torch.device("cuda")
         if n_gpu > 0:
-            logger.warning("warning: n_gpu is %d but no CUDA device is available; training on the CPU", n_gpu)
+            logger.info("n_gpu is %d but no CUDA device is available: using the CPU", n_gpu)
         return torch.device("cpu")
     name = f"cuda:{requested}" if requested.isdigit() else requested
     try:
