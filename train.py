@@ -6,8 +6,15 @@
 """
 import argparse
 import inspect
+import math
 import sys
+import tempfile
+from pathlib import Path
 
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from utils import dist
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
 from utils.util import UserError, make_run_dir, read_json, resolve_device, seed_everything, write_json
@@ -20,9 +27,15 @@ def parse_args(argv):
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:N or a GPU index (default: from n_gpu)")
     parser.add_argument("--lr", type=float, help="shortcut for -o optimizer.args.lr=LR")
     parser.add_argument("--bs", type=int, help="shortcut for -o data_loader.args.batch_size=BS")
+    parser.add_argument("--fast-dev-run", action="store_true",
+                        help="one training and one validation batch, nothing written under saved/")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="set any config value, e.g. -o trainer.epochs=5 (value parsed as JSON); repeatable")
     return parser.parse_args(argv)
+
+
+FAST_DEV_RUN = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                "trainer.tensorboard=false"]
 
 
 def command_line_overrides(args):
@@ -37,66 +50,82 @@ def main(argv=None):
 
     logger = setup_logging()
     try:
+        rank, world_size, local_rank = dist.init_distributed()
         checkpoint = load_checkpoint(args.resume) if args.resume else None
+        overrides = command_line_overrides(args) + (FAST_DEV_RUN if args.fast_dev_run else [])
         if args.config:
-            config = load_config(args.config, command_line_overrides(args))
+            config = load_config(args.config, overrides)
         elif checkpoint is not None:
-            config = validate(apply_overrides(checkpoint["config"], command_line_overrides(args)))
+            config = validate(apply_overrides(checkpoint["config"], overrides))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
-        logger = setup_logging(config["trainer"]["verbosity"])
-        device = resolve_device(args.device, config["n_gpu"], logger)
+        cfg = config["trainer"]
+        logger = setup_logging(cfg["verbosity"] if rank == 0 else 0)
+        if config["n_gpu"] > 1 and world_size == 1 and args.device is None and torch.cuda.device_count() > 1:
+            raise UserError(f"n_gpu is {config['n_gpu']}: start one process per GPU with: torchrun "
+                            f"--nproc_per_node={config['n_gpu']} train.py {' '.join(argv or sys.argv[1:])}")
+        device = resolve_device(args.device or (f"cuda:{local_rank}" if world_size > 1 and torch.cuda.is_available()
+                                                else None), config["n_gpu"], logger)
         seed_everything(config["seed"], config["deterministic"])
 
         data_loader = build(config, "data_loader")
         valid_data_loader = data_loader.split_validation()
+        if cfg["overfit_batches"]:
+            valid_data_loader = data_loader.overfit(cfg["overfit_batches"])
         model = build(config, "arch")
         if checkpoint is not None and args.config:
             load_model_weights(model, checkpoint["state_dict"], args.resume)
-        model = model.to(device)
+        model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
         criterion = build_loss(config)
         if hasattr(criterion, "to"):
             criterion = criterion.to(device)
         metrics = build_metrics(config)
         optimizer = build(config, "optimizer", [p for p in model.parameters() if p.requires_grad])
         lr_scheduler = build_scheduler(config, optimizer, len(data_loader)) if config["lr_scheduler"] else None
+        if world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg["compile"]:
+            model = torch.compile(model)
 
-        run_dir = choose_run_dir(config, args, checkpoint)
-        add_log_file(logger, run_dir / "train.log")
-        save_run_config(config, run_dir, checkpoint if not args.config else None)
-        logger.debug(str(model))
-        logger.info("run folder: %s", run_dir)
-        logger.info("training on %s: %d samples, %d for validation", device, data_loader.n_samples,
-                    len(valid_data_loader.sampler) if valid_data_loader else 0)
+        with tempfile.TemporaryDirectory(prefix="fast-dev-run-") as scratch:
+            run_dir = Path(scratch) if args.fast_dev_run else dist.broadcast_object(
+                choose_run_dir(config, args, checkpoint) if rank == 0 else None)
+            if rank == 0:
+                add_log_file(logger, run_dir / "train.log")
+                save_run_config(config, run_dir, checkpoint if not args.config else None)
+            logger.debug(str(model))
+            logger.info("run folder: %s", "(temporary: --fast-dev-run)" if args.fast_dev_run else run_dir)
+            logger.info("training on %s x %d process(es): %d samples, %d for validation", device, world_size,
+                        data_loader.n_samples, len(valid_data_loader.sampler) * world_size if valid_data_loader else 0)
 
-        from trainer.trainer import Trainer
+            from trainer.trainer import Trainer
 
-        trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader,
-                          valid_data_loader, lr_scheduler)
-        if checkpoint is not None and not args.config:
-            trainer.resume(checkpoint)
-        trainer.train()
+            trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader,
+                              valid_data_loader, lr_scheduler)
+            if checkpoint is not None and not args.config:
+                trainer.resume(checkpoint)
+            trainer.train()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist.cleanup()
     return 0
 
 
-def build_scheduler(config, optimizer, batches_per_epoch):
-    """The config's scheduler; one that takes `total_steps` (OneCycleLR) gets the run's length unless given."""
-    spec = config["lr_scheduler"]
+def build_scheduler(config, optimizer, n_batches):
+    """The config's scheduler; one that takes `total_steps` (OneCycleLR) gets the run's optimizer steps unless given."""
+    spec, cfg = config["lr_scheduler"], config["trainer"]
     target = resolve("lr_scheduler", spec["type"], config["import_roots"])
-    params = inspect.signature(target).parameters
     extra = {}
-    if "total_steps" in params and not {"total_steps", "epochs"} & spec["args"].keys():
-        extra["total_steps"] = config["trainer"]["epochs"] * batches_per_epoch
+    if "total_steps" in inspect.signature(target).parameters and not {"total_steps", "epochs"} & spec["args"].keys():
+        n_batches = min(n_batches, cfg["limit_train_batches"] or n_batches)
+        extra["total_steps"] = cfg["epochs"] * math.ceil(n_batches / cfg["accumulation_steps"])
     return build(config, "lr_scheduler", optimizer, **extra)
 
 
 def choose_run_dir(config, args, checkpoint):
     """A new run folder, except when resuming from a run's newest checkpoint: that run continues in place."""
-    from pathlib import Path
-
     if checkpoint is None or args.config:
         return make_run_dir(config["trainer"]["save_dir"], config["name"])
     path = Path(args.resume)

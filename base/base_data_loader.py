@@ -1,31 +1,79 @@
+import random
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from utils import dist
 from utils.util import UserError
 
 
 class EpochSampler(Sampler):
-    """Yields a fixed list of indices, reshuffled from (seed, epoch) alone, so any epoch can be replayed exactly."""
+    """Yields `(index, sample_seed)` pairs for this process, ordered and seeded from (seed, epoch) alone.
 
-    def __init__(self, indices, shuffle, seed=0):
+    Any epoch, or the rest of one (`skip`), can be replayed exactly, whatever the number of workers. Under
+    torch.distributed each process takes every world_size-th item; with `pad` the list is first padded by
+    repeating its start so that every process runs the same number of steps (training); without, every
+    sample is seen exactly once (evaluation).
+    """
+
+    def __init__(self, indices, shuffle, seed=0, pad=True):
         self.indices = torch.as_tensor(indices, dtype=torch.int64)
         self.shuffle = shuffle
         self.seed = seed
+        self.pad = pad
+        self.rank, self.world_size = dist.rank(), dist.world_size()
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, skip=0):
+        """Select the epoch's order; `skip` leaves out this process's first samples (a resumed epoch)."""
         self.epoch = epoch
+        self.skip = skip
+
+    def _order(self):
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        order = self.indices[torch.randperm(len(self.indices), generator=generator)] if self.shuffle else self.indices
+        seeds = torch.randint(2**62, (len(order),), generator=generator)
+        if self.world_size > 1:
+            if self.pad and len(order) % self.world_size:
+                extra = self.world_size - len(order) % self.world_size
+                order, seeds = torch.cat([order, order[:extra]]), torch.cat([seeds, seeds[:extra]])
+            order, seeds = order[self.rank::self.world_size], seeds[self.rank::self.world_size]
+        return order, seeds
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(self.indices.tolist())
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(self.indices[torch.randperm(len(self.indices), generator=generator)].tolist())
+        order, seeds = self._order()
+        return iter(zip(order[self.skip:].tolist(), seeds[self.skip:].tolist()))
 
     def __len__(self):
-        return len(self.indices)
+        n = len(self.indices)
+        per_rank = -(-n // self.world_size) if self.pad else len(range(self.rank, n, self.world_size))
+        return per_rank - self.skip
+
+
+class SeededDataset(Dataset):
+    """Seeds Python, NumPy and torch before each sample is loaded, so augmentation depends on the sample's seed
+    alone (not on which worker loads it, nor on where a resumed epoch starts). Other attributes pass through."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, item):
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def split_indices(n_samples, validation_split, targets, seed):
@@ -82,17 +130,25 @@ class BaseDataLoader(DataLoader):
             "collate_fn": collate_fn,
             "num_workers": num_workers,
             "pin_memory": torch.cuda.is_available(),
+            "generator": torch.Generator(),  # worker base seeds come from here, never from the global generator
         }
-        super().__init__(dataset, sampler=EpochSampler(self.train_indices, shuffle, self.seed),
-                         generator=torch.Generator(), **self.init_kwargs)
+        super().__init__(SeededDataset(dataset), sampler=EpochSampler(self.train_indices, shuffle, self.seed),
+                         **self.init_kwargs)
 
-    def set_epoch(self, epoch):
-        """Fix this epoch's shuffle and the worker seeds (hence augmentation) from the seed and the epoch number."""
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self.seed + 7919 * epoch)
+    def set_epoch(self, epoch, skip_batches=0):
+        """Select the epoch's order and sample seeds; `skip_batches` resumes it after that many batches."""
+        self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
+
+    def overfit(self, n_batches):
+        """Train and validate on the same first `n_batches` batches, unshuffled: a quick check that the model can
+        learn at all. Returns the matching validation loader."""
+        self.sampler.indices = self.sampler.indices[: n_batches * self.batch_size]
+        self.sampler.shuffle = False
+        return self._eval_loader(self.sampler.indices)
 
     def split_validation(self):
-        if len(self.valid_indices) == 0:
-            return None
-        return DataLoader(self.eval_dataset, sampler=EpochSampler(self.valid_indices, shuffle=False),
+        return self._eval_loader(self.valid_indices) if len(self.valid_indices) else None
+
+    def _eval_loader(self, indices):
+        return DataLoader(SeededDataset(self.eval_dataset), sampler=EpochSampler(indices, shuffle=False, pad=False),
                           **self.init_kwargs)

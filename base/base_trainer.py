@@ -5,16 +5,20 @@ import os
 import shutil
 import time
 
+import torch
+
 from logger.visualization import TensorboardWriter
+from trainer.ema import ModelEma
+from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
-from utils.util import UserError, get_rng_state, set_rng_state
+from utils.util import UserError, get_rng_state, seed_everything, set_rng_state
 
 
 class BaseTrainer:
     """Owns the epoch loop, monitoring, early stopping, checkpoints and resuming.
 
     Subclasses implement `_train_epoch(epoch)`, which returns the epoch's log: training values under their names
-    and validation values prefixed with `val_`.
+    and validation values prefixed with `val_`. Only the main process writes logs, events and checkpoints.
     """
 
     def __init__(self, model, criterion, metric_ftns, optimizer, config, device, run_dir, lr_scheduler=None):
@@ -28,16 +32,27 @@ class BaseTrainer:
         self.lr_scheduler = lr_scheduler
         self.device = device
         self.run_dir = run_dir
+        self.is_main = dist.is_main_process()
         self.epochs = cfg["epochs"]
         self.save_period = cfg["save_period"]
+        self.save_top_k = cfg["save_top_k"]
         self.early_stop = cfg["early_stop"]
+
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["amp"]]
+        if self.amp_dtype is torch.float16 and device.type != "cuda":
+            self.logger.warning("warning: trainer.amp \"fp16\" needs a CUDA device; training in float32 instead "
+                                "(\"bf16\" works on the CPU)")
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.ema = ModelEma(unwrap(model), cfg["ema_decay"]) if cfg["ema_decay"] else None
 
         self.mnt_mode, _, self.mnt_metric = cfg["monitor"].partition(" ")
         self.mnt_best = {"min": math.inf, "max": -math.inf}.get(self.mnt_mode)
         self.not_improved_count = 0
+        self.top_k = []  # [monitored value, epoch] of the checkpoints kept by save_top_k, best first
         self.start_epoch = 1
         self.global_step = 0
-        self.writer = TensorboardWriter(run_dir / "tensorboard", cfg["tensorboard"])
+        self.writer = TensorboardWriter(run_dir / "tensorboard", cfg["tensorboard"] and self.is_main)
 
     def _train_epoch(self, epoch):
         raise NotImplementedError
@@ -46,11 +61,14 @@ class BaseTrainer:
         """Run the remaining epochs; returns the last epoch's log."""
         log = {}
         for epoch in range(self.start_epoch, self.epochs + 1):
+            seed_everything(self.config["seed"] + 1_000_003 * epoch + 7919 * dist.rank())
             started = time.perf_counter()
             log = self._train_epoch(epoch)
-            self._report_epoch(epoch, log, time.perf_counter() - started)
             improved = self._update_monitor(log)
-            self._save_checkpoint(epoch, save_best=improved)
+            if self.is_main:
+                self._report_epoch(epoch, log, time.perf_counter() - started)
+                self._save_checkpoint(epoch, save_best=improved)
+            dist.barrier()
             if self.early_stop and self.not_improved_count >= self.early_stop:
                 self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric, self.early_stop)
                 break
@@ -83,6 +101,7 @@ class BaseTrainer:
             self.not_improved_count = 0
         else:
             self.not_improved_count += 1
+        self.mnt_last = value
         return improved
 
     def state_dict(self, epoch):
@@ -92,41 +111,61 @@ class BaseTrainer:
             "epoch": epoch,
             "global_step": self.global_step,
             "state_dict": clean_state_dict(unwrap(self.model).state_dict()),
+            "ema_state_dict": clean_state_dict(self.ema.module.state_dict()) if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
             "monitor_best": self.mnt_best,
             "not_improved_count": self.not_improved_count,
+            "top_k": self.top_k,
             "rng": get_rng_state(),
             "config": self.config,
         }
 
     def _save_checkpoint(self, epoch, save_best=False):
-        last = self.run_dir / "checkpoint-last.pth"
-        save_checkpoint(self.state_dict(epoch), last)
         copies = []
         if self.save_period and epoch % self.save_period == 0:
             copies.append(self.run_dir / f"checkpoint-epoch{epoch}.pth")
         if save_best:
             copies.append(self.run_dir / "model_best.pth")
             self.logger.info("saved model_best.pth (%s %.4f)", self.mnt_metric, self.mnt_best)
+        if self.save_top_k and self._enters_top_k(epoch):
+            copies.append(self.run_dir / f"top-epoch{epoch}.pth")
+        last = self.run_dir / "checkpoint-last.pth"
+        save_checkpoint(self.state_dict(epoch), last)
         for path in copies:
             tmp = path.with_name(path.name + ".tmp")
             shutil.copyfile(last, tmp)
             os.replace(tmp, path)
 
+    def _enters_top_k(self, epoch):
+        """Add this epoch to the best-k list if it belongs there; delete the checkpoint that drops out."""
+        if math.isnan(self.mnt_last):
+            return False
+        self.top_k.append([self.mnt_last, epoch])
+        self.top_k.sort(key=lambda item: item[0], reverse=self.mnt_mode == "max")
+        for _, dropped in self.top_k[self.save_top_k:]:
+            (self.run_dir / f"top-epoch{dropped}.pth").unlink(missing_ok=True)
+        del self.top_k[self.save_top_k:]
+        return any(e == epoch for _, e in self.top_k)
+
     def resume(self, checkpoint):
-        """Restore model, optimizer, scheduler, counters and random state from a loaded checkpoint."""
+        """Restore model, optimizer, scheduler, scaler, EMA, counters and random state from a loaded checkpoint."""
         load_model_weights(self.model, checkpoint["state_dict"], "resume")
+        if self.ema and checkpoint.get("ema_state_dict"):
+            load_model_weights(self.ema.module, checkpoint["ema_state_dict"], "resume")
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.lr_scheduler is not None and checkpoint["lr_scheduler"] is not None:
                 self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if checkpoint.get("scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
         self.start_epoch = checkpoint["epoch"] + 1
         self.global_step = checkpoint["global_step"]
         self.mnt_best = checkpoint["monitor_best"]
         self.not_improved_count = checkpoint["not_improved_count"]
+        self.top_k = [list(item) for item in checkpoint.get("top_k", [])]
         set_rng_state(checkpoint["rng"])
         self.logger.info("resumed from epoch %d; continuing at epoch %d", checkpoint["epoch"], self.start_epoch)
-

@@ -5,6 +5,8 @@ processes) and `compute(total) -> float`. Config files name them by the lower-ca
 """
 import torch
 
+from utils import dist
+
 
 class Metric:
     def batch_stats(self, output, target):
@@ -80,10 +82,15 @@ class EpochMetrics:
             stats = metric.batch_stats(output.detach(), target)
             self.totals[name] = stats if name not in self.totals else self.totals[name] + stats
 
-    def result(self, with_loss=True):
-        """The epoch's values as plain floats: the only point where the device is synchronised."""
-        log = {"loss": (self.loss_sum / self.count).item()} if with_loss and self.count else {}
-        log.update({name: metric.compute(self.totals[name]) for name, metric in self.metrics.items() if name in self.totals})
+    def result(self):
+        """The epoch's values as plain floats, summed over all processes: the only synchronisation point."""
+        if self.count is None:
+            return {}
+        loss_and_count = dist.all_reduce_sum(torch.stack([self.loss_sum, torch.tensor(
+            float(self.count), dtype=torch.float64, device=self.loss_sum.device)]))
+        log = {"loss": (loss_and_count[0] / loss_and_count[1]).item()}
+        for name, metric in self.metrics.items():
+            log[name] = metric.compute(dist.all_reduce_sum(self.totals[name]))
         return log
 
 

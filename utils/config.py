@@ -51,7 +51,18 @@ TRAINER = {
     "early_stop": (0, int, 0),
     "tensorboard": (True, bool, None),
     "log_step": (50, int, 1),
+    "save_top_k": (0, int, 0),
+    "amp": ("off", str, None),
+    "accumulation_steps": (1, int, 1),
+    "clip_grad_norm": (0, (int, float), 0),
+    "channels_last": (False, bool, None),
+    "compile": (False, bool, None),
+    "ema_decay": (0, (int, float), 0),
+    "limit_train_batches": (0, int, 0),
+    "limit_val_batches": (0, int, 0),
+    "overfit_batches": (0, int, 0),
 }
+CHOICES = {"trainer.amp": ("off", "bf16", "fp16")}
 
 
 def load_config(path, overrides=()):
@@ -88,6 +99,8 @@ def validate(config):
     """Check every key, type, argument and the monitor; return a copy with defaults filled in."""
     config = _check_keys(config, TOP_LEVEL, "")
     config["trainer"] = _check_keys(config["trainer"], TRAINER, "trainer.")
+    if config["trainer"]["ema_decay"] >= 1:
+        raise UserError(f"trainer.ema_decay: expected a value below 1 (e.g. 0.999), got {config['trainer']['ema_decay']}")
     roots = config["import_roots"]
     if not all(isinstance(r, str) and r for r in roots):
         raise UserError("import_roots: expected a list of module names, e.g. [\"timm\"]")
@@ -126,12 +139,17 @@ def metric_name(entry):
 def produced_metrics(config):
     """Every name an epoch's log can hold, given the metrics and whether the data loader splits off validation."""
     names = ["loss"] + [metric_name(m) for m in config["metrics"]]
-    return names + ["val_" + n for n in names] if _has_validation(config) else names
+    if not (_has_validation(config) or config["trainer"]["overfit_batches"]):
+        return names
+    ema = ["val_ema_" + n for n in names] if config["trainer"]["ema_decay"] else []
+    return names + ["val_" + n for n in names] + ema
 
 
 def _check_monitor(config, metric_names):
     monitor = config["trainer"]["monitor"]
     if monitor == "off":
+        if config["trainer"]["save_top_k"]:
+            raise UserError("trainer.save_top_k: keeping the best checkpoints needs a trainer.monitor metric")
         return
     mode, _, metric = monitor.partition(" ")
     if mode not in ("min", "max") or not metric:
@@ -140,6 +158,10 @@ def _check_monitor(config, metric_names):
     if metric not in produced:
         hint = _suggest(metric, produced) or f"; training produces {', '.join(produced)}"
         raise UserError(f"trainer.monitor: {metric!r} is never produced by training{hint}")
+    scheduler = config["lr_scheduler"]
+    if scheduler and scheduler["type"].endswith("ReduceLROnPlateau") and scheduler["args"].get("mode", "min") != mode:
+        raise UserError(f"lr_scheduler.args.mode: ReduceLROnPlateau is fed {metric!r}, which the monitor wants to "
+                        f"{mode}imise; set \"mode\": \"{mode}\"")
 
 
 def _has_validation(config):
@@ -176,12 +198,15 @@ def _check_keys(config, spec, prefix):
             raise UserError(f"{prefix}{key}: expected {expected}, got {json.dumps(value)}")
         if minimum is not None and value < minimum:
             raise UserError(f"{prefix}{key}: expected a value >= {minimum}, got {json.dumps(value)}")
+        if prefix + key in CHOICES and value not in CHOICES[prefix + key]:
+            raise UserError(f"{prefix}{key}: expected one of {', '.join(CHOICES[prefix + key])}, got {json.dumps(value)}")
         checked[key] = value
     return checked
 
 
 def _json_type(kind):
-    return {int: "an integer", str: "a string", bool: "true or false", dict: "an object", list: "a list"}[kind]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+            list: "a list"}[kind]
 
 
 def _check_section(section, name, roots, extra_keys=(), where=None):
