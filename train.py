@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from base.base_trainer import TrainingStopped
 from utils import dist
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
@@ -106,11 +107,20 @@ def main(argv=None):
                 trainer.resume(checkpoint)
             trainer.train()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
+        return e.exit_code
     finally:
         dist.cleanup()
     return 0
+
+
+def one_line(error):
+    """A UserError's message; one raised in a DataLoader worker arrives wrapped in that worker's traceback."""
+    text = str(error).strip()
+    return text.splitlines()[-1].split("UserError: ", 1)[-1] if "Traceback" in text else text
 
 
 def build_scheduler(config, optimizer, n_batches):

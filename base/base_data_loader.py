@@ -1,4 +1,5 @@
 import random
+import signal
 
 import numpy as np
 import torch
@@ -76,6 +77,11 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
 
+def _ignore_interrupt(worker_id):
+    """Ctrl-C reaches the whole process group; workers keep serving so the trainer can save before it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def split_indices(n_samples, validation_split, targets, seed):
     """Train and validation indices; stratified by class when targets are known. A float is a ratio, an int a count."""
     if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
@@ -131,6 +137,7 @@ class BaseDataLoader(DataLoader):
             "num_workers": num_workers,
             "pin_memory": torch.cuda.is_available(),
             "generator": torch.Generator(),  # worker base seeds come from here, never from the global generator
+            "worker_init_fn": _ignore_interrupt,
         }
         super().__init__(SeededDataset(dataset), sampler=EpochSampler(self.train_indices, shuffle, self.seed),
                          **self.init_kwargs)

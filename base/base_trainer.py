@@ -3,15 +3,26 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 
 import torch
 
 from logger.visualization import TensorboardWriter
+from model.metric import EpochMetrics
 from trainer.ema import ModelEma
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
 from utils.util import UserError, get_rng_state, seed_everything, set_rng_state
+
+
+class TrainingStopped(Exception):
+    """Training ended before its last epoch (a signal, a non-finite loss); the message says what to do next."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class BaseTrainer:
@@ -50,30 +61,55 @@ class BaseTrainer:
         self.mnt_best = {"min": math.inf, "max": -math.inf}.get(self.mnt_mode)
         self.not_improved_count = 0
         self.top_k = []  # [monitored value, epoch] of the checkpoints kept by save_top_k, best first
+        self.train_metrics = EpochMetrics(metric_ftns)
         self.start_epoch = 1
+        self.resume_batches = 0  # batches of start_epoch already trained (a checkpoint saved mid-epoch)
         self.global_step = 0
+        self.stop_signal = None
         self.writer = TensorboardWriter(run_dir / "tensorboard", cfg["tensorboard"] and self.is_main)
 
     def _train_epoch(self, epoch):
         raise NotImplementedError
 
     def train(self):
-        """Run the remaining epochs; returns the last epoch's log."""
+        """Run the remaining epochs; returns the last epoch's log. SIGINT/SIGTERM save a checkpoint, then stop."""
         log = {}
-        for epoch in range(self.start_epoch, self.epochs + 1):
-            seed_everything(self.config["seed"] + 1_000_003 * epoch + 7919 * dist.rank())
-            started = time.perf_counter()
-            log = self._train_epoch(epoch)
-            improved = self._update_monitor(log)
-            if self.is_main:
-                self._report_epoch(epoch, log, time.perf_counter() - started)
-                self._save_checkpoint(epoch, save_best=improved)
-            dist.barrier()
-            if self.early_stop and self.not_improved_count >= self.early_stop:
-                self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric, self.early_stop)
-                break
-        self.writer.close()
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {s: signal.signal(s, self._request_stop) for s in handled}
+        try:
+            for epoch in range(self.start_epoch, self.epochs + 1):
+                if not (epoch == self.start_epoch and self.resume_batches):
+                    seed_everything(self.config["seed"] + 1_000_003 * epoch + 7919 * dist.rank())
+                started = time.perf_counter()
+                log = self._train_epoch(epoch)
+                improved = self._update_monitor(log)
+                if self.is_main:
+                    self._report_epoch(epoch, log, time.perf_counter() - started)
+                    self._save_checkpoint(epoch, save_best=improved)
+                dist.barrier()
+                if self.stop_signal and epoch < self.epochs:
+                    raise self._stopped(epoch, 0)
+                if self.early_stop and self.not_improved_count >= self.early_stop:
+                    self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric, self.early_stop)
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.writer.close()
         return log
+
+    def _request_stop(self, signum, frame):
+        """First signal: finish the current optimizer step, save, exit. A second one stops at once."""
+        self.stop_signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+
+    def _stopped(self, epoch, batches_done):
+        """The exception that ends a run stopped by a signal, once its state is saved: it says how to resume."""
+        dist.barrier()
+        last = self.run_dir / "checkpoint-last.pth"
+        where = f"epoch {epoch}, batch {batches_done}" if batches_done else f"the end of epoch {epoch}"
+        return TrainingStopped(f"stopped by {self.stop_signal} at {where}: state saved to {last}; "
+                               f"resume with: python train.py -r {last}", 128 + getattr(signal, self.stop_signal))
 
     def _report_epoch(self, epoch, log, seconds):
         values = "  ".join(f"{k} {v:.4f}" for k, v in log.items())
@@ -104,11 +140,15 @@ class BaseTrainer:
         self.mnt_last = value
         return improved
 
-    def state_dict(self, epoch):
-        """Everything needed to continue the run exactly, as tensors and plain data only."""
+    def state_dict(self, epoch, batches_done=0):
+        """Everything needed to continue the run exactly, as tensors and plain data only.
+
+        `batches_done` > 0 marks a checkpoint taken inside `epoch`, after that many batches."""
         return {
             "arch": type(unwrap(self.model)).__name__,
             "epoch": epoch,
+            "batches_done": batches_done,
+            "train_metrics": self.train_metrics.state_dict() if batches_done else None,
             "global_step": self.global_step,
             "state_dict": clean_state_dict(unwrap(self.model).state_dict()),
             "ema_state_dict": clean_state_dict(self.ema.module.state_dict()) if self.ema else None,
@@ -122,7 +162,11 @@ class BaseTrainer:
             "config": self.config,
         }
 
-    def _save_checkpoint(self, epoch, save_best=False):
+    def _save_checkpoint(self, epoch, save_best=False, batches_done=0):
+        """checkpoint-last.pth always (mid-epoch too); at an epoch's end also the periodic, best and top-k copies."""
+        if batches_done:
+            save_checkpoint(self.state_dict(epoch, batches_done), self.run_dir / "checkpoint-last.pth")
+            return
         copies = []
         if self.save_period and epoch % self.save_period == 0:
             copies.append(self.run_dir / f"checkpoint-epoch{epoch}.pth")
@@ -162,10 +206,14 @@ class BaseTrainer:
                 self.scaler.load_state_dict(checkpoint["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
-        self.start_epoch = checkpoint["epoch"] + 1
+        self.resume_batches = checkpoint.get("batches_done", 0)
+        self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)
+        if self.resume_batches:
+            self.train_metrics.load_state_dict(checkpoint["train_metrics"], self.device)
         self.global_step = checkpoint["global_step"]
         self.mnt_best = checkpoint["monitor_best"]
         self.not_improved_count = checkpoint["not_improved_count"]
         self.top_k = [list(item) for item in checkpoint.get("top_k", [])]
         set_rng_state(checkpoint["rng"])
-        self.logger.info("resumed from epoch %d; continuing at epoch %d", checkpoint["epoch"], self.start_epoch)
+        self.logger.info("resumed at epoch %d, batch %d (global step %d)", self.start_epoch, self.resume_batches,
+                         self.global_step)

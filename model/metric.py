@@ -82,6 +82,13 @@ class EpochMetrics:
             stats = metric.batch_stats(output.detach(), target)
             self.totals[name] = stats if name not in self.totals else self.totals[name] + stats
 
+    def state_dict(self):
+        return {"loss_sum": self.loss_sum, "count": self.count, "totals": self.totals}
+
+    def load_state_dict(self, state, device):
+        self.loss_sum, self.count = state["loss_sum"].to(device), state["count"]
+        self.totals = {name: total.to(device) for name, total in state["totals"].items()}
+
     def result(self):
         """The epoch's values as plain floats, summed over all processes: the only synchronisation point."""
         if self.count is None:

@@ -7,6 +7,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from base import BaseTrainer
+from base.base_trainer import TrainingStopped
 from model.metric import EpochMetrics
 from utils import dist
 from utils.checkpoint import unwrap
@@ -27,19 +28,24 @@ class Trainer(BaseTrainer):
         self.limit_train_batches = cfg["limit_train_batches"]
         self.limit_val_batches = cfg["limit_val_batches"]
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.preserve_format
+        self.save_every_n_steps = cfg["save_every_n_steps"]
+        self.skip_nonfinite = cfg["nonfinite_loss"] == "skip"
         self.step_per_batch = lr_scheduler is not None and config["lr_scheduler"]["step_every"] == "batch"
-        self.train_metrics = EpochMetrics(metric_ftns)
         self.valid_metrics = EpochMetrics(metric_ftns)
 
     def _train_epoch(self, epoch):
         self.model.train()
-        self.train_metrics.reset()
-        self.data_loader.set_epoch(epoch)
-        n_batches = batches_per_epoch(len(self.data_loader), self.limit_train_batches)
-        bar = tqdm(itertools.islice(self.data_loader, n_batches), total=n_batches, desc=f"epoch {epoch}/{self.epochs}",
-                   unit="batch", leave=False, disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        skip = self.resume_batches if epoch == self.start_epoch else 0
+        if not skip:
+            self.train_metrics.reset()
+        self.data_loader.set_epoch(epoch, skip)
+        n_batches = batches_per_epoch(len(self.data_loader) + skip, self.limit_train_batches)
+        bar = tqdm(itertools.islice(self.data_loader, n_batches - skip), total=n_batches, initial=skip, unit="batch",
+                   desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (self.is_main and sys.stderr.isatty()))
+        first_nonfinite = torch.full((), -1, device=self.device)  # batch index of the first non-finite loss
         grad_norm = None
-        for batch_idx, (data, target) in enumerate(bar):
+        for batch_idx, (data, target) in enumerate(bar, start=skip):
             data, target = self._to_device(data, target)
             group_start = batch_idx - batch_idx % self.accumulation_steps
             group_size = min(self.accumulation_steps, n_batches - group_start)
@@ -56,6 +62,9 @@ class Trainer(BaseTrainer):
                 if self.clip_grad_norm:
                     self.scaler.unscale_(self.optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+                if self.skip_nonfinite and not grads_finite(self.model):  # opt-in: one host sync per step
+                    self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", epoch, batch_idx)
+                    self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 if self.ema:
@@ -64,12 +73,27 @@ class Trainer(BaseTrainer):
                     self.lr_scheduler.step()
                 self.global_step += 1
 
-            self.train_metrics.update(loss, output, target)
+            loss_finite = torch.isfinite(loss.detach())
+            if self.skip_nonfinite:
+                if loss_finite:
+                    self.train_metrics.update(loss, output, target)
+            else:
+                self.train_metrics.update(loss, output, target)
+                first_nonfinite = torch.where((first_nonfinite < 0) & ~loss_finite, batch_idx, first_nonfinite)
             if batch_idx % self.log_step == 0:
+                self._check_finite(first_nonfinite, epoch)
                 self._log_step(bar, loss.item(), grad_norm, len(data))
             if batch_idx == 0 and self.writer.writer:
                 self.writer.add_image_grid("train/images", data[:64].detach().cpu(), epoch)
+            if update_now and batch_idx + 1 < n_batches and (self._stop_requested(batch_idx) or (
+                    self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0)):
+                self._check_finite(first_nonfinite, epoch)
+                if self.is_main:
+                    self._save_checkpoint(epoch, batches_done=batch_idx + 1)
+                if self.stop_signal:
+                    raise self._stopped(epoch, batch_idx + 1)
 
+        self._check_finite(first_nonfinite, epoch)
         log = self.train_metrics.result()
         if self.valid_data_loader is not None:
             log.update({"val_" + k: v for k, v in self._valid_epoch().items()})
@@ -109,6 +133,25 @@ class Trainer(BaseTrainer):
             data = data.contiguous(memory_format=self.memory_format)
         return data, target.to(self.device, non_blocking=True)
 
+    def _check_finite(self, first_nonfinite, epoch):
+        """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""
+        if dist.all_reduce_sum((first_nonfinite >= 0).float()).item():
+            batch = int(first_nonfinite) if first_nonfinite >= 0 else "(on another process)"
+            raise TrainingStopped(f"the loss became non-finite at epoch {epoch}, batch {batch}; the last good checkpoint "
+                                  f"is kept in {self.run_dir}; set trainer.nonfinite_loss to \"skip\" to skip such "
+                                  f"batches", 1)
+
+    def _stop_requested(self, batch_idx):
+        """Whether a signal asked to stop; under DDP the ranks agree on it every log_step batches."""
+        if not dist.is_distributed():
+            return self.stop_signal is not None
+        if batch_idx % self.log_step:
+            return False
+        flag = dist.all_reduce_sum(torch.tensor(float(self.stop_signal is not None), device=self.device))
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = "SIGTERM"
+        return bool(flag.item())
+
     def _gradient_sync(self, update_now):
         """Under DDP, skip the gradient all-reduce on micro-batches that only accumulate."""
         if update_now or not hasattr(self.model, "no_sync"):
@@ -121,6 +164,11 @@ class Trainer(BaseTrainer):
         if grad_norm is not None:
             scalars["grad_norm"] = grad_norm.item()
         self.writer.add_scalars("train", scalars, self.global_step)
+
+
+def grads_finite(model):
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 def batches_per_epoch(n_batches, limit):

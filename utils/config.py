@@ -61,8 +61,10 @@ TRAINER = {
     "limit_train_batches": (0, int, 0),
     "limit_val_batches": (0, int, 0),
     "overfit_batches": (0, int, 0),
+    "save_every_n_steps": (0, int, 0),
+    "nonfinite_loss": ("stop", str, None),
 }
-CHOICES = {"trainer.amp": ("off", "bf16", "fp16")}
+CHOICES = {"trainer.amp": ("off", "bf16", "fp16"), "trainer.nonfinite_loss": ("stop", "skip")}
 
 
 def load_config(path, overrides=()):
