@@ -1,36 +1,54 @@
-"""Evaluate a checkpoint on the test split and write metrics and a submission file.
+"""Evaluate checkpoints on the test split and write metrics and a submission file.
 
     python test.py -r saved/<name>/<run id>/model_best.pth [--out DIR]
+    python test.py -r a/model_best.pth -r b/model_best.pth       an ensemble (probabilities averaged)
+    python test.py -r saved/<name>/<run group>/                  every fold's best checkpoint of a --folds run
+    python test.py --blend x/probabilities.csv y/probabilities.csv --weights 2 1 --out DIR
 
-The model and data loader are rebuilt from the checkpoint's own config (change any of it with -o). Writes
-`metrics.json` (when the data has labels) and `predictions.csv` (`id,label`) to DIR, by default
-`<run folder>/<split>-<checkpoint name>/`.
+Models and data are rebuilt from the checkpoints' own configs (the first one's data settings; change any with
+-o). Writes metrics.json (when the data has labels), predictions.csv (the submission) and probabilities.csv to
+DIR, by default `<run folder>/<split>-<checkpoint name>/`.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-
-from model.metric import EpochMetrics
-from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.config import apply_overrides, build, build_loss, build_metrics, validate
+from logger.logger import setup_logging
+from trainer.inference import (blend, build_tta, class_names, load_ensemble, predict, row_ids, score,
+                               write_predictions)
+from utils.checkpoint import load_checkpoint
+from utils.config import apply_overrides, build, validate, validate_inference
 from utils.util import UserError, resolve_device, seed_everything, write_json
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split.")
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate")
-    parser.add_argument("--out", help="folder for metrics.json and predictions.csv")
+    parser = argparse.ArgumentParser(description="Evaluate checkpoints on the test split.")
+    parser.add_argument("-r", "--resume", action="append", default=[],
+                        help="checkpoint, or run-group folder of a --folds run; repeat for an ensemble")
+    parser.add_argument("--out", help="folder for metrics.json, predictions.csv and probabilities.csv")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:N or a GPU index (default: from n_gpu)")
     parser.add_argument("--split", choices=("test", "valid"), default="test",
                         help="the test data, or the validation part of the training data (default: test)")
-    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (trainer.ema_decay)")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoints' EMA weights (trainer.ema_decay)")
     parser.add_argument("--bs", type=int, help="batch size for inference (default: the training batch size)")
+    parser.add_argument("--blend", nargs="+", metavar="CSV", help="average saved probabilities.csv files instead")
+    parser.add_argument("--weights", nargs="+", type=float, help="weights for --blend (default: equal)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="change the checkpoint's config, e.g. -o data_loader.args.test_csv=test.csv")
+                        help="change the (first) checkpoint's config, e.g. -o data_loader.args.test_csv=test.csv")
     return parser.parse_args(argv)
+
+
+def checkpoint_paths(given):
+    """Checkpoint files: a run-group folder stands for each fold's model_best.pth (else checkpoint-last.pth)."""
+    paths = []
+    for path in map(Path, given):
+        folds = sorted(path.glob("fold*/")) if path.is_dir() else []
+        if not folds:
+            paths.append(path)
+        for fold in folds:
+            paths.append(fold / "model_best.pth" if (fold / "model_best.pth").exists() else fold / "checkpoint-last.pth")
+    return paths
 
 
 def build_eval_loader(config, split):
@@ -44,58 +62,57 @@ def build_eval_loader(config, split):
     return loader
 
 
-@torch.inference_mode()
-def predict(model, data_loader, criterion, metrics, device):
-    """Class probabilities for every sample in loader order, and the metrics when the samples are labelled."""
-    labelled = getattr(data_loader.dataset, "targets", None) is not None
-    tracker = EpochMetrics(metrics)
-    probabilities = []
-    for data, target in data_loader:
-        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = model(data)
-        if labelled:
-            tracker.update(criterion(output, target), output, target)
-        probabilities.append(output.float().softmax(dim=1))
-    return torch.cat(probabilities).cpu(), tracker.result() if labelled else None
+def default_out(paths, split, ema):
+    suffix = "-ema" if ema else ""
+    if len(paths) == 1:
+        return paths[0].parent / f"{split}-{paths[0].stem}{suffix}"
+    return Path(os.path.commonpath([p.parent for p in paths])) / f"{split}-ensemble{suffix}"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from logger.logger import setup_logging
-
     logger = setup_logging(1)
     try:
-        checkpoint = load_checkpoint(args.resume)
+        if args.blend:
+            if not args.out:
+                raise UserError("--blend: give --out DIR for the blended submission")
+            ids, probabilities, classes = blend(args.blend, args.weights)
+            inference = validate_inference(apply_overrides({"inference": {}}, args.override)["inference"])
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_predictions(out, ids, probabilities, classes, inference)
+            logger.info("blended %d files into %s", len(args.blend), out)
+            return 0
+        if not args.resume:
+            raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
+        paths = checkpoint_paths(args.resume)
+        checkpoints = [(p, load_checkpoint(p), args.ema) for p in paths]
+        for path, checkpoint, _ in checkpoints:
+            if args.ema and checkpoint.get("ema_state_dict") is None:
+                raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
         overrides = args.override + ([f"data_loader.args.batch_size={args.bs}"] if args.bs else [])
-        config = validate(apply_overrides(checkpoint["config"], overrides))
+        config = validate(apply_overrides(checkpoints[0][1]["config"], overrides))
         device = resolve_device(args.device, config["n_gpu"], logger)
         data_loader = build_eval_loader(config, args.split)
-        model = build(config, "arch")
-        if args.ema and checkpoint.get("ema_state_dict") is None:
-            raise UserError(f"--ema: checkpoint {args.resume!r} has no EMA weights (train with trainer.ema_decay)")
-        load_model_weights(model, checkpoint["ema_state_dict" if args.ema else "state_dict"], args.resume)
-        model = model.to(device).eval()
-        criterion = build_loss(config)
-        if hasattr(criterion, "to"):
-            criterion = criterion.to(device)
+        tta = [t.to(device) if hasattr(t, "to") else t for t in build_tta(config)]
 
-        probabilities, metrics = predict(model, data_loader, criterion, build_metrics(config), device)
-        dataset, rows = data_loader.dataset, data_loader.sampler.indices.tolist()
-        # datasets of the competition layout name their rows and classes; other datasets are numbered
-        ids = [dataset.ids[i] for i in rows] if hasattr(dataset, "ids") else rows
-        classes = getattr(dataset, "classes", None) if hasattr(dataset, "ids") else None
-        labels = probabilities.argmax(dim=1).tolist()
-        name = f"{args.split}-{Path(args.resume).stem}" + ("-ema" if args.ema else "")
-        out = Path(args.out) if args.out else Path(args.resume).parent / name
+        probabilities = targets = None
+        for model in load_ensemble(checkpoints, device):
+            model_probabilities, targets = predict(model, data_loader, device, tta)
+            probabilities = model_probabilities if probabilities is None else probabilities + model_probabilities
+        probabilities /= len(checkpoints)
+
+        out = Path(args.out) if args.out else default_out(paths, args.split, args.ema)
         out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"id": list(ids), "label": [classes[i] for i in labels] if classes else labels}).to_csv(
-            out / "predictions.csv", index=False)
-        if metrics is not None:
-            write_json({"checkpoint": str(args.resume), "split": args.split, "ema": args.ema, "n_samples": len(labels),
-                        **metrics}, out / "metrics.json")
+        write_predictions(out, row_ids(data_loader), probabilities, class_names(data_loader, probabilities.shape[1]),
+                          config["inference"])
+        if getattr(data_loader.dataset, "targets", None) is not None:
+            metrics = score(config, probabilities, targets)
+            write_json({"checkpoints": [str(p) for p in paths], "split": args.split, "ema": args.ema,
+                        "tta_views": len(tta), "n_samples": len(targets), **metrics}, out / "metrics.json")
             logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         else:
-            logger.info("the test CSV has no labels: wrote predictions only")
+            logger.info("the data has no labels: wrote predictions only")
         logger.info("wrote %s", out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@
 """
 import argparse
 import inspect
+import logging
 import math
 import sys
 import tempfile
@@ -15,6 +16,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from base.base_trainer import TrainingStopped
+from logger.logger import add_log_file, setup_logging
+from trainer.inference import combine_out_of_fold, write_out_of_fold
+from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
@@ -28,6 +32,8 @@ def parse_args(argv):
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:N or a GPU index (default: from n_gpu)")
     parser.add_argument("--lr", type=float, help="shortcut for -o optimizer.args.lr=LR")
     parser.add_argument("--bs", type=int, help="shortcut for -o data_loader.args.batch_size=BS")
+    parser.add_argument("--fold", type=int, help="train this fold: shortcut for -o data_loader.args.fold=K")
+    parser.add_argument("--folds", choices=("all",), help="train every fold of data_loader.args.n_folds in one run group")
     parser.add_argument("--fast-dev-run", action="store_true",
                         help="one training and one validation batch, nothing written under saved/")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -42,13 +48,12 @@ FAST_DEV_RUN = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.li
 def command_line_overrides(args):
     shortcuts = [f"optimizer.args.lr={args.lr}"] if args.lr is not None else []
     shortcuts += [f"data_loader.args.batch_size={args.bs}"] if args.bs is not None else []
+    shortcuts += [f"data_loader.args.fold={args.fold}"] if args.fold is not None else []
     return shortcuts + args.override
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from logger.logger import add_log_file, setup_logging
-
     logger = setup_logging()
     try:
         rank, world_size, local_rank = dist.init_distributed()
@@ -60,52 +65,20 @@ def main(argv=None):
             config = validate(apply_overrides(checkpoint["config"], overrides))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
-        cfg = config["trainer"]
-        logger = setup_logging(cfg["verbosity"] if rank == 0 else 0)
+        logger = setup_logging(config["trainer"]["verbosity"] if rank == 0 else 0)
         if config["n_gpu"] > 1 and world_size == 1 and args.device is None and torch.cuda.device_count() > 1:
             raise UserError(f"n_gpu is {config['n_gpu']}: start one process per GPU with: torchrun "
                             f"--nproc_per_node={config['n_gpu']} train.py {' '.join(argv or sys.argv[1:])}")
         device = resolve_device(args.device or (f"cuda:{local_rank}" if world_size > 1 and torch.cuda.is_available()
                                                 else None), config["n_gpu"], logger)
-        seed_everything(config["seed"], config["deterministic"])
-
-        data_loader = build(config, "data_loader")
-        valid_data_loader = data_loader.split_validation()
-        if cfg["overfit_batches"]:
-            valid_data_loader = data_loader.overfit(cfg["overfit_batches"])
-        model = build(config, "arch")
-        if checkpoint is not None and args.config:
-            load_model_weights(model, checkpoint["state_dict"], args.resume)
-        model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
-        criterion = build_loss(config)
-        if hasattr(criterion, "to"):
-            criterion = criterion.to(device)
-        metrics = build_metrics(config)
-        optimizer = build(config, "optimizer", [p for p in model.parameters() if p.requires_grad])
-        lr_scheduler = build_scheduler(config, optimizer, len(data_loader)) if config["lr_scheduler"] else None
-        if world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg["compile"]:
-            model = torch.compile(model)
-
-        with tempfile.TemporaryDirectory(prefix="fast-dev-run-") as scratch:
-            run_dir = Path(scratch) if args.fast_dev_run else dist.broadcast_object(
-                choose_run_dir(config, args, checkpoint) if rank == 0 else None)
-            if rank == 0:
-                add_log_file(logger, run_dir / "train.log")
-                save_run_config(config, run_dir, checkpoint if not args.config else None)
-            logger.debug(str(model))
-            logger.info("run folder: %s", "(temporary: --fast-dev-run)" if args.fast_dev_run else run_dir)
-            logger.info("training on %s x %d process(es): %d samples, %d for validation", device, world_size,
-                        data_loader.n_samples, len(valid_data_loader.sampler) * world_size if valid_data_loader else 0)
-
-            from trainer.trainer import Trainer
-
-            trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader,
-                              valid_data_loader, lr_scheduler)
-            if checkpoint is not None and not args.config:
-                trainer.resume(checkpoint)
-            trainer.train()
+        if args.folds == "all":
+            train_all_folds(config, device)
+        elif args.fast_dev_run:
+            with tempfile.TemporaryDirectory(prefix="fast-dev-run-") as scratch:
+                train_one(config, device, Path(scratch))
+        else:
+            run_dir = dist.broadcast_object(choose_run_dir(config, args, checkpoint) if rank == 0 else None)
+            train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and not args.config)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -115,6 +88,69 @@ def main(argv=None):
     finally:
         dist.cleanup()
     return 0
+
+
+def train_one(config, device, run_dir, checkpoint=None, resume=False):
+    """Build everything the config names and train; `checkpoint` is resumed, or with resume=False fine-tuned from.
+    Returns the trainer."""
+    cfg = config["trainer"]
+    logger = logging.getLogger("template")
+    seed_everything(config["seed"], config["deterministic"])
+    data_loader = build(config, "data_loader")
+    valid_data_loader = data_loader.split_validation()
+    if cfg["overfit_batches"]:
+        valid_data_loader = data_loader.overfit(cfg["overfit_batches"])
+    model = build(config, "arch")
+    if checkpoint is not None and not resume:
+        load_model_weights(model, checkpoint["state_dict"], "the fine-tuning checkpoint")
+    model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
+    criterion = build_loss(config)
+    if hasattr(criterion, "to"):
+        criterion = criterion.to(device)
+    metrics = build_metrics(config)
+    optimizer = build(config, "optimizer", [p for p in model.parameters() if p.requires_grad])
+    lr_scheduler = build_scheduler(config, optimizer, len(data_loader)) if config["lr_scheduler"] else None
+    if dist.world_size() > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        model = torch.compile(model)
+
+    if dist.is_main_process():
+        add_log_file(logger, run_dir / "train.log")
+        save_run_config(config, run_dir, checkpoint if resume else None)
+    logger.debug(str(model))
+    logger.info("run folder: %s", run_dir)
+    logger.info("training on %s x %d process(es): %d samples, %d for validation", device, dist.world_size(),
+                data_loader.n_samples, len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
+    trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
+                      lr_scheduler)
+    if resume:
+        trainer.resume(checkpoint)
+    trainer.train()
+    return trainer
+
+
+def train_all_folds(config, device):
+    """Train every fold into one run group, then score the out-of-fold predictions over the whole training set."""
+    n_folds = config["data_loader"]["args"].get("n_folds", 0)
+    if not n_folds:
+        raise UserError("--folds all: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
+    group_dir = dist.broadcast_object(
+        make_run_dir(config["trainer"]["save_dir"], config["name"]) if dist.is_main_process() else None)
+    logger = logging.getLogger("template")
+    for fold in range(n_folds):
+        fold_config = apply_overrides(config, [f"data_loader.args.fold={fold}"])
+        run_dir = group_dir / f"fold{fold}"
+        run_dir.mkdir(exist_ok=True)
+        logger.info("fold %d/%d", fold + 1, n_folds)
+        trainer = train_one(fold_config, device, run_dir)
+        if dist.is_main_process():
+            best = run_dir / ("model_best.pth" if (run_dir / "model_best.pth").exists() else "checkpoint-last.pth")
+            write_out_of_fold(trainer, load_checkpoint(best), run_dir / "oof.csv")
+        dist.barrier()
+    if dist.is_main_process():
+        metrics = combine_out_of_fold(config, [group_dir / f"fold{k}" / "oof.csv" for k in range(n_folds)], group_dir)
+        logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def one_line(error):
@@ -141,7 +177,7 @@ def choose_run_dir(config, args, checkpoint):
     path = Path(args.resume)
     run_dir = path if path.is_dir() else path.parent
     last = run_dir / "checkpoint-last.pth"
-    if last.exists() and load_checkpoint(last)["epoch"] <= checkpoint["epoch"]:
+    if last.exists() and load_checkpoint(last)["global_step"] <= checkpoint["global_step"]:
         return run_dir
     return make_run_dir(config["trainer"]["save_dir"], config["name"])
 

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from data_loader.folds import assign_folds
 from utils import dist
 from utils.util import UserError
 
@@ -19,8 +20,9 @@ class EpochSampler(Sampler):
     sample is seen exactly once (evaluation).
     """
 
-    def __init__(self, indices, shuffle, seed=0, pad=True):
+    def __init__(self, indices, shuffle, seed=0, pad=True, weights=None):
         self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self.weights = weights  # per index: draw with replacement in proportion to them (class balancing)
         self.shuffle = shuffle
         self.seed = seed
         self.pad = pad
@@ -35,7 +37,12 @@ class EpochSampler(Sampler):
 
     def _order(self):
         generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
-        order = self.indices[torch.randperm(len(self.indices), generator=generator)] if self.shuffle else self.indices
+        if self.weights is not None:
+            order = self.indices[torch.multinomial(self.weights, len(self.indices), True, generator=generator)]
+        elif self.shuffle:
+            order = self.indices[torch.randperm(len(self.indices), generator=generator)]
+        else:
+            order = self.indices
         seeds = torch.randint(2**62, (len(order),), generator=generator)
         if self.world_size > 1:
             if self.pad and len(order) % self.world_size:
@@ -82,17 +89,30 @@ def _ignore_interrupt(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def split_indices(n_samples, validation_split, targets, seed):
-    """Train and validation indices; stratified by class when targets are known. A float is a ratio, an int a count."""
+def split_indices(n_samples, validation_split, seed, targets=None, groups=None, n_folds=0, fold=0):
+    """Train and validation indices, reproducible from `seed`.
+
+    With `n_folds`, validation is fold `fold` of a K-fold split. Otherwise `validation_split` is a ratio (float)
+    or a count (int). Splits are stratified when `targets` are given and never split a group when `groups` are
+    (a group-aware ratio split takes one fold of round(1 / ratio) folds).
+    """
+    if n_folds:
+        if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+            raise UserError(f"n_folds: expected an integer >= 2, got {n_folds!r}")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
+            raise UserError(f"fold: expected an integer from 0 to {n_folds - 1}, got {fold!r}")
+        return _fold_split(n_samples, n_folds, fold, seed, targets, groups)
     if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
         raise UserError(f"validation_split: expected a ratio in [0, 1) or a sample count, got {validation_split!r}")
     n_valid = round(n_samples * validation_split) if isinstance(validation_split, float) else validation_split
     if validation_split < 0 or (isinstance(validation_split, float) and validation_split >= 1) or n_valid >= n_samples:
         raise UserError(f"validation_split: {validation_split} leaves no training data "
                         f"(expected a ratio in [0, 1) or a count below {n_samples})")
-    rng = np.random.default_rng(seed)
     if n_valid == 0:
         return np.arange(n_samples), np.array([], dtype=np.int64)
+    if groups is not None:
+        return _fold_split(n_samples, max(2, round(n_samples / n_valid)), 0, seed, targets, groups)
+    rng = np.random.default_rng(seed)
     if targets is None:
         order = rng.permutation(n_samples)
         return np.sort(order[n_valid:]), np.sort(order[:n_valid])
@@ -106,6 +126,14 @@ def split_indices(n_samples, validation_split, targets, seed):
     return np.setdiff1d(np.arange(n_samples), valid), valid
 
 
+def _fold_split(n_samples, n_folds, fold, seed, targets, groups):
+    try:
+        folds = assign_folds(n_samples, n_folds, seed, targets, groups)
+    except ValueError as e:
+        raise UserError(f"n_folds: {e}") from None
+    return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+
+
 def _largest_remainder(shares, total):
     counts = np.floor(shares).astype(int)
     counts[np.argsort(counts - shares)[: total - counts.sum()]] += 1
@@ -113,7 +141,8 @@ def _largest_remainder(shares, total):
 
 
 class BaseDataLoader(DataLoader):
-    """A DataLoader with a seeded (stratified when the dataset has `targets`) validation split.
+    """A DataLoader with a seeded validation split or K-fold: stratified by the dataset's `targets`, grouped by its
+    `groups` when it has them; `balanced` draws training samples with equal weight per class.
 
     `eval_dataset` holds the same samples with evaluation transforms; the validation split is drawn from it so
     validation never sees training augmentation. The split and every epoch's order derive from the torch seed
@@ -121,14 +150,16 @@ class BaseDataLoader(DataLoader):
     """
 
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=default_collate,
-                 eval_dataset=None):
+                 eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
         self.seed = torch.initial_seed()
         targets = getattr(dataset, "targets", None)
-        self.train_indices, self.valid_indices = split_indices(len(dataset), validation_split, targets, self.seed)
+        self.train_indices, self.valid_indices = split_indices(
+            len(dataset), validation_split, self.seed, targets if stratify else None, getattr(dataset, "groups", None),
+            n_folds, fold)
         self.n_samples = len(self.train_indices)
         self.eval_dataset = dataset if eval_dataset is None else eval_dataset
         self.init_kwargs = {
@@ -139,8 +170,14 @@ class BaseDataLoader(DataLoader):
             "generator": torch.Generator(),  # worker base seeds come from here, never from the global generator
             "worker_init_fn": _ignore_interrupt,
         }
-        super().__init__(SeededDataset(dataset), sampler=EpochSampler(self.train_indices, shuffle, self.seed),
-                         **self.init_kwargs)
+        weights = None
+        if balanced:
+            if targets is None:
+                raise UserError("balanced: class-balanced sampling needs a dataset with `targets`")
+            train_targets = torch.as_tensor(np.asarray(targets)[self.train_indices])
+            weights = 1.0 / torch.bincount(train_targets)[train_targets].double()
+        super().__init__(SeededDataset(dataset), sampler=EpochSampler(self.train_indices, shuffle, self.seed,
+                                                                      weights=weights), **self.init_kwargs)
 
     def set_epoch(self, epoch, skip_batches=0):
         """Select the epoch's order and sample seeds; `skip_batches` resumes it after that many batches."""
@@ -150,7 +187,7 @@ class BaseDataLoader(DataLoader):
         """Train and validate on the same first `n_batches` batches, unshuffled: a quick check that the model can
         learn at all. Returns the matching validation loader."""
         self.sampler.indices = self.sampler.indices[: n_batches * self.batch_size]
-        self.sampler.shuffle = False
+        self.sampler.shuffle, self.sampler.weights = False, None
         return self._eval_loader(self.sampler.indices)
 
     def split_validation(self):

@@ -11,13 +11,15 @@ from utils.util import UserError
 
 class CsvImageDataLoader(BaseDataLoader):
     """The competition layout: `data_dir/train.csv` (id, label) with images in `data_dir/train/`, and a test CSV
-    with images in `data_dir/test/`. Transforms are lists of torchvision.transforms.v2 `{type, args}` applied to
+    with images in `data_dir/test/`. `n_folds`/`fold` choose a K-fold validation split instead of
+    `validation_split`; `group_column` keeps a group's rows on one side of every split. Transforms are lists of torchvision.transforms.v2 `{type, args}` applied to
     uint8 images; the loader then scales to [0, 1] and normalises with `mean`/`std` when given."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
                  id_column="id", label_column="label", extension=".png", classes=None, image_mode="unchanged",
-                 train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True):
+                 train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True, group_column=None,
+                 n_folds=0, fold=0, stratify=True, balanced=False):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}")
@@ -29,15 +31,16 @@ class CsvImageDataLoader(BaseDataLoader):
         eval_transform = build_transforms(eval_transforms, mean, std, "eval_transforms")
         if training:
             train_transform = build_transforms(train_transforms, mean, std, "train_transforms")
-            dataset = CsvImageDataset(data_dir / train_csv, data_dir / train_images, transform=train_transform, **common)
+            dataset = CsvImageDataset(data_dir / train_csv, data_dir / train_images, transform=train_transform,
+                                      group_column=group_column, **common)
             if dataset.targets is None:
                 raise UserError(f"{data_dir / train_csv}: no label column {label_column!r} to train on")
             eval_dataset = _with_transform(dataset, eval_transform)
         else:
             dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
                                                      transform=eval_transform, **common)
-        self.dataset = dataset
-        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset)
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
+                         n_folds=n_folds if training else 0, fold=fold, stratify=stratify, balanced=balanced and training)
 
 
 def _with_transform(dataset, transform):

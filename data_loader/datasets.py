@@ -13,16 +13,17 @@ NO_LABEL = -1
 class CsvImageDataset(Dataset):
     """Images `image_dir/<id><extension>` listed in a CSV; labels come from `label_column` when the CSV has it.
 
+    `group_column` names rows that belong together (a patient, a video) for group-aware splits.
     Labels are mapped to indices through `classes` (the sorted distinct labels of the training CSV unless given).
     A CSV without the label column gives unlabelled samples (target -1) for inference. With `cache` every image
     is decoded once up front, which also surfaces a missing or corrupt file before training starts.
     """
 
     def __init__(self, csv_file, image_dir, classes, id_column="id", label_column="label", extension=".png",
-                 image_mode="unchanged", transform=None, cache=True):
+                 image_mode="unchanged", transform=None, cache=True, group_column=None):
         from torchvision.io import ImageReadMode
 
-        table = read_csv(csv_file, id_column)
+        table = read_csv(csv_file, id_column, required=(group_column,) if group_column else ())
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise UserError(f"image folder {str(self.image_dir)!r}: no such folder")
@@ -43,6 +44,7 @@ class CsvImageDataset(Dataset):
                 raise UserError(f"{csv_file}: row {row + 2} has label {table[label_column][row]!r}, "
                                 f"not one of the {len(self.classes)} classes {self.classes[:10]}")
             self.targets = [index[label] for label in table[label_column]]
+        self.groups = table[group_column].tolist() if group_column else None
         self.transform = transform
         self.images = [self.read(i) for i in range(len(self.paths))] if cache else None
 

@@ -19,6 +19,10 @@ def setup_logging(verbosity=2):
 
 
 def add_log_file(logger, path):
+    """Also log to `path`, replacing the file of an earlier run in this process (one per fold)."""
+    for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(path)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -41,6 +41,7 @@ TOP_LEVEL = {
     "metrics": ([], list, None),
     "lr_scheduler": ({}, dict, None),
     "trainer": (None, dict, None),
+    "inference": ({}, dict, None),
 }
 TRAINER = {
     "epochs": (None, int, 1),
@@ -64,7 +65,13 @@ TRAINER = {
     "save_every_n_steps": (0, int, 0),
     "nonfinite_loss": ("stop", str, None),
 }
-CHOICES = {"trainer.amp": ("off", "bf16", "fp16"), "trainer.nonfinite_loss": ("stop", "skip")}
+INFERENCE = {
+    "tta": ([], list, None),
+    "sample_submission": ("", str, None),
+    "label_format": ("name", str, None),
+}
+CHOICES = {"trainer.amp": ("off", "bf16", "fp16"), "trainer.nonfinite_loss": ("stop", "skip"),
+           "inference.label_format": ("name", "index")}
 
 
 def load_config(path, overrides=()):
@@ -101,6 +108,7 @@ def validate(config):
     """Check every key, type, argument and the monitor; return a copy with defaults filled in."""
     config = _check_keys(config, TOP_LEVEL, "")
     config["trainer"] = _check_keys(config["trainer"], TRAINER, "trainer.")
+    config["inference"] = validate_inference(config["inference"])
     if config["trainer"]["ema_decay"] >= 1:
         raise UserError(f"trainer.ema_decay: expected a value below 1 (e.g. 0.999), got {config['trainer']['ema_decay']}")
     roots = config["import_roots"]
@@ -131,6 +139,11 @@ def validate(config):
         raise UserError(f"metrics: two metrics share a name ({', '.join(names)}); give one a \"name\"")
     _check_monitor(config, names)
     return config
+
+
+def validate_inference(section):
+    """The `inference` section with defaults filled in (test.py --blend needs it without a whole config)."""
+    return _check_keys(section, INFERENCE, "inference.")
 
 
 def metric_name(entry):
