@@ -1,8 +1,11 @@
 """Models named by the config's `arch.type`. torchvision models (e.g. "resnet18") are found as well."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from base import BaseModel
+from utils.checkpoint import load_model_weights
+from utils.util import UserError
 
 
 class ConvNet(BaseModel):
@@ -41,3 +44,52 @@ class MnistModel(BaseModel):
         x = F.dropout(x, training=self.training)
         x = self.fc2(x)
         return F.log_softmax(x, dim=1)
+
+
+class TorchvisionClassifier(BaseModel):
+    """A torchvision classification model by name with its last linear layer replaced for `num_classes`.
+
+    `weights` names torchvision weights ("DEFAULT", "IMAGENET1K_V1") that are downloaded when online;
+    `weights_file` loads a local state dict instead (offline). The new head is trained from scratch; the rest
+    is the backbone, which `trainer.freeze_backbone_epochs` can keep frozen at first.
+    """
+
+    def __init__(self, name, num_classes, weights=None, weights_file=None, in_channels=3):
+        super().__init__()
+        import torchvision
+
+        try:
+            self.net = torchvision.models.get_model(name, weights=weights)
+        except ValueError as e:
+            raise UserError(f"arch.args: {e}") from None
+        except (OSError, RuntimeError) as e:
+            url = torchvision.models.get_model_weights(name)[weights].url if weights != "DEFAULT" else \
+                torchvision.models.get_model_weights(name).DEFAULT.url
+            raise UserError(f"arch.args.weights: could not download {url} ({e}); offline, put that file in "
+                            f"{torch.hub.get_dir()}/checkpoints/ or give a local \"weights_file\"") from None
+        if weights_file:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+            load_model_weights(self.net, state.get("state_dict", state), weights_file)
+        if in_channels != 3:
+            conv = next(m for m in self.net.modules() if isinstance(m, nn.Conv2d))
+            conv_name = next(n for n, m in self.net.named_modules() if m is conv)
+            replacement = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                    bias=conv.bias is not None)
+            _set_module(self.net, conv_name, replacement)
+        head_name, head = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
+        _set_module(self.net, head_name, nn.Linear(head.in_features, num_classes))
+        self.head = self.net.get_submodule(head_name)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def set_backbone_trainable(self, trainable):
+        head_params = {id(p) for p in self.head.parameters()}
+        for p in self.net.parameters():
+            if id(p) not in head_params:
+                p.requires_grad_(trainable)
+
+
+def _set_module(root, dotted_name, module):
+    parent_name, _, child = dotted_name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

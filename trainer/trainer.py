@@ -11,6 +11,7 @@ from base.base_trainer import TrainingStopped
 from model.metric import EpochMetrics
 from utils import dist
 from utils.checkpoint import unwrap
+from utils.util import UserError
 
 
 class Trainer(BaseTrainer):
@@ -29,11 +30,20 @@ class Trainer(BaseTrainer):
         self.limit_val_batches = cfg["limit_val_batches"]
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.preserve_format
         self.save_every_n_steps = cfg["save_every_n_steps"]
+        self.freeze_backbone_epochs = cfg["freeze_backbone_epochs"]
+        if self.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
+            raise UserError(f"trainer.freeze_backbone_epochs: {type(unwrap(model)).__name__} has no "
+                            f"set_backbone_trainable(); use TorchvisionClassifier or add that method")
+        if self.freeze_backbone_epochs and dist.is_distributed():
+            raise UserError("trainer.freeze_backbone_epochs: not supported under torchrun (DDP fixes the trainable "
+                            "parameters when it starts)")
         self.skip_nonfinite = cfg["nonfinite_loss"] == "skip"
         self.step_per_batch = lr_scheduler is not None and config["lr_scheduler"]["step_every"] == "batch"
         self.valid_metrics = EpochMetrics(metric_ftns)
 
     def _train_epoch(self, epoch):
+        if self.freeze_backbone_epochs:
+            unwrap(self.model).set_backbone_trainable(epoch > self.freeze_backbone_epochs)
         self.model.train()
         skip = self.resume_batches if epoch == self.start_epoch else 0
         if not skip:

@@ -64,6 +64,7 @@ TRAINER = {
     "overfit_batches": (0, int, 0),
     "save_every_n_steps": (0, int, 0),
     "nonfinite_loss": ("stop", str, None),
+    "freeze_backbone_epochs": (0, int, 0),
 }
 INFERENCE = {
     "tta": ([], list, None),
