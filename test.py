@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 from logger.logger import setup_logging
-from trainer.inference import (blend, build_tta, class_names, load_ensemble, predict, row_ids, score,
-                               write_predictions)
+from trainer.inference import blend, build_tta, class_names, load_ensemble, predict, row_ids, score, write_predictions
 from utils.checkpoint import load_checkpoint
 from utils.config import apply_overrides, build, validate, validate_inference
 from utils.util import UserError, resolve_device, seed_everything, write_json

@@ -33,7 +33,8 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, help="shortcut for -o optimizer.args.lr=LR")
     parser.add_argument("--bs", type=int, help="shortcut for -o data_loader.args.batch_size=BS")
     parser.add_argument("--fold", type=int, help="train this fold: shortcut for -o data_loader.args.fold=K")
-    parser.add_argument("--folds", choices=("all",), help="train every fold of data_loader.args.n_folds in one run group")
+    parser.add_argument("--folds", choices=("all",),
+                        help="train every fold of data_loader.args.n_folds in one run group")
     parser.add_argument("--fast-dev-run", action="store_true",
                         help="one training and one validation batch, nothing written under saved/")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",

@@ -98,15 +98,16 @@ def split_indices(n_samples, validation_split, seed, targets=None, groups=None, 
     """
     if n_folds:
         if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
-            raise UserError(f"n_folds: expected an integer >= 2, got {n_folds!r}")
+            raise UserError(f"data_loader.args.n_folds: expected an integer >= 2, got {n_folds!r}")
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
-            raise UserError(f"fold: expected an integer from 0 to {n_folds - 1}, got {fold!r}")
+            raise UserError(f"data_loader.args.fold: expected an integer from 0 to {n_folds - 1}, got {fold!r}")
         return _fold_split(n_samples, n_folds, fold, seed, targets, groups)
     if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
-        raise UserError(f"validation_split: expected a ratio in [0, 1) or a sample count, got {validation_split!r}")
+        raise UserError(f"data_loader.args.validation_split: expected a ratio in [0, 1) or a sample count, "
+                        f"got {validation_split!r}")
     n_valid = round(n_samples * validation_split) if isinstance(validation_split, float) else validation_split
     if validation_split < 0 or (isinstance(validation_split, float) and validation_split >= 1) or n_valid >= n_samples:
-        raise UserError(f"validation_split: {validation_split} leaves no training data "
+        raise UserError(f"data_loader.args.validation_split: {validation_split} leaves no training data "
                         f"(expected a ratio in [0, 1) or a count below {n_samples})")
     if n_valid == 0:
         return np.arange(n_samples), np.array([], dtype=np.int64)
@@ -130,7 +131,7 @@ def _fold_split(n_samples, n_folds, fold, seed, targets, groups):
     try:
         folds = assign_folds(n_samples, n_folds, seed, targets, groups)
     except ValueError as e:
-        raise UserError(f"n_folds: {e}") from None
+        raise UserError(f"data_loader.args.n_folds: {e}") from None
     return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
 
 
@@ -152,9 +153,9 @@ class BaseDataLoader(DataLoader):
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=default_collate,
                  eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size: expected a positive integer, got {batch_size!r}")
+            raise UserError(f"data_loader.args.batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise UserError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
+            raise UserError(f"data_loader.args.num_workers: expected an integer >= 0, got {num_workers!r}")
         self.seed = torch.initial_seed()
         targets = getattr(dataset, "targets", None)
         self.train_indices, self.valid_indices = split_indices(
@@ -173,7 +174,7 @@ class BaseDataLoader(DataLoader):
         weights = None
         if balanced:
             if targets is None:
-                raise UserError("balanced: class-balanced sampling needs a dataset with `targets`")
+                raise UserError("data_loader.args.balanced: class-balanced sampling needs a dataset with `targets`")
             train_targets = torch.as_tensor(np.asarray(targets)[self.train_indices])
             weights = 1.0 / torch.bincount(train_targets)[train_targets].double()
         super().__init__(SeededDataset(dataset), sampler=EpochSampler(self.train_indices, shuffle, self.seed,

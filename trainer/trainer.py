@@ -109,7 +109,8 @@ class Trainer(BaseTrainer):
             log.update({"val_" + k: v for k, v in self._valid_epoch().items()})
         if self.lr_scheduler is not None and not self.step_per_batch:
             if isinstance(self.lr_scheduler, ReduceLROnPlateau):
-                self.lr_scheduler.step(log[self.mnt_metric] if self.mnt_mode != "off" else log.get("val_loss", log["loss"]))
+                watched = log[self.mnt_metric] if self.mnt_mode != "off" else log.get("val_loss", log["loss"])
+                self.lr_scheduler.step(watched)
             else:
                 self.lr_scheduler.step()
         return log
@@ -147,9 +148,9 @@ class Trainer(BaseTrainer):
         """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""
         if dist.all_reduce_sum((first_nonfinite >= 0).float()).item():
             batch = int(first_nonfinite) if first_nonfinite >= 0 else "(on another process)"
-            raise TrainingStopped(f"the loss became non-finite at epoch {epoch}, batch {batch}; the last good checkpoint "
-                                  f"is kept in {self.run_dir}; set trainer.nonfinite_loss to \"skip\" to skip such "
-                                  f"batches", 1)
+            raise TrainingStopped(f"the loss became non-finite at epoch {epoch}, batch {batch}; the last good "
+                                  f"checkpoint is kept in {self.run_dir}; set trainer.nonfinite_loss to \"skip\" to "
+                                  f"skip such batches", 1)
 
     def _stop_requested(self, batch_idx):
         """Whether a signal asked to stop; under DDP the ranks agree on it every log_step batches."""

@@ -35,7 +35,9 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if "weights_only" not in str(e) else "it holds objects other than tensors and plain data"
+        reason = "it holds objects other than tensors and plain data"
+        if "weights_only" not in str(e):
+            reason = str(e).splitlines()[0]
         raise UserError(f"checkpoint {str(path)!r}: refused to load: {reason}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"checkpoint {str(path)!r}: not a readable checkpoint (truncated or another format): "
@@ -70,4 +72,5 @@ def load_model_weights(model, state_dict, source):
         unwrap(model).load_state_dict(clean_state_dict(state_dict))
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise UserError(f"checkpoint {str(source)!r} does not fit model {type(unwrap(model)).__name__}: {detail[:300]}") from None
+        raise UserError(f"checkpoint {str(source)!r} does not fit model {type(unwrap(model)).__name__}: "
+                        f"{detail[:300]}") from None

@@ -99,7 +99,8 @@ def apply_overrides(config, overrides):
         for depth, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is {json.dumps(child)}, not an object")
+                raise UserError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is {json.dumps(child)}, "
+                                f"not an object")
             node = child
         node[keys[-1]] = value
     return config
@@ -111,7 +112,8 @@ def validate(config):
     config["trainer"] = _check_keys(config["trainer"], TRAINER, "trainer.")
     config["inference"] = validate_inference(config["inference"])
     if config["trainer"]["ema_decay"] >= 1:
-        raise UserError(f"trainer.ema_decay: expected a value below 1 (e.g. 0.999), got {config['trainer']['ema_decay']}")
+        raise UserError(f"trainer.ema_decay: expected a value below 1 (e.g. 0.999), "
+                        f"got {config['trainer']['ema_decay']}")
     roots = config["import_roots"]
     if not all(isinstance(r, str) and r for r in roots):
         raise UserError("import_roots: expected a list of module names, e.g. [\"timm\"]")
@@ -169,7 +171,8 @@ def _check_monitor(config, metric_names):
         return
     mode, _, metric = monitor.partition(" ")
     if mode not in ("min", "max") or not metric:
-        raise UserError(f"trainer.monitor: expected \"off\", \"min <metric>\" or \"max <metric>\", got {json.dumps(monitor)}")
+        raise UserError(f"trainer.monitor: expected \"off\", \"min <metric>\" or \"max <metric>\", "
+                        f"got {json.dumps(monitor)}")
     produced = produced_metrics(config)
     if metric not in produced:
         hint = _suggest(metric, produced) or f"; training produces {', '.join(produced)}"
@@ -215,7 +218,8 @@ def _check_keys(config, spec, prefix):
         if minimum is not None and value < minimum:
             raise UserError(f"{prefix}{key}: expected a value >= {minimum}, got {json.dumps(value)}")
         if prefix + key in CHOICES and value not in CHOICES[prefix + key]:
-            raise UserError(f"{prefix}{key}: expected one of {', '.join(CHOICES[prefix + key])}, got {json.dumps(value)}")
+            raise UserError(f"{prefix}{key}: expected one of {', '.join(CHOICES[prefix + key])}, "
+                            f"got {json.dumps(value)}")
         checked[key] = value
     return checked
 
@@ -258,7 +262,8 @@ def _check_args(target, args, n_supplied, where, type_name):
             raise UserError(f"{where}.args.{key}: supplied by the trainer; remove it from the config")
         if key not in named:
             accepted = ", ".join(sorted(named)) or "no arguments"
-            raise UserError(f"{where}.args.{key}: not an argument of {type_name}{_suggest(key, named) or '; it accepts: ' + accepted}")
+            hint = _suggest(key, named) or "; it accepts: " + accepted
+            raise UserError(f"{where}.args.{key}: not an argument of {type_name}{hint}")
     if inspect.isclass(target):
         missing = [p.name for p in params if p.default is p.empty and p.name in named and p.name not in args]
         if missing:
