@@ -46,7 +46,8 @@ def checkpoint_paths(given):
         if not folds:
             paths.append(path)
         for fold in folds:
-            paths.append(fold / "model_best.pth" if (fold / "model_best.pth").exists() else fold / "checkpoint-last.pth")
+            best = fold / "model_best.pth"
+            paths.append(best if best.exists() else fold / "checkpoint-last.pth")
     return paths
 
 

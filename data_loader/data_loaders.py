@@ -1,4 +1,4 @@
-"""Data loaders named by the config's `data_loader.type`. Each takes `training` so test.py can ask for the test split."""
+"""Data loaders named by the config's `data_loader.type`; each takes `training` so test.py can ask for the test split."""
 import copy
 from pathlib import Path
 
@@ -12,8 +12,9 @@ from utils.util import UserError
 class CsvImageDataLoader(BaseDataLoader):
     """The competition layout: `data_dir/train.csv` (id, label) with images in `data_dir/train/`, and a test CSV
     with images in `data_dir/test/`. `n_folds`/`fold` choose a K-fold validation split instead of
-    `validation_split`; `group_column` keeps a group's rows on one side of every split. Transforms are lists of torchvision.transforms.v2 `{type, args}` applied to
-    uint8 images; the loader then scales to [0, 1] and normalises with `mean`/`std` when given."""
+    `validation_split`; `group_column` keeps a group's rows on one side of every split; `balanced` samples
+    classes equally. Transforms are lists of torchvision.transforms.v2 `{type, args}` applied to uint8 images;
+    the loader then scales to [0, 1] and normalises with `mean`/`std` when given."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
@@ -40,7 +41,8 @@ class CsvImageDataLoader(BaseDataLoader):
             dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
                                                      transform=eval_transform, **common)
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
-                         n_folds=n_folds if training else 0, fold=fold, stratify=stratify, balanced=balanced and training)
+                         n_folds=n_folds if training else 0, fold=fold, stratify=stratify,
+                         balanced=balanced and training)
 
 
 def _with_transform(dataset, transform):
