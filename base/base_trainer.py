@@ -90,7 +90,8 @@ class BaseTrainer:
                 if self.stop_signal and epoch < self.epochs:
                     raise self._stopped(epoch, 0)
                 if self.early_stop and self.not_improved_count >= self.early_stop:
-                    self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric, self.early_stop)
+                    self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric,
+                                     self.early_stop)
                     break
         finally:
             for s, handler in previous.items():

@@ -1,4 +1,4 @@
-"""Data loaders named by the config's `data_loader.type`; each takes `training` so test.py can ask for the test split."""
+"""Data loaders named by the config's `data_loader.type`; `training=False` gives test.py the test split."""
 import copy
 from pathlib import Path
 
