@@ -1,0 +1,159 @@
+"""Shared helpers: a small valid config, a tiny slice of the shipped mnist5k data, run-folder readers.
+
+Every path handed to the code under test is absolute (derived from this file), so the suite does not depend on
+the directory pytest is started from.
+"""
+import copy
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "mnist5k"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+_scripts = {}
+
+
+def evaluate(argv):
+    """`python test.py ARGV` in-process: the exit code of test.py's main(). test.py is loaded from its path
+    (`import test` would find the standard library's `test` package) on first use, not at collection."""
+    if "test" not in _scripts:
+        spec = importlib.util.spec_from_file_location("template_test_script", REPO / "test.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _scripts["test"] = module
+    return _scripts["test"].main([str(a) for a in argv])
+
+
+N_TRAIN = 300  # rows of data/mnist5k/train.csv in the slice
+N_TEST = 100  # rows of data/mnist5k/test_labels.csv / test.csv in the slice
+BATCH_SIZE = 32
+VALIDATION_SPLIT = 0.2
+
+
+def pytest_configure(config):
+    # torchvision 0.29 warns on every decoded image that torchvision.io is deprecated; one note, not hundreds
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision"
+                                              ":DeprecationWarning")
+
+
+def _head(src, dst, n_rows):
+    lines = Path(src).read_text().splitlines(keepends=True)
+    Path(dst).write_text("".join(lines[: n_rows + 1]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_cpu_thread():
+    """The models here are tiny: one intra-op thread beats two fighting over a small (often busy) machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data_slice(tmp_path_factory):
+    """A data folder with train.csv (300 labelled rows), test_labels.csv and test.csv (the same 100 test ids).
+
+    The images stay in the repository: configs point `train_images`/`test_images` at them by absolute path.
+    """
+    folder = tmp_path_factory.mktemp("mnist5k_slice")
+    _head(DATA / "train.csv", folder / "train.csv", N_TRAIN)
+    _head(DATA / "test_labels.csv", folder / "test_labels.csv", N_TEST)
+    _head(DATA / "test.csv", folder / "test.csv", N_TEST)
+    return folder
+
+
+def make_config(data_dir, save_dir, **trainer):
+    """A small, valid config in the shape of the shipped config.json: ConvNet, CsvImageDataLoader, AdamW,
+    OneCycleLR, accuracy/top_k_acc/macro_f1, monitored on val_accuracy. `trainer` entries override trainer keys."""
+    config = {
+        "name": "tiny",
+        "n_gpu": 0,
+        "seed": 1,
+        "arch": {"type": "ConvNet", "args": {"num_classes": 10, "in_channels": 1, "width": 8}},
+        "data_loader": {
+            "type": "CsvImageDataLoader",
+            "args": {
+                "data_dir": str(data_dir),
+                "train_images": str(DATA / "train"),
+                "test_images": str(DATA / "test"),
+                "batch_size": BATCH_SIZE,
+                "shuffle": True,
+                "validation_split": VALIDATION_SPLIT,
+                "num_workers": 0,
+                "test_csv": "test_labels.csv",
+                "mean": [0.1307],
+                "std": [0.3081],
+            },
+        },
+        "optimizer": {"type": "AdamW", "args": {"lr": 0.003, "weight_decay": 0.0001}},
+        "loss": "cross_entropy",
+        "metrics": ["accuracy", "top_k_acc", "macro_f1"],
+        "lr_scheduler": {"type": "OneCycleLR", "args": {"max_lr": 0.003}},
+        "trainer": {
+            "epochs": 2,
+            "save_dir": str(save_dir),
+            "save_period": 0,
+            "verbosity": 1,
+            "monitor": "max val_accuracy",
+            "early_stop": 0,
+            "tensorboard": False,
+            "log_step": 2,
+        },
+    }
+    config["trainer"].update(trainer)
+    return config
+
+
+@pytest.fixture
+def config(data_slice, tmp_path):
+    """A fresh small config dict whose runs go under tmp_path/saved."""
+    return make_config(data_slice, tmp_path / "saved")
+
+
+def write_config(config, path):
+    path = Path(path)
+    path.write_text(json.dumps(config, indent=4))
+    return path
+
+
+def run_dirs(save_dir, name="tiny"):
+    """The run folders under save_dir/name, oldest first."""
+    parent = Path(save_dir) / name
+    return sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.name) if parent.is_dir() else []
+
+
+def read_history(run_dir):
+    """history.csv as a list of dicts of strings (exact values, as a user would read them)."""
+    with open(Path(run_dir) / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def error_line(capsys):
+    """The single line a failed command printed on stderr."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def clone(config):
+    return copy.deepcopy(config)

@@ -1,0 +1,321 @@
+"""Config building and validation: every mistake is one line naming the culprit, exit code 2, before any work."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from tests.conftest import REPO, clone, error_line, read_csv_rows, run_dirs, write_config
+from utils.config import load_config
+from utils.util import UserError
+
+
+def fails(config, tmp_path, capsys, *extra):
+    """Run train.py on `config`; assert exit code 2, nothing written under save_dir, and return the error line."""
+    path = write_config(config, tmp_path / "config.json")
+    assert train.main(["-c", str(path), *extra]) == 2
+    assert not (tmp_path / "saved").exists(), "a rejected config must not create a run folder"
+    return error_line(capsys)
+
+
+def test_a_valid_config_is_returned_with_defaults_filled_in(config, tmp_path):
+    del config["trainer"]["save_period"], config["trainer"]["early_stop"]
+    loaded = load_config(write_config(config, tmp_path / "config.json"))
+    assert loaded["trainer"]["save_period"] == 0
+    assert loaded["trainer"]["early_stop"] == 0
+    assert loaded["optimizer"] == {"type": "AdamW", "args": {"lr": 0.003, "weight_decay": 0.0001}}
+    assert loaded["lr_scheduler"]["step_every"] == "batch"  # OneCycleLR steps every batch
+
+
+def test_malformed_json_names_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text('{\n    "name": "x",\n    "arch": ,\n}\n')
+    assert train.main(["-c", str(path)]) == 2
+    line = error_line(capsys)
+    assert f"{path}:3:13:" in line
+    assert "malformed JSON" in line
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert train.main(["-c", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: no such file" in error_line(capsys)
+
+
+def test_nothing_to_do_without_config_or_checkpoint(capsys):
+    assert train.main([]) == 2
+    assert "-c config.json" in error_line(capsys)
+
+
+@pytest.mark.parametrize("section, wrong, culprit, suggestion", [
+    ("arch", "ConvNett", "arch.type", "'ConvNet'"),
+    ("data_loader", "CsvImageDataLoadr", "data_loader.type", "'CsvImageDataLoader'"),
+    ("optimizer", "Adamm", "optimizer.type", "'Adam'"),
+    ("lr_scheduler", "OneCycleLRR", "lr_scheduler.type", "'OneCycleLR'"),
+    ("loss", "cross_entropi", "loss", "'cross_entropy'"),
+    ("loss_class", "CrossEntropyLos", "loss.type", "'CrossEntropyLoss'"),
+    ("metrics", "acuracy", "metrics[1].type", "'accuracy'"),
+])
+def test_unknown_type_suggests_a_close_name(config, tmp_path, capsys, section, wrong, culprit, suggestion):
+    if section == "loss":
+        config["loss"] = wrong
+    elif section == "loss_class":
+        config["loss"] = {"type": wrong}
+    elif section == "metrics":
+        config["metrics"] = ["top_k_acc", wrong]
+    else:
+        config[section]["type"] = wrong
+    line = fails(config, tmp_path, capsys)
+    assert line.startswith(f"error: {culprit}")
+    assert repr(wrong) in line
+    assert "did you mean" in line and suggestion in line
+
+
+@pytest.mark.parametrize("section, key, suggestion", [
+    ("optimizer", "lrr", "'lr'"),
+    ("arch", "widht", "'width'"),
+    ("data_loader", "batchsize", "'batch_size'"),
+    ("lr_scheduler", "max_lrr", "'max_lr'"),
+])
+def test_arg_not_in_the_class_signature(config, tmp_path, capsys, section, key, suggestion):
+    config[section]["args"][key] = 1
+    line = fails(config, tmp_path, capsys)
+    assert line.startswith(f"error: {section}.args.{key}: not an argument of {config[section]['type']}")
+    assert suggestion in line
+
+
+def test_arg_the_trainer_supplies_is_refused(config, tmp_path, capsys):
+    config["optimizer"]["args"]["params"] = []
+    assert "optimizer.args.params: supplied by the trainer" in fails(config, tmp_path, capsys)
+
+
+def test_required_constructor_arg_missing(config, tmp_path, capsys):
+    config["lr_scheduler"] = {"type": "StepLR", "args": {}}
+    assert "lr_scheduler.args: StepLR needs 'step_size'" in fails(config, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("section", ["arch", "data_loader", "optimizer", "loss", "trainer"])
+def test_missing_required_section(config, tmp_path, capsys, section):
+    del config[section]
+    path = write_config(config, tmp_path / "config.json")
+    assert train.main(["-c", str(path)]) == 2
+    assert error_line(capsys) == f"error: {section}: missing required key"
+
+
+def test_missing_trainer_epochs(config, tmp_path, capsys):
+    del config["trainer"]["epochs"]
+    assert fails(config, tmp_path, capsys) == "error: trainer.epochs: missing required key"
+
+
+def test_monitor_on_validation_metric_without_validation_split(config, tmp_path, capsys):
+    config["data_loader"]["args"]["validation_split"] = 0
+    line = fails(config, tmp_path, capsys)
+    assert line.startswith("error: trainer.monitor: 'val_accuracy' is never produced by training")
+    assert "'accuracy'" in line  # the training-set metric is what exists
+
+
+def test_monitor_on_a_metric_not_listed(config, tmp_path, capsys):
+    config["metrics"] = ["accuracy"]
+    config["trainer"]["monitor"] = "max val_macro_f1"
+    line = fails(config, tmp_path, capsys)
+    assert line.startswith("error: trainer.monitor: 'val_macro_f1' is never produced by training")
+
+
+def test_monitor_misspelled_suggests_the_produced_name(config, tmp_path, capsys):
+    config["trainer"]["monitor"] = "max val_acc"
+    line = fails(config, tmp_path, capsys)
+    assert "'val_acc' is never produced" in line and "'val_accuracy'" in line
+
+
+def test_monitor_without_mode(config, tmp_path, capsys):
+    config["trainer"]["monitor"] = "val_loss"
+    assert fails(config, tmp_path, capsys).startswith("error: trainer.monitor: expected \"off\", \"min <metric>\"")
+
+
+def test_unknown_top_level_key_suggests(config, tmp_path, capsys):
+    config["nmae"] = "oops"
+    assert fails(config, tmp_path, capsys) == "error: nmae: unknown key; did you mean 'name'?"
+
+
+def test_unknown_trainer_key_suggests(config, tmp_path, capsys):
+    config["trainer"]["epoch"] = 3
+    assert fails(config, tmp_path, capsys) == "error: trainer.epoch: unknown key; did you mean 'epochs'?"
+
+
+def test_unknown_section_key_suggests(config, tmp_path, capsys):
+    config["optimizer"]["arg"] = {}
+    line = fails(config, tmp_path, capsys)
+    assert line.startswith("error: optimizer.arg: unknown key") and "'args'" in line
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("epochs", "3", 'trainer.epochs: expected an integer, got "3"'),
+    ("epochs", -1, "trainer.epochs: expected a value >= 1, got -1"),
+    ("epochs", 0, "trainer.epochs: expected a value >= 1, got 0"),
+    ("epochs", True, "trainer.epochs: expected an integer, got true"),
+    ("epochs", 2.5, "trainer.epochs: expected an integer, got 2.5"),
+    ("tensorboard", "yes", 'trainer.tensorboard: expected true or false, got "yes"'),
+    ("early_stop", -2, "trainer.early_stop: expected a value >= 0, got -2"),
+    ("save_dir", 5, "trainer.save_dir: expected a string, got 5"),
+])
+def test_wrong_value_types(config, tmp_path, capsys, key, value, expected):
+    config["trainer"][key] = value
+    assert fails(config, tmp_path, capsys) == f"error: {expected}"
+
+
+def test_wrong_top_level_type(config, tmp_path, capsys):
+    config["metrics"] = "accuracy"
+    assert fails(config, tmp_path, capsys) == 'error: metrics: expected a list, got "accuracy"'
+
+
+def test_top_level_must_be_an_object(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    assert train.main(["-c", str(path)]) == 2
+    assert "expected a JSON object at the top level" in error_line(capsys)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "a wrongly typed argument for a project class (ConvNet width \"16\") passes validation and build() re-raises "
+    "the TypeError from deep inside the model: a traceback instead of one line (utils/config.py build)"))
+def test_wrongly_typed_project_class_argument_is_one_line(config, tmp_path, capsys):
+    config["arch"]["args"]["width"] = "16"
+    assert "arch" in fails(config, tmp_path, capsys)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "resolve() accepts any class visible in the searched module, including names it merely imports "
+    "(UserError, Path, CsvImageDataset in data_loader.data_loaders): \"type\": \"UserError\" passes validation "
+    "and crashes with a TypeError traceback when built (utils/config.py resolve)"))
+def test_type_naming_a_helper_imported_into_the_module_is_refused(config, tmp_path, capsys):
+    config["data_loader"]["type"] = "UserError"
+    assert fails(config, tmp_path, capsys).startswith("error: data_loader.type")
+
+
+@pytest.mark.parametrize("dotted", ["os.system", "subprocess.Popen", "builtins.eval"])
+def test_dotted_type_outside_allowed_roots_is_refused(config, tmp_path, capsys, dotted):
+    config["optimizer"]["type"] = dotted
+    line = fails(config, tmp_path, capsys)
+    assert line.startswith(f"error: optimizer.type: {dotted!r} is outside the allowed import roots")
+    assert "import_roots" in line
+
+
+def test_dotted_type_that_cannot_be_imported(config, tmp_path, capsys):
+    config["optimizer"]["type"] = "torch.optim.NoSuchOptimizer"
+    assert "'torch.optim.NoSuchOptimizer' cannot be imported" in fails(config, tmp_path, capsys)
+
+
+def test_dotted_type_inside_torch_trains(config, tmp_path):
+    config["optimizer"] = {"type": "torch.optim.SGD", "args": {"lr": 0.05, "momentum": 0.9}}
+    config["lr_scheduler"] = {"type": "torch.optim.lr_scheduler.StepLR", "args": {"step_size": 1, "gamma": 0.5}}
+    config["trainer"]["epochs"] = 1
+    path = write_config(config, tmp_path / "config.json")
+    assert train.main(["-c", str(path)]) == 0
+    (run,) = run_dirs(tmp_path / "saved")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optimizer"]["type"] == "torch.optim.SGD"
+    assert saved["lr_scheduler"]["type"] == "torch.optim.lr_scheduler.StepLR"
+    assert len(read_csv_rows(run / "history.csv")) == 1
+    checkpoint = torch.load(run / "checkpoint-last.pth", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["momentum"] == 0.9  # SGD, built with the config's args
+
+
+# --- overrides ----------------------------------------------------------------------------------------------------
+
+def test_override_sets_an_integer(config, tmp_path):
+    loaded = load_config(write_config(config, tmp_path / "c.json"), ["trainer.epochs=3"])
+    assert loaded["trainer"]["epochs"] == 3 and type(loaded["trainer"]["epochs"]) is int
+
+
+def test_override_non_json_value_is_a_plain_string(config, tmp_path):
+    loaded = load_config(write_config(config, tmp_path / "c.json"), ["name=foo"])
+    assert loaded["name"] == "foo"
+
+
+def test_override_json_values(config, tmp_path):
+    loaded = load_config(write_config(config, tmp_path / "c.json"),
+                         ["trainer.tensorboard=true", "data_loader.args.mean=[0.5]", "data_loader.args.std=[0.25]",
+                          "optimizer.args.lr=1e-4", 'name="123"'])
+    assert loaded["trainer"]["tensorboard"] is True
+    assert loaded["data_loader"]["args"]["mean"] == [0.5]
+    assert loaded["optimizer"]["args"]["lr"] == 1e-4
+    assert loaded["name"] == "123"
+
+
+def test_override_adds_a_new_nested_section(config, tmp_path):
+    del config["lr_scheduler"]
+    loaded = load_config(write_config(config, tmp_path / "c.json"),
+                         ["lr_scheduler.type=StepLR", "lr_scheduler.args.step_size=2"])
+    assert loaded["lr_scheduler"]["type"] == "StepLR"
+    assert loaded["lr_scheduler"]["args"] == {"step_size": 2}
+
+
+def test_override_removes_a_section_with_an_empty_object(config, tmp_path):
+    loaded = load_config(write_config(config, tmp_path / "c.json"), ["lr_scheduler={}"])
+    assert not loaded["lr_scheduler"]
+
+
+def test_override_does_not_touch_the_file(config, tmp_path):
+    path = write_config(config, tmp_path / "c.json")
+    before = path.read_text()
+    load_config(path, ["trainer.epochs=7"])
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.epoch=3", "trainer.epoch: unknown key; did you mean 'epochs'?"),
+    ("optimizer.args.lrr=0.1", "optimizer.args.lrr: not an argument of AdamW; did you mean 'lr'?"),
+    ("trainer.epochs=three", 'trainer.epochs: expected an integer, got "three"'),
+    ("optimizer.type=Adamm", "optimizer.type: unknown 'Adamm'"),
+])
+def test_mistake_via_override_is_caught_by_the_same_validation(config, tmp_path, capsys, override, expected):
+    assert fails(config, tmp_path, capsys, "-o", override).startswith(f"error: {expected}")
+
+
+@pytest.mark.parametrize("override", ["trainer.epochs", "=3", "trainer..epochs=3", ".epochs=3", "trainer.=3"])
+def test_bad_override_syntax(config, tmp_path, capsys, override):
+    line = fails(config, tmp_path, capsys, "-o", override)
+    assert line.startswith(f"error: override {override!r}: expected key.path=value")
+
+
+def test_override_through_a_non_object(config, tmp_path, capsys):
+    line = fails(config, tmp_path, capsys, "-o", "name.first=x")
+    assert line == "error: override 'name.first=x': name is \"tiny\", not an object"
+
+
+def test_load_config_raises_user_error(config, tmp_path):
+    with pytest.raises(UserError, match=r"^trainer\.epoch: unknown key"):
+        load_config(write_config(config, tmp_path / "c.json"), ["trainer.epoch=3"])
+
+
+def test_shortcuts_and_overrides_land_in_the_saved_config(config, tmp_path):
+    path = write_config(config, tmp_path / "config.json")
+    code = train.main(["-c", str(path), "--lr", "0.01", "--bs", "16", "-o", "trainer.epochs=1", "-o", "name=foo",
+                       "-o", "data_loader.args.cache=false"])
+    assert code == 0
+    assert run_dirs(tmp_path / "saved", "tiny") == []
+    (run,) = run_dirs(tmp_path / "saved", "foo")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optimizer"]["args"]["lr"] == 0.01
+    assert saved["data_loader"]["args"]["batch_size"] == 16
+    assert saved["trainer"]["epochs"] == 1
+    assert saved["name"] == "foo"
+    assert saved["data_loader"]["args"]["cache"] is False
+    assert len(read_csv_rows(run / "history.csv")) == 1
+    assert json.loads(path.read_text()) == config  # the user's file is left alone
+
+
+def test_bad_config_in_a_real_process(config, tmp_path):
+    """What a user sees in the terminal: one `error:` line on stderr, no traceback, exit code 2, no run folder."""
+    config["optimizer"]["type"] = "Adamm"
+    path = write_config(clone(config), tmp_path / "config.json")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-c", str(path)], cwd=tmp_path, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: optimizer.type: unknown 'Adamm'") and "'Adam'" in lines[0]
+    assert not (tmp_path / "saved").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
