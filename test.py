@@ -18,7 +18,7 @@ from logger.logger import setup_logging
 from trainer.inference import blend, build_tta, class_names, load_ensemble, predict, row_ids, score, write_predictions
 from utils.checkpoint import load_checkpoint
 from utils.config import apply_overrides, build, validate, validate_inference
-from utils.util import UserError, resolve_device, seed_everything, write_json
+from utils.util import UserError, error_line, resolve_device, seed_everything, write_json
 
 
 def parse_args(argv):
@@ -115,7 +115,7 @@ def main(argv=None):
             logger.info("the data has no labels: wrote predictions only")
         logger.info("wrote %s", out)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     return 0
 

@@ -22,7 +22,8 @@ from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
-from utils.util import UserError, make_run_dir, read_json, resolve_device, seed_everything, write_json
+from utils.util import (UserError, create_run_dir, error_line, new_run_dir, read_json, resolve_device, seed_everything,
+                        write_json)
 
 
 def parse_args(argv):
@@ -76,12 +77,12 @@ def main(argv=None):
             train_all_folds(config, device)
         elif args.fast_dev_run:
             with tempfile.TemporaryDirectory(prefix="fast-dev-run-") as scratch:
-                train_one(config, device, Path(scratch))
+                train_one(config, device, Path(scratch) / "run")
         else:
             run_dir = dist.broadcast_object(choose_run_dir(config, args, checkpoint) if rank == 0 else None)
             train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and not args.config)
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
@@ -92,8 +93,8 @@ def main(argv=None):
 
 
 def train_one(config, device, run_dir, checkpoint=None, resume=False):
-    """Build everything the config names and train; `checkpoint` is resumed, or with resume=False fine-tuned from.
-    Returns the trainer."""
+    """Build everything the config names and train in `run_dir` (created only once all is checked); `checkpoint` is
+    resumed, or with resume=False fine-tuned from. Returns the trainer."""
     cfg = config["trainer"]
     logger = logging.getLogger("template")
     seed_everything(config["seed"], config["deterministic"])
@@ -116,17 +117,21 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     if cfg["compile"]:
         model = torch.compile(model)
 
-    if dist.is_main_process():
+    trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
+                      lr_scheduler)
+    if resume:
+        trainer.resume(checkpoint)
+    if dist.is_main_process():  # the first writes into the run folder: everything above has been checked
+        create_run_dir(run_dir, continuing=resume)
         add_log_file(logger, run_dir / "train.log")
         save_run_config(config, run_dir, checkpoint if resume else None)
     logger.debug(str(model))
     logger.info("run folder: %s", run_dir)
     logger.info("training on %s x %d process(es): %d samples, %d for validation", device, dist.world_size(),
                 data_loader.n_samples, len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
-    trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
-                      lr_scheduler)
     if resume:
-        trainer.resume(checkpoint)
+        logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
+                    trainer.global_step)
     trainer.train()
     return trainer
 
@@ -137,12 +142,11 @@ def train_all_folds(config, device):
     if not n_folds:
         raise UserError("--folds all: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
     group_dir = dist.broadcast_object(
-        make_run_dir(config["trainer"]["save_dir"], config["name"]) if dist.is_main_process() else None)
+        new_run_dir(config["trainer"]["save_dir"], config["name"]) if dist.is_main_process() else None)
     logger = logging.getLogger("template")
     for fold in range(n_folds):
         fold_config = apply_overrides(config, [f"data_loader.args.fold={fold}"])
         run_dir = group_dir / f"fold{fold}"
-        run_dir.mkdir(exist_ok=True)
         logger.info("fold %d/%d", fold + 1, n_folds)
         trainer = train_one(fold_config, device, run_dir)
         if dist.is_main_process():
@@ -152,12 +156,6 @@ def train_all_folds(config, device):
     if dist.is_main_process():
         metrics = combine_out_of_fold(config, [group_dir / f"fold{k}" / "oof.csv" for k in range(n_folds)], group_dir)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-
-def one_line(error):
-    """A UserError's message; one raised in a DataLoader worker arrives wrapped in that worker's traceback."""
-    text = str(error).strip()
-    return text.splitlines()[-1].split("UserError: ", 1)[-1] if "Traceback" in text else text
 
 
 def build_scheduler(config, optimizer, n_batches):
@@ -174,13 +172,13 @@ def build_scheduler(config, optimizer, n_batches):
 def choose_run_dir(config, args, checkpoint):
     """A new run folder, except when resuming from a run's newest checkpoint: that run continues in place."""
     if checkpoint is None or args.config:
-        return make_run_dir(config["trainer"]["save_dir"], config["name"])
+        return new_run_dir(config["trainer"]["save_dir"], config["name"])
     path = Path(args.resume)
     run_dir = path if path.is_dir() else path.parent
     last = run_dir / "checkpoint-last.pth"
     if last.exists() and load_checkpoint(last)["global_step"] <= checkpoint["global_step"]:
         return run_dir
-    return make_run_dir(config["trainer"]["save_dir"], config["name"])
+    return new_run_dir(config["trainer"]["save_dir"], config["name"])
 
 
 def save_run_config(config, run_dir, resumed_from):

@@ -80,11 +80,11 @@ class BaseTrainer:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 if not (epoch == self.start_epoch and self.resume_batches):
                     seed_everything(self.config["seed"] + 1_000_003 * epoch + 7919 * dist.rank())
-                started = time.perf_counter()
+                started, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
                 log = self._train_epoch(epoch)
                 improved = self._update_monitor(log)
                 if self.is_main:
-                    self._report_epoch(epoch, log, time.perf_counter() - started)
+                    self._report_epoch(epoch, log, lr, time.perf_counter() - started)
                     self._save_checkpoint(epoch, save_best=improved)
                 dist.barrier()
                 if self.stop_signal and epoch < self.epochs:
@@ -112,10 +112,10 @@ class BaseTrainer:
         return TrainingStopped(f"stopped by {self.stop_signal} at {where}: state saved to {last}; "
                                f"resume with: python train.py -r {last}", 128 + getattr(signal, self.stop_signal))
 
-    def _report_epoch(self, epoch, log, seconds):
+    def _report_epoch(self, epoch, log, lr, seconds):
+        """Log line, TensorBoard scalars and a history.csv row; `lr` is the rate the epoch started with."""
         values = "  ".join(f"{k} {v:.4f}" for k, v in log.items())
         self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.epochs, values, seconds)
-        lr = self.optimizer.param_groups[0]["lr"]
         self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | {"lr": lr}, epoch)
         self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k.startswith("val_")}, epoch)
         history = self.run_dir / "history.csv"
@@ -194,6 +194,10 @@ class BaseTrainer:
         del self.top_k[self.save_top_k:]
         return any(e == epoch for _, e in self.top_k)
 
+    def _total_steps(self):
+        """Optimizer steps of the whole run, when known (subclasses that know their data loader say)."""
+        return None
+
     def resume(self, checkpoint):
         """Restore model, optimizer, scheduler, scaler, EMA, counters and random state from a loaded checkpoint."""
         load_model_weights(self.model, checkpoint["state_dict"], "resume")
@@ -207,6 +211,11 @@ class BaseTrainer:
                 self.scaler.load_state_dict(checkpoint["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
+        planned, needed = getattr(self.lr_scheduler, "total_steps", None), self._total_steps()
+        if planned is not None and needed is not None and planned < needed:
+            raise UserError(f"trainer.epochs: {type(self.lr_scheduler).__name__} was sized for {planned} steps when the "
+                            f"run started and cannot be extended; to train longer, fine-tune from this checkpoint "
+                            f"with -c config.json -r <checkpoint>")
         self.resume_batches = checkpoint.get("batches_done", 0)
         self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)
         if self.resume_batches:
@@ -216,5 +225,3 @@ class BaseTrainer:
         self.not_improved_count = checkpoint["not_improved_count"]
         self.top_k = [list(item) for item in checkpoint.get("top_k", [])]
         set_rng_state(checkpoint["rng"])
-        self.logger.info("resumed at epoch %d, batch %d (global step %d)", self.start_epoch, self.resume_batches,
-                         self.global_step)

@@ -84,7 +84,7 @@ class MnistDataLoader(BaseDataLoader):
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         try:
             self.dataset = datasets.MNIST(data_dir, train=training, download=True, transform=transform)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise UserError(f"MNIST in {data_dir!r} is missing and could not be downloaded ({e}); put the raw files "
                             f"in {data_dir}/MNIST/raw or use CsvImageDataLoader on data/mnist5k") from None
         super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers)

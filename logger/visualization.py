@@ -1,27 +1,32 @@
-"""TensorBoard output; TensorBoard is imported only when the config turns it on."""
+"""TensorBoard output; TensorBoard is imported, and the event file created, only when something is written."""
 
 
 class TensorboardWriter:
     """Writes scalars and image grids under `log_dir`; every call does nothing when disabled."""
 
     def __init__(self, log_dir, enabled):
+        self.log_dir = log_dir
+        self.enabled = enabled
         self.writer = None
-        if enabled:
+
+    def _summary_writer(self):
+        if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(self.log_dir))
+        return self.writer
 
     def add_scalars(self, prefix, values, step):
-        if self.writer:
+        if self.enabled:
             for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+                self._summary_writer().add_scalar(f"{prefix}/{name}", value, step)
 
     def add_image_grid(self, tag, images, step):
-        if self.writer:
+        if self.enabled:
             from torchvision.utils import make_grid
 
-            self.writer.add_image(tag, make_grid(images.float(), nrow=8, normalize=True), step)
+            self._summary_writer().add_image(tag, make_grid(images.float(), nrow=8, normalize=True), step)
 
     def close(self):
-        if self.writer:
+        if self.writer is not None:
             self.writer.close()

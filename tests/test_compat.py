@@ -70,9 +70,6 @@ def test_original_config_trains_and_tests(mnist_dir, tmp_path):
     assert metrics["accuracy"] == pytest.approx(hits / N_TEST)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "MnistDataLoader catches only OSError, but torchvision's MNIST raises RuntimeError('Error downloading ...') "
-    "when the files are missing and cannot be downloaded: a traceback instead of one line and exit code 2"))
 def test_missing_mnist_offline_is_one_line(tmp_path, monkeypatch, capsys):
     from torchvision.datasets import MNIST
 

@@ -176,18 +176,11 @@ def test_top_level_must_be_an_object(tmp_path, capsys):
     assert "expected a JSON object at the top level" in error_line(capsys)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "a wrongly typed argument for a project class (ConvNet width \"16\") passes validation and build() re-raises "
-    "the TypeError from deep inside the model: a traceback instead of one line (utils/config.py build)"))
 def test_wrongly_typed_project_class_argument_is_one_line(config, tmp_path, capsys):
     config["arch"]["args"]["width"] = "16"
     assert "arch" in fails(config, tmp_path, capsys)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "resolve() accepts any class visible in the searched module, including names it merely imports "
-    "(UserError, Path, CsvImageDataset in data_loader.data_loaders): \"type\": \"UserError\" passes validation "
-    "and crashes with a TypeError traceback when built (utils/config.py resolve)"))
 def test_type_naming_a_helper_imported_into_the_module_is_refused(config, tmp_path, capsys):
     config["data_loader"]["type"] = "UserError"
     assert fails(config, tmp_path, capsys).startswith("error: data_loader.type")

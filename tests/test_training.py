@@ -213,9 +213,6 @@ def test_resume_the_latest_checkpoint_with_more_epochs_continues_in_place(data_s
     assert [row["epoch"] for row in read_history(run)] == ["1", "2", "3", "4"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "history.csv's lr column (and TensorBoard's train/lr) holds the learning rate after the epoch's scheduler "
-    "step, i.e. the next epoch's rate, not the one the epoch trained with (base/base_trainer.py _report_epoch)"))
 def test_history_lr_is_the_rate_the_epoch_trained_with(data_slice, tmp_path):
     run = _two_epoch_run(data_slice, tmp_path, lr_scheduler={"type": "StepLR", "args": {"step_size": 1, "gamma": 0.5}})
     assert [float(row["lr"]) for row in read_history(run)] == pytest.approx([0.003, 0.0015])
@@ -228,14 +225,14 @@ def test_resume_finished_run_without_changes_trains_nothing_more(data_slice, tmp
     assert not list(run.glob("config-resume-*.json"))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "resuming with more epochs under OneCycleLR (the shipped config's scheduler) crashes: the scheduler state "
-    "loaded from the checkpoint keeps the old total_steps and OneCycleLR raises ValueError('Tried to step N "
-    "times...') with a traceback"))
-def test_resume_with_more_epochs_under_one_cycle_lr(data_slice, tmp_path):
+def test_resume_with_more_epochs_under_one_cycle_lr_is_refused(data_slice, tmp_path, capsys):
+    """OneCycleLR's schedule is fixed when the run starts: extending it is refused in one line, nothing written."""
     run = _two_epoch_run(data_slice, tmp_path)  # OneCycleLR, as in config.json
-    assert train.main(["-r", str(run / "checkpoint-last.pth"), "-o", "trainer.epochs=3"]) == 0
-    assert load(run / "checkpoint-last.pth")["epoch"] == 3
+    before = (run / "checkpoint-last.pth").stat().st_mtime_ns
+    assert train.main(["-r", str(run / "checkpoint-last.pth"), "-o", "trainer.epochs=3"]) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: trainer.epochs: OneCycleLR was sized for") and "fine-tune" in line
+    assert (run / "checkpoint-last.pth").stat().st_mtime_ns == before
 
 
 def test_fine_tune_starts_a_new_run_from_the_checkpoint_weights(four_epochs):

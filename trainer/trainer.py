@@ -1,5 +1,6 @@
 import contextlib
 import itertools
+import math
 import sys
 
 import torch
@@ -93,7 +94,7 @@ class Trainer(BaseTrainer):
             if batch_idx % self.log_step == 0:
                 self._check_finite(first_nonfinite, epoch)
                 self._log_step(bar, loss.item(), grad_norm, len(data))
-            if batch_idx == 0 and self.writer.writer:
+            if batch_idx == 0 and self.writer.enabled:
                 self.writer.add_image_grid("train/images", data[:64].detach().cpu(), epoch)
             if update_now and batch_idx + 1 < n_batches and (self._stop_requested(batch_idx) or (
                     self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0)):
@@ -143,6 +144,10 @@ class Trainer(BaseTrainer):
         if data.dim() == 4:
             data = data.contiguous(memory_format=self.memory_format)
         return data, target.to(self.device, non_blocking=True)
+
+    def _total_steps(self):
+        n_batches = batches_per_epoch(len(self.data_loader), self.limit_train_batches)  # called before any skip
+        return self.epochs * math.ceil(n_batches / self.accumulation_steps)
 
     def _check_finite(self, first_nonfinite, epoch):
         """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""

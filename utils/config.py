@@ -10,6 +10,7 @@ import functools
 import importlib
 import inspect
 import json
+import traceback
 
 from utils.util import UserError, read_json
 
@@ -289,10 +290,10 @@ def resolve(section, type_name, roots=(), where=None):
         return target
     for module_name in SECTIONS[section][0]:
         target = getattr(importlib.import_module(module_name), type_name, None)
-        if not type_name.startswith("_") and _usable(target):
+        if not type_name.startswith("_") and _usable(target) and _defined_under(target, module_name):
             return target
-    candidates = {n for m in SECTIONS[section][0] for n in dir(importlib.import_module(m))
-                  if not n.startswith("_") and _usable(getattr(importlib.import_module(m), n))}
+    candidates = {n for m in SECTIONS[section][0] for n, obj in vars(importlib.import_module(m)).items()
+                  if not n.startswith("_") and _usable(obj) and _defined_under(obj, m)}
     searched = " or ".join(SECTIONS[section][0])
     raise UserError(f"{where}.type: unknown {type_name!r} (looked in {searched}){_suggest(type_name, candidates)}")
 
@@ -300,6 +301,11 @@ def resolve(section, type_name, roots=(), where=None):
 def _usable(target):
     return inspect.isclass(target) or inspect.isfunction(target) or (
         inspect.isbuiltin(target) and getattr(target, "__module__", "") and target.__module__.split(".")[0] == "torch")
+
+
+def _defined_under(target, module_name):
+    """Whether `target` belongs to the package searched, not merely imported into it (a helper, a base class)."""
+    return getattr(target, "__module__", "").split(".")[0] == module_name.split(".")[0]
 
 
 def _suggest(name, candidates):
@@ -317,9 +323,11 @@ def build(config, section, *supplied, **overrides):
     try:
         return target(*supplied, **args)
     except (ValueError, TypeError) as e:
-        if target.__module__.split(".")[0] not in LIBRARY_ROOTS:
-            raise
-        raise UserError(f"{section}: {spec['type']} rejected its arguments: {e}") from None
+        if target.__module__.split(".")[0] in LIBRARY_ROOTS:
+            raise UserError(f"{section}: {spec['type']} rejected its arguments: {e}") from None
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise UserError(f"{section}: {spec['type']}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: "
+                        f"{type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})") from None
 
 
 def build_loss(config):

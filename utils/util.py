@@ -13,6 +13,15 @@ class UserError(Exception):
     """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
 
 
+def error_line(error):
+    """A UserError as the one line the scripts print. One raised in a DataLoader worker arrives wrapped in that
+    worker's traceback: its last line is the message."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return "error: " + " ".join(text.split())
+
+
 def read_json(path):
     path = Path(path)
     try:
@@ -94,16 +103,20 @@ def resolve_device(requested, n_gpu, logger):
     return device
 
 
-def make_run_dir(save_dir, name):
-    """A new, never reused folder save_dir/name/<month-day_time>[_n] for one run."""
+def new_run_dir(save_dir, name):
+    """An unused folder name save_dir/name/<month-day_time>[_n] for a new run; created by create_run_dir."""
     parent = Path(save_dir) / name
-    parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%m%d_%H%M%S")
-    for n in range(1000):
-        run_dir = parent / (stamp if n == 0 else f"{stamp}_{n}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise UserError(f"{parent}: could not find a free run folder name")
+    return next(parent / (stamp if n == 0 else f"{stamp}_{n}") for n in range(10**6)
+                if not (parent / (stamp if n == 0 else f"{stamp}_{n}")).exists())
+
+
+def create_run_dir(run_dir, continuing):
+    """Create the run folder once everything is built and checked; a new run never reuses an existing folder."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=continuing)
+    except FileExistsError:
+        raise UserError(f"run folder {str(run_dir)!r} appeared meanwhile (another run started in the same second); "
+                        f"start again") from None
+    except OSError as e:
+        raise UserError(f"trainer.save_dir: cannot create {str(run_dir)!r} ({e.strerror})") from None
