@@ -213,8 +213,8 @@ class BaseTrainer:
             raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
         planned, needed = getattr(self.lr_scheduler, "total_steps", None), self._total_steps()
         if planned is not None and needed is not None and planned < needed:
-            raise UserError(f"trainer.epochs: {type(self.lr_scheduler).__name__} was sized for {planned} steps when the "
-                            f"run started and cannot be extended; to train longer, fine-tune from this checkpoint "
+            raise UserError(f"trainer.epochs: {type(self.lr_scheduler).__name__} was sized for {planned} steps when "
+                            f"the run started and cannot be extended; to train longer, fine-tune from this checkpoint "
                             f"with -c config.json -r <checkpoint>")
         self.resume_batches = checkpoint.get("batches_done", 0)
         self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)

@@ -3,17 +3,49 @@
 Every path handed to the code under test is absolute (derived from this file), so the suite does not depend on
 the directory pytest is started from.
 """
+import atexit
 import copy
 import csv
 import importlib.util
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _stand_in_data(n_train=600, n_test=200):
+    """A learnable stand-in for data/mnist5k in the same layout, for copies made without the sample images
+    (new_project.py): each class is a bright square at its own place on a noisy background."""
+    import numpy as np
+    import torch
+    from torchvision.io import write_png
+
+    folder = Path(tempfile.mkdtemp(prefix="mnist5k-stand-in-"))
+    atexit.register(shutil.rmtree, folder, True)
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        split, label = ("train" if i < n_train else "test"), i % 10
+        image = rng.integers(0, 60, (1, 28, 28), dtype=np.uint8)
+        top, left = 2 + 8 * (label // 4), 2 + 8 * (label % 4)
+        image[:, top:top + 7, left:left + 7] = 255
+        (folder / split).mkdir(exist_ok=True)
+        write_png(torch.from_numpy(image), str(folder / split / f"{i:05d}.png"))
+        rows[split].append(f"{i:05d},{label}")
+    (folder / "train.csv").write_text("id,label\n" + "\n".join(rows["train"]) + "\n")
+    (folder / "test_labels.csv").write_text("id,label\n" + "\n".join(rows["test"]) + "\n")
+    (folder / "test.csv").write_text("id\n" + "\n".join(r.split(",")[0] for r in rows["test"]) + "\n")
+    return folder
+
+
 DATA = REPO / "data" / "mnist5k"
+if not (DATA / "train.csv").exists():
+    DATA = _stand_in_data()
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
