@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ def _stand_in_data(n_train=600, n_test=200):
         top, left = 2 + 8 * (label // 4), 2 + 8 * (label % 4)
         image[:, top:top + 7, left:left + 7] = 255
         (folder / split).mkdir(exist_ok=True)
-        write_png(torch.from_numpy(image), str(folder / split / f"{i:05d}.png"))
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            write_png(torch.from_numpy(image), str(folder / split / f"{i:05d}.png"))
         rows[split].append(f"{i:05d},{label}")
     (folder / "train.csv").write_text("id,label\n" + "\n".join(rows["train"]) + "\n")
     (folder / "test_labels.csv").write_text("id,label\n" + "\n".join(rows["test"]) + "\n")
