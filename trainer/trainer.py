@@ -73,10 +73,10 @@ class Trainer(BaseTrainer):
                 if self.clip_grad_norm:
                     self.scaler.unscale_(self.optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-                if self.skip_nonfinite and not grads_finite(self.model):  # opt-in: one host sync per step
+                if self.skip_nonfinite and not self.scaler.is_enabled() and not grads_finite(self.model):
                     self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", epoch, batch_idx)
-                    self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.step(self.optimizer)
+                else:  # under fp16 the scaler itself skips steps with non-finite gradients
+                    self.scaler.step(self.optimizer)
                 self.scaler.update()
                 if self.ema:
                     self.ema.update(unwrap(self.model))
@@ -84,13 +84,11 @@ class Trainer(BaseTrainer):
                     self.lr_scheduler.step()
                 self.global_step += 1
 
-            loss_finite = torch.isfinite(loss.detach())
-            if self.skip_nonfinite:
-                if loss_finite:
-                    self.train_metrics.update(loss, output, target)
-            else:
+            finite = torch.isfinite(loss.detach())
+            if not self.skip_nonfinite:
+                first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, batch_idx, first_nonfinite)
+            if not self.skip_nonfinite or finite:  # skipping costs one host sync per batch; such batches go unscored
                 self.train_metrics.update(loss, output, target)
-                first_nonfinite = torch.where((first_nonfinite < 0) & ~loss_finite, batch_idx, first_nonfinite)
             if batch_idx % self.log_step == 0:
                 self._check_finite(first_nonfinite, epoch)
                 self._log_step(bar, loss.item(), grad_norm, len(data))
