@@ -22,8 +22,16 @@ from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
-from utils.util import (UserError, create_run_dir, error_line, new_run_dir, read_json, resolve_device, seed_everything,
-                        write_json)
+from utils.util import (
+    UserError,
+    create_run_dir,
+    error_line,
+    new_run_dir,
+    read_json,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
 
 
 def parse_args(argv):
