@@ -39,15 +39,16 @@ def parse_args(argv):
 
 
 def checkpoint_paths(given):
-    """Checkpoint files: a run-group folder stands for each fold's model_best.pth (else checkpoint-last.pth)."""
+    """Checkpoint files: a run folder stands for its model_best.pth (else checkpoint-last.pth), a run-group
+    folder of a --folds run for each fold's."""
     paths = []
     for path in map(Path, given):
-        folds = sorted(path.glob("fold*/")) if path.is_dir() else []
-        if not folds:
+        runs = (sorted(path.glob("fold*/")) or [path]) if path.is_dir() else []
+        if not runs:
             paths.append(path)
-        for fold in folds:
-            best = fold / "model_best.pth"
-            paths.append(best if best.exists() else fold / "checkpoint-last.pth")
+        for run in runs:
+            best = run / "model_best.pth"
+            paths.append(best if best.exists() else run / "checkpoint-last.pth")
     return paths
 
 

@@ -137,7 +137,10 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     logger.info("run folder: %s", run_dir)
     logger.info("training on %s x %d process(es): %d samples, %d for validation", device, dist.world_size(),
                 data_loader.n_samples, len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
-    if resume:
+    if resume and trainer.start_epoch > cfg["epochs"]:
+        logger.info("the run already finished its %d epochs: nothing to train (raise them with -o trainer.epochs=N)",
+                    cfg["epochs"])
+    elif resume:
         logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
                     trainer.global_step)
     trainer.train()
