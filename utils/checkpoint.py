@@ -32,6 +32,9 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {str(path)!r}: no such file")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {str(path)!r}: the file is empty")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {str(path)!r}: not a checkpoint (torch.save writes a zip archive; this file "
+                        f"is not one, or is truncated)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -39,7 +42,7 @@ def load_checkpoint(path):
         if "weights_only" not in str(e):
             reason = str(e).splitlines()[0]
         raise UserError(f"checkpoint {str(path)!r}: refused to load: {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"checkpoint {str(path)!r}: not a readable checkpoint (truncated or another format): "
                         f"{str(e).splitlines()[0]}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
