@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -81,14 +82,17 @@ def main(argv=None):
                             f"--nproc_per_node={config['n_gpu']} train.py {' '.join(argv or sys.argv[1:])}")
         device = resolve_device(args.device or (f"cuda:{local_rank}" if world_size > 1 and torch.cuda.is_available()
                                                 else None), config["n_gpu"], logger)
-        if args.folds == "all":
-            train_all_folds(config, device)
-        elif args.fast_dev_run:
-            with tempfile.TemporaryDirectory(prefix="fast-dev-run-") as scratch:
-                train_one(config, device, Path(scratch) / "run")
-        else:
-            run_dir = dist.broadcast_object(choose_run_dir(config, args, checkpoint) if rank == 0 else None)
-            train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and not args.config)
+        if (args.fold is not None or args.folds) and not config["data_loader"]["args"].get("n_folds"):
+            raise UserError("--fold/--folds: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
+        scratch = tempfile.TemporaryDirectory(prefix="fast-dev-run-") if args.fast_dev_run else nullcontext()
+        with scratch as scratch_dir:
+            if scratch_dir:
+                config["trainer"]["save_dir"] = scratch_dir
+            if args.folds == "all":
+                train_all_folds(config, device)
+            else:
+                run_dir = dist.broadcast_object(choose_run_dir(config, args, checkpoint) if rank == 0 else None)
+                train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and not args.config)
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 2
@@ -149,9 +153,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
 
 def train_all_folds(config, device):
     """Train every fold into one run group, then score the out-of-fold predictions over the whole training set."""
-    n_folds = config["data_loader"]["args"].get("n_folds", 0)
-    if not n_folds:
-        raise UserError("--folds all: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
+    n_folds = config["data_loader"]["args"]["n_folds"]
     group_dir = dist.broadcast_object(
         new_run_dir(config["trainer"]["save_dir"], config["name"]) if dist.is_main_process() else None)
     logger = logging.getLogger("template")

@@ -102,6 +102,8 @@ def split_indices(n_samples, validation_split, seed, targets=None, groups=None, 
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
             raise UserError(f"data_loader.args.fold: expected an integer from 0 to {n_folds - 1}, got {fold!r}")
         return _fold_split(n_samples, n_folds, fold, seed, targets, groups)
+    if fold:
+        raise UserError(f"data_loader.args.fold: {fold!r} needs data_loader.args.n_folds")
     if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
         raise UserError(f"data_loader.args.validation_split: expected a ratio in [0, 1) or a sample count, "
                         f"got {validation_split!r}")

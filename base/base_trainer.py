@@ -194,15 +194,28 @@ class BaseTrainer:
         del self.top_k[self.save_top_k:]
         return any(e == epoch for _, e in self.top_k)
 
-    def _total_steps(self):
-        """Optimizer steps of the whole run, when known (subclasses that know their data loader say)."""
-        return None
+    def _rescale_schedule(self, checkpoint, fixed_length):
+        """A fixed-length schedule (OneCycleLR) resumed with another number of steps per epoch (another process
+        count or batch size) continues at the same fraction of the run; a longer run cannot be planned for."""
+        if checkpoint["config"]["trainer"]["epochs"] != self.epochs:
+            raise UserError(f"trainer.epochs: {type(self.lr_scheduler).__name__} was sized for "
+                            f"{checkpoint['config']['trainer']['epochs']} epochs when the run started and cannot be "
+                            f"extended; to train longer, fine-tune from this checkpoint with -c config.json "
+                            f"-r <checkpoint>")
+        scale = fixed_length["total_steps"] / self.lr_scheduler.total_steps
+        vars(self.lr_scheduler).update(fixed_length)
+        self.lr_scheduler.last_epoch = round(self.lr_scheduler.last_epoch * scale)
+        self.lr_scheduler._step_count = self.lr_scheduler.last_epoch + 1
+        self.logger.info("%s rescaled to %d steps for the new steps per epoch", type(self.lr_scheduler).__name__,
+                         fixed_length["total_steps"])
 
     def resume(self, checkpoint):
         """Restore model, optimizer, scheduler, scaler, EMA, counters and random state from a loaded checkpoint."""
         load_model_weights(self.model, checkpoint["state_dict"], "resume")
         if self.ema and checkpoint.get("ema_state_dict"):
             load_model_weights(self.ema.module, checkpoint["ema_state_dict"], "resume")
+        fixed_length = {k: v for k, v in getattr(self.lr_scheduler, "__dict__", {}).items()
+                        if k in ("total_steps", "_schedule_phases")}
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.lr_scheduler is not None and checkpoint["lr_scheduler"] is not None:
@@ -211,11 +224,8 @@ class BaseTrainer:
                 self.scaler.load_state_dict(checkpoint["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
-        planned, needed = getattr(self.lr_scheduler, "total_steps", None), self._total_steps()
-        if planned is not None and needed is not None and planned < needed:
-            raise UserError(f"trainer.epochs: {type(self.lr_scheduler).__name__} was sized for {planned} steps when "
-                            f"the run started and cannot be extended; to train longer, fine-tune from this checkpoint "
-                            f"with -c config.json -r <checkpoint>")
+        if fixed_length and fixed_length["total_steps"] != self.lr_scheduler.total_steps:
+            self._rescale_schedule(checkpoint, fixed_length)
         self.resume_batches = checkpoint.get("batches_done", 0)
         self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)
         if self.resume_batches:

@@ -1,0 +1,363 @@
+"""Scaling up and debugging: torchrun, gradient accumulation, clipping, mixed precision, EMA, channels_last,
+top-k checkpoints, --fast-dev-run and overfit_batches, checked through the files a user looks at (or, where only
+the arithmetic can tell, through a Trainer built by hand around a linear model)."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import train
+from base import BaseDataLoader
+from logger.logger import setup_logging
+from tests.conftest import (
+    BATCH_SIZE,
+    N_TRAIN,
+    REPO,
+    VALIDATION_SPLIT,
+    evaluate,
+    make_config,
+    read_history,
+    run_dirs,
+    write_config,
+)
+from trainer.trainer import Trainer
+from utils.config import validate
+
+N_VALID = round(N_TRAIN * VALIDATION_SPLIT)
+BATCHES_PER_EPOCH = math.ceil((N_TRAIN - N_VALID) / BATCH_SIZE)
+METRICS = ("loss", "accuracy", "top_k_acc", "macro_f1")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def run(config, tmp_path, *extra):
+    """train.py -c <config> EXTRA in-process; returns the run folder (the only one under save_dir)."""
+    path = write_config(config, tmp_path / f"config-{len(list(tmp_path.glob('config-*.json')))}.json")
+    assert train.main(["-c", str(path), *extra]) == 0
+    (run_dir,) = run_dirs(config["trainer"]["save_dir"])
+    return run_dir
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- torchrun ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_processes(data_slice, tmp_path_factory):
+    """A 2-process gloo run started the way a user would: torchrun train.py -c config.json."""
+    base = tmp_path_factory.mktemp("torchrun")
+    config = make_config(data_slice, base / "saved", epochs=2, save_period=1, tensorboard=True)
+    path = write_config(config, base / "config.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "train.py", "-c", str(path)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return SimpleNamespace(config=config, save_dir=base / "saved", runs=run_dirs(base / "saved"),
+                           output=result.stdout + result.stderr)
+
+
+def test_torchrun_writes_one_run_folder(two_processes):
+    (run_dir,) = two_processes.runs
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint-epoch1.pth", "checkpoint-epoch2.pth", "checkpoint-last.pth", "config.json", "history.csv",
+        "model_best.pth", "tensorboard", "train.log"]
+    assert [row["epoch"] for row in read_history(run_dir)] == ["1", "2"]  # one row per epoch, not one per process
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1  # one events file
+    log = (run_dir / "train.log").read_text()
+    assert log.count("epoch 2/2") == 1
+    assert "x 2 process(es)" in log
+    assert two_processes.output.count("epoch 1/2 ") == 1  # rank 1 stays quiet on the console too
+
+    last = load(run_dir / "checkpoint-last.pth")
+    assert last["epoch"] == 2
+    # the 240 training samples are split between the processes: each takes half of them per epoch
+    assert last["global_step"] == 2 * math.ceil((N_TRAIN - N_VALID) / 2 / BATCH_SIZE)
+    assert not [k for k in last["state_dict"] if k.startswith("module.")]
+
+
+def test_torchrun_validation_equals_a_single_process_evaluation(two_processes, tmp_path):
+    (run_dir,) = two_processes.runs
+    out = tmp_path / "valid"
+    assert evaluate(["-r", run_dir / "checkpoint-last.pth", "--split", "valid", "--out", out]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_samples"] == N_VALID
+    last_epoch = read_history(run_dir)[-1]
+    for name in METRICS:
+        assert float(last_epoch["val_" + name]) == pytest.approx(metrics[name], rel=1e-6, abs=1e-6), name
+
+
+def test_torchrun_checkpoint_resumes_in_one_process_with_more_epochs(two_processes, tmp_path):
+    """Another process count: 8 batches per epoch instead of 4 per process. OneCycleLR's schedule was sized for
+    the torchrun run, so this resume drops the scheduler (the next test resumes with it)."""
+    (run_dir,) = two_processes.runs
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("checkpoint-last.pth", "config.json", "history.csv"):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    code = train.main(["-r", str(copy / "checkpoint-last.pth"), "-o", "trainer.epochs=3", "-o", "lr_scheduler={}"])
+    assert code == 0
+    last = load(copy / "checkpoint-last.pth")
+    assert last["epoch"] == 3
+    assert last["global_step"] == load(run_dir / "checkpoint-last.pth")["global_step"] + BATCHES_PER_EPOCH
+    history = read_history(copy)
+    assert [row["epoch"] for row in history] == ["1", "2", "3"]
+    assert math.isfinite(float(history[-1]["loss"]))
+
+
+def test_torchrun_checkpoint_resumes_in_one_process_unchanged(two_processes, tmp_path):
+    (run_dir,) = two_processes.runs
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "checkpoint-epoch1.pth").write_bytes((run_dir / "checkpoint-epoch1.pth").read_bytes())
+    assert train.main(["-r", str(copy / "checkpoint-epoch1.pth"), "-o", f"trainer.save_dir={tmp_path / 'saved'}"]) == 0
+    (resumed,) = run_dirs(tmp_path / "saved")
+    assert load(resumed / "checkpoint-last.pth")["epoch"] == 2
+
+
+# --- a Trainer built by hand around a linear model -----------------------------------------------------------------
+
+N_FEATURES, N_CLASSES = 12, 3
+
+
+def linear_data(n):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, N_FEATURES, generator=generator), torch.randint(N_CLASSES, (n,), generator=generator)
+
+
+def linear_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(N_FEATURES, N_CLASSES))
+
+
+def hand_built_trainer(tmp_path, model, x, y, batch_size, lr, **trainer):
+    """An unshuffled loader over (x, y), plain SGD, no scheduler, no validation, one epoch."""
+    setup_logging(1)  # console only: no train.log of an earlier run in this process
+    config = make_config(tmp_path, tmp_path / "saved", epochs=1, monitor="off", **trainer)
+    config.update(metrics=[], lr_scheduler={})
+    config = validate(config)
+    loader = BaseDataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False, validation_split=0.0,
+                            num_workers=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    return Trainer(model, F.cross_entropy, {}, optimizer, config, torch.device("cpu"), run_dir, loader)
+
+
+def sgd_step(model, x, y, lr):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(tmp_path):
+    """Six batches of 4 with accumulation_steps=4: one update from samples 0-15, then one from 16-23 (the short
+    last group is averaged over its own 2 batches)."""
+    x, y = linear_data(24)
+    model, reference, per_batch = linear_model(), linear_model(), linear_model()
+    trainer = hand_built_trainer(tmp_path, model, x, y, batch_size=4, lr=0.5, accumulation_steps=4,
+                                 limit_train_batches=6)
+    trainer.train()
+
+    sgd_step(reference, x[:16], y[:16], lr=0.5)
+    sgd_step(reference, x[16:], y[16:], lr=0.5)
+    assert_close_parameters(model, reference)
+    assert load(tmp_path / "run" / "checkpoint-last.pth")["global_step"] == 2
+
+    for start in range(0, 24, 4):  # an update per micro-batch ends elsewhere, so the comparison above can fail
+        sgd_step(per_batch, x[start:start + 4], y[start:start + 4], lr=0.5)
+    assert (per_batch[1].weight - reference[1].weight).abs().max() > 1e-3
+
+
+def assert_close_parameters(model, reference):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+
+
+def test_clipping_caps_the_gradient_norm(tmp_path):
+    x, y = linear_data(8)
+    model, reference = linear_model(), linear_model()
+    clip, lr = 0.01, 0.5
+    trainer = hand_built_trainer(tmp_path, model, x, y, batch_size=8, lr=lr, clip_grad_norm=clip,
+                                 limit_train_batches=1)
+    trainer.train()
+
+    reference.zero_grad()
+    F.cross_entropy(reference(x), y).backward()
+    raw_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+    assert raw_norm > 10 * clip  # clipping had work to do
+
+    clipped_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert clipped_norm <= clip * (1 + 1e-5)
+    assert clipped_norm == pytest.approx(clip, rel=1e-4)
+    with torch.no_grad():  # the update used the clipped gradient: the raw one scaled down to norm `clip`
+        for p in reference.parameters():
+            p -= lr * p.grad * clip / raw_norm
+    assert_close_parameters(model, reference)
+
+
+def test_grad_norm_in_tensorboard(data_slice, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(data_slice, tmp_path / "saved", epochs=1, tensorboard=True, log_step=1, clip_grad_norm=1.0,
+                         limit_train_batches=3)
+    run_dir = run(config, tmp_path)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    norms = events.Scalars("train/grad_norm")
+    assert [e.step for e in norms] == [1, 2, 3]
+    assert all(math.isfinite(e.value) and e.value > 0 for e in norms)  # the norm before clipping
+
+
+# --- mixed precision, channels_last --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def float32_run(data_slice, tmp_path_factory):
+    base = tmp_path_factory.mktemp("float32")
+    config = make_config(data_slice, base / "saved", epochs=1, limit_train_batches=3)
+    assert train.main(["-c", str(write_config(config, base / "config.json"))]) == 0
+    (run_dir,) = run_dirs(base / "saved")
+    return read_history(run_dir)
+
+
+def test_bf16_trains_and_resumes_exactly(data_slice, tmp_path, float32_run):
+    config = make_config(data_slice, tmp_path / "saved", epochs=2, save_period=1, amp="bf16", limit_train_batches=3)
+    run_dir = run(config, tmp_path)
+    history = read_history(run_dir)
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert all(math.isfinite(float(row["loss"])) for row in history)
+    assert history[0]["loss"] != float32_run[0]["loss"]  # autocast was on: bfloat16 rounds differently
+
+    last = load(run_dir / "checkpoint-last.pth")
+    assert {v.dtype for k, v in last["state_dict"].items() if v.is_floating_point()} == {torch.float32}
+    assert train.main(["-r", str(run_dir / "checkpoint-epoch1.pth")]) == 0
+    (resumed,) = run_dirs(tmp_path / "saved")[1:]
+    assert_same_tensors(load(resumed / "checkpoint-last.pth")["state_dict"], last["state_dict"])
+    assert read_history(resumed) == history[1:]
+
+
+def test_fp16_on_the_cpu_warns_and_trains_in_float32(data_slice, tmp_path, capsys, float32_run):
+    config = make_config(data_slice, tmp_path / "saved", epochs=1, amp="fp16", limit_train_batches=3)
+    run_dir = run(config, tmp_path)
+    warning = [line for line in capsys.readouterr().out.splitlines() if "fp16" in line]
+    assert warning and "float32" in warning[0]
+    assert "fp16" in (run_dir / "train.log").read_text()
+    assert read_history(run_dir) == float32_run  # exactly the float32 run
+
+
+def test_channels_last_trains(data_slice, tmp_path, float32_run):
+    config = make_config(data_slice, tmp_path / "saved", epochs=1, channels_last=True, limit_train_batches=3)
+    run_dir = run(config, tmp_path)
+    (row,) = read_history(run_dir)
+    assert float(row["loss"]) == pytest.approx(float(float32_run[0]["loss"]), rel=1e-3)  # same maths, other layout
+    weight = load(run_dir / "checkpoint-last.pth")["state_dict"]["features.4.weight"]  # 16 x 8 x 3 x 3
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert evaluate(["-r", run_dir / "checkpoint-last.pth"]) == 0  # loads into a model in the default layout
+
+
+# --- EMA ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ema_run(data_slice, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ema")
+    config = make_config(data_slice, base / "saved", epochs=2, save_period=1, ema_decay=0.9,
+                         monitor="min val_ema_loss")
+    assert train.main(["-c", str(write_config(config, base / "config.json"))]) == 0
+    (run_dir,) = run_dirs(base / "saved")
+    return SimpleNamespace(run=run_dir, save_dir=base / "saved", history=read_history(run_dir),
+                           last=load(run_dir / "checkpoint-last.pth"))
+
+
+def test_ema_weights_are_saved_and_evaluated(ema_run):
+    ema, raw = ema_run.last["ema_state_dict"], ema_run.last["state_dict"]
+    assert ema.keys() == raw.keys()
+    assert not torch.equal(ema["classifier.3.weight"], raw["classifier.3.weight"])
+    for row in ema_run.history:
+        for name in METRICS:
+            assert math.isfinite(float(row["val_ema_" + name])), name
+        assert row["val_ema_loss"] != row["val_loss"]
+
+
+def test_resume_restores_the_ema_weights(ema_run):
+    assert train.main(["-r", str(ema_run.run / "checkpoint-epoch1.pth")]) == 0
+    (resumed,) = run_dirs(ema_run.save_dir)[1:]
+    mine = load(resumed / "checkpoint-last.pth")
+    assert mine["epoch"] == 2
+    assert_same_tensors(mine["ema_state_dict"], ema_run.last["ema_state_dict"])
+    assert read_history(resumed) == ema_run.history[1:]
+
+
+def test_test_script_evaluates_the_ema_weights(ema_run, tmp_path):
+    last = ema_run.run / "checkpoint-last.pth"
+    assert evaluate(["-r", last, "--ema", "--split", "valid", "--out", tmp_path / "ema"]) == 0
+    metrics = json.loads((tmp_path / "ema" / "metrics.json").read_text())
+    assert metrics["ema"] is True
+    for name in METRICS:  # the same numbers training logged for the averaged weights
+        assert metrics[name] == pytest.approx(float(ema_run.history[-1]["val_ema_" + name]), rel=1e-6, abs=1e-6), name
+
+    assert evaluate(["-r", last]) == 0 and evaluate(["-r", last, "--ema"]) == 0
+    plain = json.loads((ema_run.run / "test-checkpoint-last" / "metrics.json").read_text())
+    averaged = json.loads((ema_run.run / "test-checkpoint-last-ema" / "metrics.json").read_text())
+    assert averaged["ema"] and not plain["ema"]
+    assert averaged["loss"] != plain["loss"]
+
+
+# --- checkpoints kept, quick checks --------------------------------------------------------------------------------
+
+def test_save_top_k_keeps_the_two_best_epochs(data_slice, tmp_path):
+    config = make_config(data_slice, tmp_path / "saved", epochs=4, save_top_k=2, monitor="min val_loss",
+                         limit_train_batches=3)
+    run_dir = run(config, tmp_path)
+    history = read_history(run_dir)
+    assert len(history) == 4
+    best_two = sorted(history, key=lambda row: float(row["val_loss"]))[:2]
+    kept = sorted(p.name for p in run_dir.glob("top-epoch*.pth"))
+    assert kept == sorted(f"top-epoch{row['epoch']}.pth" for row in best_two)
+    for row in best_two:
+        assert load(run_dir / f"top-epoch{row['epoch']}.pth")["epoch"] == int(row["epoch"])
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_fast_dev_run_writes_nothing(data_slice, tmp_path, capsys):
+    config = make_config(data_slice, tmp_path / "saved", epochs=5, tensorboard=True, save_period=1)
+    path = write_config(config, tmp_path / "config.json")
+    assert train.main(["-c", str(path), "--fast-dev-run"]) == 0
+    assert not (tmp_path / "saved").exists()
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "epoch 2/" not in out
+
+
+def test_overfit_one_batch_drives_its_loss_to_zero(data_slice, tmp_path):
+    config = make_config(data_slice, tmp_path / "saved", epochs=50, overfit_batches=1, monitor="min val_loss",
+                         verbosity=0)
+    config.update(lr_scheduler={}, optimizer={"type": "AdamW", "args": {"lr": 3e-3}})
+    config["arch"]["args"]["dropout"] = 0.0
+    run_dir = run(config, tmp_path)
+    history = read_history(run_dir)
+    assert float(history[0]["loss"]) > 1.0
+    assert float(history[-1]["loss"]) < 0.05
+    assert load(run_dir / "checkpoint-last.pth")["global_step"] == 50  # one batch per epoch
+    assert float(history[-1]["val_loss"]) < 0.5  # validated on that same batch, not on unseen samples
