@@ -16,7 +16,7 @@ from pathlib import Path
 
 from logger.logger import setup_logging
 from trainer.inference import blend, build_tta, class_names, load_ensemble, predict, row_ids, score, write_predictions
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, trusted_config
 from utils.config import apply_overrides, build, validate, validate_inference
 from utils.util import UserError, error_line, resolve_device, seed_everything, write_json
 
@@ -92,7 +92,7 @@ def main(argv=None):
             if args.ema and checkpoint.get("ema_state_dict") is None:
                 raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
         overrides = args.override + ([f"data_loader.args.batch_size={args.bs}"] if args.bs else [])
-        config = validate(apply_overrides(checkpoints[0][1]["config"], overrides))
+        config = validate(apply_overrides(trusted_config(checkpoints[0][1]), overrides))
         device = resolve_device(args.device, config["n_gpu"], logger)
         data_loader = build_eval_loader(config, args.split)
         tta = [t.to(device) if hasattr(t, "to") else t for t in build_tta(config)]

@@ -21,7 +21,7 @@ from logger.logger import add_log_file, setup_logging
 from trainer.inference import combine_out_of_fold, write_out_of_fold
 from trainer.trainer import Trainer
 from utils import dist
-from utils.checkpoint import load_checkpoint, load_model_weights
+from utils.checkpoint import load_checkpoint, load_model_weights, trusted_config
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
 from utils.util import (
     UserError,
@@ -73,7 +73,7 @@ def main(argv=None):
         if args.config:
             config = load_config(args.config, overrides)
         elif checkpoint is not None:
-            config = validate(apply_overrides(checkpoint["config"], overrides))
+            config = validate(apply_overrides(trusted_config(checkpoint), overrides))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
         logger = setup_logging(config["trainer"]["verbosity"] if rank == 0 else 0)
@@ -116,7 +116,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
         valid_data_loader = data_loader.overfit(cfg["overfit_batches"])
     model = build(config, "arch")
     if checkpoint is not None and not resume:
-        load_model_weights(model, checkpoint["state_dict"], "the fine-tuning checkpoint")
+        load_model_weights(model, checkpoint["state_dict"], checkpoint["path"])
     model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
     criterion = build_loss(config)
     if hasattr(criterion, "to"):

@@ -66,6 +66,7 @@ class BaseTrainer:
         self.resume_batches = 0  # batches of start_epoch already trained (a checkpoint saved mid-epoch)
         self.global_step = 0
         self.stop_signal = None
+        self.epoch_lr = None  # the learning rate the current epoch started with, as logged in history.csv
         self.writer = TensorboardWriter(run_dir / "tensorboard", cfg["tensorboard"] and self.is_main)
 
     def _train_epoch(self, epoch):
@@ -76,15 +77,18 @@ class BaseTrainer:
         log = {}
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {s: signal.signal(s, self._request_stop) for s in handled}
+        if self.is_main:
+            self._trim_history()
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 if not (epoch == self.start_epoch and self.resume_batches):
                     seed_everything(self.config["seed"] + 1_000_003 * epoch + 7919 * dist.rank())
-                started, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+                    self.epoch_lr = self.optimizer.param_groups[0]["lr"]
+                started = time.perf_counter()
                 log = self._train_epoch(epoch)
                 improved = self._update_monitor(log)
                 if self.is_main:
-                    self._report_epoch(epoch, log, lr, time.perf_counter() - started)
+                    self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
                     self._save_checkpoint(epoch, save_best=improved)
                 dist.barrier()
                 if self.stop_signal and epoch < self.epochs:
@@ -127,6 +131,17 @@ class BaseTrainer:
                 writer.writeheader()
             writer.writerow(row)
 
+    def _trim_history(self):
+        """Drop history.csv rows of epochs the checkpoint does not include (a crash after the row, before the save)."""
+        history = self.run_dir / "history.csv"
+        if history.exists():
+            lines = history.read_text().splitlines(keepends=True)
+            kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < self.start_epoch]
+            if len(kept) < len(lines):
+                tmp = history.with_name(history.name + ".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, history)
+
     def _update_monitor(self, log):
         """True when the monitored metric improved this epoch; counts epochs without improvement."""
         if self.mnt_mode == "off":
@@ -150,6 +165,7 @@ class BaseTrainer:
             "epoch": epoch,
             "batches_done": batches_done,
             "train_metrics": self.train_metrics.state_dict() if batches_done else None,
+            "epoch_lr": self.epoch_lr,
             "global_step": self.global_step,
             "state_dict": clean_state_dict(unwrap(self.model).state_dict()),
             "ema_state_dict": clean_state_dict(self.ema.module.state_dict()) if self.ema else None,
@@ -230,6 +246,7 @@ class BaseTrainer:
         self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)
         if self.resume_batches:
             self.train_metrics.load_state_dict(checkpoint["train_metrics"], self.device)
+            self.epoch_lr = checkpoint["epoch_lr"]
         self.global_step = checkpoint["global_step"]
         self.mnt_best = checkpoint["monitor_best"]
         self.not_improved_count = checkpoint["not_improved_count"]

@@ -41,7 +41,8 @@ class CsvImageDataset(Dataset):
             bad = table[~table[label_column].isin(self.classes)]
             if len(bad):
                 row = bad.index[0]
-                raise UserError(f"{csv_file}: row {row + 2} has label {table[label_column][row]!r}, "
+                label = table[label_column][row]
+                raise UserError(f"{csv_file}: row {row + 2} has label {getattr(label, 'item', lambda: label)()!r}, "
                                 f"not one of the {len(self.classes)} classes {self.classes[:10]}")
             self.targets = [index[label] for label in table[label_column]]
         self.groups = table[group_column].tolist() if group_column else None
@@ -53,11 +54,13 @@ class CsvImageDataset(Dataset):
 
         path = self.paths[index]
         try:
-            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
+        if not data:
+            raise UserError(f"image {str(path)!r}: the file is empty")
         try:
-            return decode_image(data, mode=self.mode)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self.mode)
         except RuntimeError as e:
             raise UserError(f"image {str(path)!r}: cannot be decoded ({str(e).splitlines()[0]})") from None
 

@@ -123,11 +123,8 @@ def mid_epoch_and_consistent(checkpoint, run_dir):
     return checkpoint["batches_done"] > 0 and rows == checkpoint["epoch"] - 1
 
 
-def assert_same_run(run_dir, reference, columns_skipped=("lr",)):
-    """Final weights bitwise equal to the uninterrupted run's, and history.csv equal row for row.
-
-    The lr column of an epoch resumed midway is a known bug with its own test
-    (test_history_lr_of_an_epoch_resumed_midway), so it is left out here unless asked for."""
+def assert_same_run(run_dir, reference):
+    """Final weights bitwise equal to the uninterrupted run's, and history.csv equal row for row."""
     mine, theirs = load(run_dir / "checkpoint-last.pth"), load(reference.run / "checkpoint-last.pth")
     assert mine["epoch"] == theirs["epoch"] == EPOCHS and mine["global_step"] == theirs["global_step"]
     assert mine["state_dict"].keys() == theirs["state_dict"].keys()
@@ -136,7 +133,7 @@ def assert_same_run(run_dir, reference, columns_skipped=("lr",)):
     mine, theirs = read_history(run_dir), read_history(reference.run)
     assert len(mine) == len(theirs), f"history.csv has {len(mine)} rows, the uninterrupted run's {len(theirs)}"
     different = [(row["epoch"], key, row[key], other.get(key)) for row, other in zip(mine, theirs)
-                 for key in row if key not in columns_skipped and row[key] != other.get(key)]
+                 for key in row if row[key] != other.get(key)]
     assert not different, f"history.csv differs from the uninterrupted run's (epoch, column, mine, theirs): {different}"
     assert list(mine[0]) == list(theirs[0])
 
@@ -276,10 +273,7 @@ CRASHES = {
 
 @pytest.mark.parametrize("which", [
     "mid-epoch save",
-    pytest.param("end-of-epoch save", marks=pytest.mark.xfail(strict=True, reason=(
-        "base/base_trainer.py train(): the epoch's history.csv row is appended (_report_epoch) before "
-        "checkpoint-last.pth is saved; dying in between leaves a checkpoint from inside that epoch, and resuming "
-        "it appends the epoch's row a second time"))),
+    "end-of-epoch save",
 ])
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(which, in_process_reference, data_slice, tmp_path,
                                                                  monkeypatch):
@@ -305,10 +299,6 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(which, in_proce
     assert_same_run(run_dir, in_process_reference)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "base/base_trainer.py train() takes history.csv's lr when the epoch's loop iteration starts; for an epoch "
-    "resumed midway that is the rate at the resume point, not the one the epoch started with (differs under a "
-    "per-batch scheduler such as the shipped OneCycleLR)"))
 def test_history_lr_of_an_epoch_resumed_midway(in_process_reference, data_slice, tmp_path, monkeypatch):
     config = small_config(data_slice, tmp_path / "saved")
     path = write_config(config, tmp_path / "config.json")
@@ -464,11 +454,6 @@ def test_config_type_outside_import_roots_is_refused(dotted, args, data_slice, t
 
 
 @pytest.mark.parametrize("script", ["train.py", "test.py"])
-@pytest.mark.xfail(strict=True, reason=(
-    "a checkpoint is loaded with weights_only=True, but the config inside it is then trusted like the user's own: "
-    "its import_roots and dotted types are resolved and called (utils/config.py validate/build via train.py main "
-    "and trainer/inference.py load_ensemble), so a plain-data checkpoint with \"import_roots\": [\"subprocess\"] and "
-    "arch \"subprocess.run\" runs a command (even the default roots reach e.g. torch.save to any path)"))
 def test_a_checkpoint_config_cannot_run_code(script, data_slice, tmp_path):
     pwned = tmp_path / "pwned"
     config = small_config(data_slice, tmp_path / "saved")

@@ -7,8 +7,8 @@ import pandas as pd
 import torch
 
 from model.metric import EpochMetrics
-from utils.checkpoint import load_model_weights, unwrap
-from utils.config import build, build_loss, build_metrics
+from utils.checkpoint import load_model_weights, trusted_config, unwrap
+from utils.config import build, build_loss, build_metrics, validate
 from utils.util import UserError, write_json
 
 CHUNK = 4096
@@ -90,7 +90,7 @@ def load_ensemble(checkpoints, device):
     """The models of several loaded checkpoints, each rebuilt from its own config, on `device`, in eval mode."""
     models = []
     for path, checkpoint, use_ema in checkpoints:
-        model = build(checkpoint["config"], "arch")
+        model = build(validate(trusted_config(checkpoint)), "arch")
         load_model_weights(model, checkpoint["ema_state_dict" if use_ema else "state_dict"], path)
         models.append(model.to(device).eval())
     return models

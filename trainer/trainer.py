@@ -1,6 +1,5 @@
 import contextlib
 import itertools
-import math
 import sys
 
 import torch
@@ -142,10 +141,6 @@ class Trainer(BaseTrainer):
         if data.dim() == 4:
             data = data.contiguous(memory_format=self.memory_format)
         return data, target.to(self.device, non_blocking=True)
-
-    def _total_steps(self):
-        n_batches = batches_per_epoch(len(self.data_loader), self.limit_train_batches)  # called before any skip
-        return self.epochs * math.ceil(n_batches / self.accumulation_steps)
 
     def _check_finite(self, first_nonfinite, epoch):
         """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""

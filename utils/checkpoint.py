@@ -45,10 +45,18 @@ def load_checkpoint(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"checkpoint {str(path)!r}: not a readable checkpoint (truncated or another format): "
                         f"{str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) or not isinstance(
+            state["config"], dict):
         raise UserError(f"checkpoint {str(path)!r}: not a checkpoint of this template "
                         f"(expected a dict with keys {', '.join(REQUIRED_KEYS)})")
+    state["path"] = str(path)
     return state
+
+
+def trusted_config(checkpoint):
+    """A checkpoint's config without its `import_roots`: code outside the project, torch and torchvision is
+    imported only when the user's own config or command line (-o import_roots=[...]) allows it."""
+    return {**checkpoint["config"], "import_roots": []}
 
 
 def clean_state_dict(state_dict):

@@ -298,9 +298,16 @@ def resolve(section, type_name, roots=(), where=None):
     raise UserError(f"{where}.type: unknown {type_name!r} (looked in {searched}){_suggest(type_name, candidates)}")
 
 
+FUNCTION_MODULES = PROJECT_ROOTS + ("torchvision.models", "torch.nn.functional")
+
+
 def _usable(target):
-    return inspect.isclass(target) or inspect.isfunction(target) or (
-        inspect.isbuiltin(target) and getattr(target, "__module__", "") and target.__module__.split(".")[0] == "torch")
+    """Classes, and functions only where a config may need them (model builders, functional losses, the
+    project's own): never general-purpose functions such as torch.save or os.system."""
+    if inspect.isclass(target):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return inspect.isfunction(target) and any(module == m or module.startswith(m + ".") for m in FUNCTION_MODULES)
 
 
 def _defined_under(target, module_name):
