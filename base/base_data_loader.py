@@ -72,7 +72,7 @@ class SeededDataset(Dataset):
         index, seed = item
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed (and probe) every GPU backend
         return self.dataset[index]
 
     def __len__(self):
@@ -172,6 +172,7 @@ class BaseDataLoader(DataLoader):
             "pin_memory": torch.cuda.is_available(),
             "generator": torch.Generator(),  # worker base seeds come from here, never from the global generator
             "worker_init_fn": _ignore_interrupt,
+            "persistent_workers": num_workers > 0,  # safe: augmentation depends on the sample seeds, not the worker
         }
         weights = None
         if balanced:

@@ -194,9 +194,13 @@ class BaseTrainer:
             copies.append(self.run_dir / f"top-epoch{epoch}.pth")
         last = self.run_dir / "checkpoint-last.pth"
         save_checkpoint(self.state_dict(epoch), last)
-        for path in copies:
+        for path in copies:  # a hard link stays valid: checkpoint-last.pth is always replaced, never rewritten
             tmp = path.with_name(path.name + ".tmp")
-            shutil.copyfile(last, tmp)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(last, tmp)
+            except OSError:
+                shutil.copyfile(last, tmp)
             os.replace(tmp, path)
 
     def _enters_top_k(self, epoch):
