@@ -99,6 +99,12 @@ def main(argv=None):
     except TrainingStopped as e:
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        print(f"error: {' '.join(str(e).split())} (out of memory? try fewer data_loader.args.num_workers); the last "
+              f"checkpoint is intact: resume with python train.py -r <run folder>", file=sys.stderr)
+        return 1
     finally:
         dist.cleanup()
     return 0

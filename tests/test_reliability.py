@@ -488,3 +488,22 @@ def test_worker_failing_on_a_corrupt_image_is_one_line_without_hanging(tmp_path)
     assert proc.returncode == 2, shown(proc)
     line = one_line(proc)
     assert line.startswith(f"error: image {str(corrupt)!r}: cannot be decoded"), line
+
+
+def test_a_dataloader_worker_that_dies_is_one_line_not_a_hang(data_slice, tmp_path):
+    """A worker killed from outside (the OOM killer, say): the run ends with one line and exit code 1."""
+    config = make_config(data_slice, tmp_path / "saved", epochs=200)
+    config["data_loader"]["args"]["num_workers"] = 2
+    proc = subprocess.Popen(command("train.py", "-c", write_config(config, tmp_path / "config.json")), cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + TIMEOUT_S
+    while proc.poll() is None and not children.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its DataLoader workers started"
+    os.kill(int(children.read_text().split()[0]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finished = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+    assert proc.returncode == 1, shown(finished)
+    line = one_line(finished)
+    assert line.startswith("error: DataLoader worker") and "resume with" in line
