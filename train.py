@@ -91,7 +91,8 @@ def main(argv=None):
             if args.folds == "all":
                 train_all_folds(config, device)
             else:
-                run_dir = dist.broadcast_object(choose_run_dir(config, args, checkpoint) if rank == 0 else None)
+                run_dir = Path(scratch_dir) / "run" if scratch_dir else dist.broadcast_object(
+                    choose_run_dir(config, args, checkpoint) if rank == 0 else None)
                 train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and not args.config)
     except UserError as e:
         print(error_line(e), file=sys.stderr)
