@@ -498,9 +498,11 @@ def test_a_dataloader_worker_that_dies_is_one_line_not_a_hang(data_slice, tmp_pa
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + TIMEOUT_S
-    while proc.poll() is None and not children.read_text().split() and time.monotonic() < deadline:
+    # an epoch has ended, so the (persistent) workers are up and serving, not still being started
+    while proc.poll() is None and not list(tmp_path.glob("saved/*/*/checkpoint-last.pth")) and (
+            time.monotonic() < deadline):
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before its DataLoader workers started"
+    assert proc.poll() is None and children.read_text().split(), "the run ended before a worker could be killed"
     os.kill(int(children.read_text().split()[0]), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
     finished = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
