@@ -20,7 +20,8 @@ class Accuracy(Metric):
     """Fraction of samples whose highest-scoring class is the target."""
 
     def batch_stats(self, output, target):
-        return torch.stack([(output.argmax(dim=1) == target).sum(), torch.tensor(target.numel(), device=target.device)])
+        hits = output.argmax(dim=1) == target
+        return torch.stack([hits.sum(), torch.full((), target.numel(), device=target.device)])
 
     def compute(self, total):
         return (total[0].double() / total[1]).item()
@@ -34,7 +35,7 @@ class TopKAccuracy(Metric):
 
     def batch_stats(self, output, target):
         hits = (output.topk(min(self.k, output.shape[1]), dim=1).indices == target.unsqueeze(1)).any(dim=1)
-        return torch.stack([hits.sum(), torch.tensor(target.numel(), device=target.device)])
+        return torch.stack([hits.sum(), torch.full((), target.numel(), device=target.device)])
 
     def compute(self, total):
         return (total[0].double() / total[1]).item()
