@@ -100,11 +100,13 @@ def main(argv=None):
     except TrainingStopped as e:
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        # a worker killed mid-batch may surface as a broken connection while its batch is being received
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
             raise
-        print(f"error: {' '.join(str(e).split())} (out of memory? try fewer data_loader.args.num_workers); the last "
-              f"checkpoint is intact: resume with python train.py -r <run folder>", file=sys.stderr)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: DataLoader worker failed: {detail} (out of memory? try fewer data_loader.args.num_workers); "
+              f"the last checkpoint is intact: resume with python train.py -r <run folder>", file=sys.stderr)
         return 1
     finally:
         dist.cleanup()
