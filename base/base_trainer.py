@@ -14,7 +14,7 @@ from model.metric import EpochMetrics
 from trainer.ema import ModelEma
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
-from utils.util import UserError, get_rng_state, seed_everything, set_rng_state
+from utils.util import UserError, get_rng_state, seed_everything, set_rng_state, write_text
 
 
 class TrainingStopped(Exception):
@@ -138,9 +138,7 @@ class BaseTrainer:
             lines = history.read_text().splitlines(keepends=True)
             kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < self.start_epoch]
             if len(kept) < len(lines):
-                tmp = history.with_name(history.name + ".tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, history)
+                write_text("".join(kept), history)
 
     def _update_monitor(self, log):
         """True when the monitored metric improved this epoch; counts epochs without improvement."""
@@ -231,9 +229,9 @@ class BaseTrainer:
 
     def resume(self, checkpoint):
         """Restore model, optimizer, scheduler, scaler, EMA, counters and random state from a loaded checkpoint."""
-        load_model_weights(self.model, checkpoint["state_dict"], "resume")
+        load_model_weights(self.model, checkpoint["state_dict"], checkpoint["path"])
         if self.ema and checkpoint.get("ema_state_dict"):
-            load_model_weights(self.ema.module, checkpoint["ema_state_dict"], "resume")
+            load_model_weights(self.ema.module, checkpoint["ema_state_dict"], checkpoint["path"])
         fixed_length = {k: v for k, v in getattr(self.lr_scheduler, "__dict__", {}).items()
                         if k in ("total_steps", "_schedule_phases")}
         try:

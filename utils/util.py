@@ -37,10 +37,14 @@ def read_json(path):
 
 
 def write_json(content, path):
-    """Write JSON atomically so a crash never leaves a half-written file."""
+    write_text(json.dumps(content, indent=4) + "\n", path)
+
+
+def write_text(text, path):
+    """Write a text file atomically (temporary file, then rename) so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=4) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
