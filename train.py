@@ -18,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from base.base_trainer import TrainingStopped
 from logger.logger import add_log_file, setup_logging
-from trainer.inference import combine_out_of_fold, write_out_of_fold
 from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import load_checkpoint, load_model_weights, trusted_config
@@ -162,6 +161,8 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
 
 def train_all_folds(config, device):
     """Train every fold into one run group, then score the out-of-fold predictions over the whole training set."""
+    from trainer.inference import combine_out_of_fold, write_out_of_fold  # pandas, needed only here
+
     n_folds = config["data_loader"]["args"]["n_folds"]
     group_dir = dist.broadcast_object(
         new_run_dir(config["trainer"]["save_dir"], config["name"]) if dist.is_main_process() else None)

@@ -24,7 +24,8 @@ Phases (one invocation; every measurement runs in fresh subprocesses, so each on
               chunks of each chunk's fastest repeat, the figure least disturbed by load), the validation pass, the
               checkpoint write, the rest of the epoch's bookkeeping, the whole epoch, and peak RSS.
   startup     `python train.py -c config.json` from process start to the first training batch reaching the model
-              (benchmarks/startup_probe.py wraps train.main's steps with timers), median of --startup-repeats runs,
+              (benchmarks/startup_probe.py wraps train.main's steps with timers): one cold run (an empty
+              decoded-image cache_dir), then the median of --startup-repeats warm runs,
               plus one run under `python -X importtime` to price each imported package, and a floor: a minimal
               hand-written script (import torch, an AdamW, one forward), which any PyTorch training script pays.
   memory      The template for --drift-epochs short epochs (limit_train_batches): resident memory after each epoch.
@@ -636,12 +637,19 @@ class Worker:
             self.proc.wait()
 
 
+def cache_override(args, scratch):
+    """Points the config's decoded-image cache_dir, if it has one, into the scratch folder: every benchmark
+    starts with an empty cache and leaves none behind."""
+    data_args = json.loads(Path(args.config).read_text()).get("data_loader", {}).get("args", {})
+    return [f"data_loader.args.cache_dir={scratch / 'decoded-cache'}"] if "cache_dir" in data_args else []
+
+
 def base_spec(args, model, scratch, **extra):
     spec = {
         "config": str(Path(args.config).resolve()),
         "device": args.device,
         "threads": args.threads,
-        "overrides": MODELS[model]["overrides"] + args.override,
+        "overrides": MODELS[model]["overrides"] + cache_override(args, scratch) + args.override,
         "train_batches": args.train_batches if args.train_batches is not None else MODELS[model]["train_batches"],
         "val_batches": args.val_batches if args.val_batches is not None else MODELS[model]["val_batches"],
         "save_dir": str(scratch / "saved") + "/",
@@ -781,23 +789,27 @@ print(time.time() - float(os.environ["BENCH_SPAWN_TIME"]))
 
 
 def phase_startup(args, scratch):
-    """`python train.py -c CONFIG` to the first batch: --startup-repeats timed runs and one under -X importtime,
-    interleaved with runs of FLOOR_CODE."""
+    """`python train.py -c CONFIG` to the first batch: one cold run (the data loader's cache_dir, when the config
+    has one, points at an empty folder), then --startup-repeats warm runs interleaved with runs of FLOOR_CODE,
+    then one warm run under -X importtime."""
     runs = []
     floor = []
-    importtime = None
-    for i in range(args.startup_repeats + 1):
-        if i < args.startup_repeats:
+    cold = importtime = None
+    uses_cache_dir = bool(cache_override(args, scratch))
+    for i in range(args.startup_repeats + 2):
+        if 0 < i <= args.startup_repeats:
             env = dict(os.environ, BENCH_SPAWN_TIME=repr(time.time()))
             proc = subprocess.run([sys.executable, "-c", FLOOR_CODE], cwd=scratch, env=env, stdout=subprocess.PIPE,
                                   check=True, timeout=600)
             floor.append(float(proc.stdout.decode().split()[-1]))
-        with_importtime = i == args.startup_repeats
+        with_importtime = i == args.startup_repeats + 1
         out = scratch / f"startup{i}.json"
         save_dir = scratch / f"startup{i}"
         cmd = [sys.executable] + (["-X", "importtime"] if with_importtime else []) + [
             "-m", "benchmarks.startup_probe", "-c", str(Path(args.config).resolve()),
             "-o", f"trainer.save_dir={save_dir}/"]
+        for override in cache_override(args, scratch):
+            cmd += ["-o", override]
         if args.device != "cpu":
             cmd += ["-d", args.device]
         env = dict(os.environ, BENCH_PROBE_OUT=str(out))
@@ -810,11 +822,15 @@ def phase_startup(args, scratch):
             raise RuntimeError(f"startup probe: {result['status']} (rc {result['rc']})\n{proc.stderr.decode()[-3000:]}")
         if with_importtime:
             importtime = {"total_s": result["total_s"], "packages": parse_importtime(proc.stderr.decode())}
+        elif i == 0:
+            cold = result
+            print(f"   cold run{' (empty decoded-image cache)' if uses_cache_dir else ''}: {result['total_s']:.2f} s "
+                  f"to the first batch; {load_text()}")
         else:
             runs.append(result)
-            print(f"   run {i + 1}: {result['total_s']:.2f} s to the first batch (floor: {floor[-1]:.2f} s); "
+            print(f"   run {i}: {result['total_s']:.2f} s to the first batch (floor: {floor[-1]:.2f} s); "
                   f"{load_text()}")
-    return {"runs": runs, "importtime": importtime, "floor": floor}
+    return {"runs": runs, "cold": cold, "uses_cache_dir": uses_cache_dir, "importtime": importtime, "floor": floor}
 
 
 def parse_importtime(text):
@@ -974,9 +990,17 @@ def report(args, model, results, load_start, started):
         floor = median(st["floor"])
         print(f"  floor: a minimal hand-written script (import torch, AdamW, first forward), median of "
               f"{len(st['floor'])}: {floor:.2f} s; the template adds {total - floor:.2f} s")
+        if st["cold"]:
+            print(f"  cold run, {'the decoded-image cache still empty' if st['uses_cache_dir'] else 'the first one'}: "
+                  f"{st['cold']['total_s']:.2f} s (phases of the cold run below the warm ones)")
         for label, seconds, packages in startup_breakdown(st["runs"]):
             pk = f"  [first imports: {', '.join(packages[:8])}]" if packages else ""
             print(f"  {label:<62} {seconds:>6.2f} s{pk}")
+        if st["cold"]:
+            print("  cold run:")
+            for label, seconds, packages in startup_breakdown([st["cold"]]):
+                pk = f"  [first imports: {', '.join(packages[:8])}]" if packages else ""
+                print(f"    {label:<60} {seconds:>6.2f} s{pk}")
         if st["importtime"]:
             top = [(k, v) for k, v in st["importtime"]["packages"].items() if v >= 0.02][:12]
             print("  import cost by package (-X importtime, cumulative, nested packages overlap): "

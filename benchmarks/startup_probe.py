@@ -117,7 +117,7 @@ def main(argv):
             datasets = sys.modules.get("data_loader.datasets")
             if datasets is not None:
                 _accumulate(datasets.CsvImageDataset, "read", "decode one image (CsvImageDataset.read)")
-                _accumulate(datasets, "read_csv", "read a CSV (pandas)")
+                _accumulate(datasets, "read_csv", "read a CSV")
         return f"build {section}"
 
     for name in ("load_config", "validate", "resolve_device", "seed_everything", "build_loss", "build_metrics",

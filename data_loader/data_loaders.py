@@ -19,16 +19,17 @@ class CsvImageDataLoader(BaseDataLoader):
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
                  id_column="id", label_column="label", extension=".png", classes=None, image_mode="unchanged",
-                 train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True, group_column=None,
-                 n_folds=0, fold=0, stratify=True, balanced=False):
+                 train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
+                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}")
+        if cache_dir is not None and not cache:
+            raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         if classes is None:
-            labels = read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column]
-            classes = sorted(labels.unique().tolist())
+            classes = sorted(set(read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column]))
         common = dict(classes=classes, id_column=id_column, label_column=label_column, extension=extension,
-                      image_mode=image_mode, cache=cache)
+                      image_mode=image_mode, cache=cache, cache_dir=cache_dir)
         eval_transform = build_transforms(eval_transforms, mean, std, "eval_transforms")
         if training:
             train_transform = build_transforms(train_transforms, mean, std, "train_transforms")
@@ -53,10 +54,13 @@ def _with_transform(dataset, transform):
 
 
 def build_transforms(specs, mean, std, where):
-    """A v2.Compose of the named transforms, then float conversion and optional normalisation."""
-    from torchvision.transforms import v2
-
+    """The named torchvision.transforms.v2 transforms (imported only when some are named), then scaling to [0, 1]
+    and optional normalisation."""
+    if (mean is None) != (std is None):
+        raise UserError("data_loader.args.mean and data_loader.args.std: give both or neither")
     steps = []
+    if specs:
+        from torchvision.transforms import v2
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
             raise UserError(f"data_loader.args.{where}[{i}]: expected {{\"type\": ..., \"args\": {{...}}}}")
@@ -67,12 +71,22 @@ def build_transforms(specs, mean, std, where):
             steps.append(cls(**spec.get("args", {})))
         except (TypeError, ValueError) as e:
             raise UserError(f"data_loader.args.{where}[{i}]: {spec['type']} rejected its arguments: {e}") from None
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if (mean is None) != (std is None):
-        raise UserError("data_loader.args.mean and data_loader.args.std: give both or neither")
-    if mean is not None:
-        steps.append(v2.Normalize(mean, std))
-    return v2.Compose(steps)
+    return ImageTransform(steps, mean, std)
+
+
+class ImageTransform:
+    """`steps` on the uint8 image, then float in [0, 1], then `(x - mean) / std` per channel when given."""
+
+    def __init__(self, steps, mean=None, std=None):
+        self.steps = steps
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image):
+        for step in self.steps:
+            image = step(image)
+        image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+        return image if self.mean is None else (image - self.mean) / self.std
 
 
 class MnistDataLoader(BaseDataLoader):

@@ -1,13 +1,20 @@
 """Datasets for the competition layout: a CSV of image ids (and labels) beside a folder of images."""
+import csv
+import hashlib
+import logging
+import os
+import re
+import tempfile
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from utils.util import UserError
 
 NO_LABEL = -1
+IMAGE_MODES = ("unchanged", "gray", "gray_alpha", "rgb", "rgb_alpha", "rgba")  # torchvision.io.ImageReadMode
+INTEGER = re.compile(r"[+-]?\d+")
 
 
 class CsvImageDataset(Dataset):
@@ -16,41 +23,38 @@ class CsvImageDataset(Dataset):
     `group_column` names rows that belong together (a patient, a video) for group-aware splits.
     Labels are mapped to indices through `classes` (the sorted distinct labels of the training CSV unless given).
     A CSV without the label column gives unlabelled samples (target -1) for inference. With `cache` every image
-    is decoded once up front, which also surfaces a missing or corrupt file before training starts.
+    is decoded once up front, which also surfaces a missing or corrupt file before training starts; with
+    `cache_dir` as well, the decoded images are kept there and reused by later runs while the files are unchanged.
     """
 
     def __init__(self, csv_file, image_dir, classes, id_column="id", label_column="label", extension=".png",
-                 image_mode="unchanged", transform=None, cache=True, group_column=None):
-        from torchvision.io import ImageReadMode
-
+                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None):
         table = read_csv(csv_file, id_column, required=(group_column,) if group_column else ())
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise UserError(f"image folder {str(self.image_dir)!r}: no such folder")
-        try:
-            self.mode = ImageReadMode[image_mode.upper()]
-        except KeyError:
-            raise UserError(f"image_mode: unknown {image_mode!r}; expected one of "
-                            f"{', '.join(m.name.lower() for m in ImageReadMode)}") from None
-        self.ids = table[id_column].tolist()
+        if image_mode not in IMAGE_MODES:
+            raise UserError(f"image_mode: unknown {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+        self.image_mode = image_mode
+        self.ids = table[id_column]
         self.paths = [self.image_dir / f"{i}{extension}" for i in self.ids]
         self.classes = list(classes)
         self.targets = None
-        if label_column in table.columns:
+        if label_column in table:
             index = {c: i for i, c in enumerate(self.classes)}
-            bad = table[~table[label_column].isin(self.classes)]
-            if len(bad):
-                row = bad.index[0]
-                label = table[label_column][row]
-                raise UserError(f"{csv_file}: row {row + 2} has label {getattr(label, 'item', lambda: label)()!r}, "
-                                f"not one of the {len(self.classes)} classes {self.classes[:10]}")
+            for row, label in enumerate(table[label_column]):
+                if label not in index:
+                    raise UserError(f"{csv_file}: row {row + 2} has label {label!r}, "
+                                    f"not one of the {len(self.classes)} classes {self.classes[:10]}")
             self.targets = [index[label] for label in table[label_column]]
-        self.groups = table[group_column].tolist() if group_column else None
+        self.groups = table[group_column] if group_column else None
         self.transform = transform
-        self.images = [self.read(i) for i in range(len(self.paths))] if cache else None
+        self.images = None
+        if cache:
+            self.images = self.decode_all() if cache_dir is None else self.load_or_decode(Path(cache_dir), csv_file)
 
     def read(self, index):
-        from torchvision.io import decode_image
+        from torchvision.io import ImageReadMode, decode_image
 
         path = self.paths[index]
         try:
@@ -60,9 +64,56 @@ class CsvImageDataset(Dataset):
         if not data:
             raise UserError(f"image {str(path)!r}: the file is empty")
         try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self.mode)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                mode=ImageReadMode[self.image_mode.upper()])
         except RuntimeError as e:
             raise UserError(f"image {str(path)!r}: cannot be decoded ({str(e).splitlines()[0]})") from None
+
+    def decode_all(self):
+        return [self.read(i) for i in range(len(self.paths))]
+
+    def load_or_decode(self, cache_dir, csv_file):
+        """The decoded images from `cache_dir` when its file matches the image files' names, sizes and times;
+        otherwise decoded now and written there for the next run (atomically, so concurrent runs are safe)."""
+        place = hashlib.sha256(f"{self.image_dir.resolve()}|{self.image_mode}".encode()).hexdigest()[:16]
+        path = cache_dir / f"{Path(csv_file).stem}-{self.image_mode}-{place}.pt"
+        signature = self.files_signature()
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["signature"] == signature:
+                flat, shapes = saved["images"], saved["shapes"].tolist()
+                sizes = [c * h * w for c, h, w in shapes]
+                return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # an unreadable cache is rebuilt, never trusted
+            logging.getLogger("train").warning(f"decoded-image cache {path}: unreadable ({e}); decoding again")
+        images = self.decode_all()
+        state = {"signature": signature, "shapes": torch.tensor([list(image.shape) for image in images]),
+                 "images": torch.cat([image.flatten() for image in images])}
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(state, f)
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except OSError as e:
+            logging.getLogger("train").warning(f"decoded-image cache {path}: not written ({e.strerror or e})")
+        return images
+
+    def files_signature(self):
+        """A digest of every listed file's name, size and modification time (missing files named as such)."""
+        digest = hashlib.sha256()
+        for path in self.paths:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
+            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
     def __len__(self):
         return len(self.paths)
@@ -75,14 +126,31 @@ class CsvImageDataset(Dataset):
 
 
 def read_csv(csv_file, id_column, required=()):
-    """A CSV as strings (ids keep their leading zeros), with the named columns checked."""
+    """A CSV as {column: values}. Ids stay strings (leading zeros kept); other columns whose every value is an
+    integer become ints, so labels 0..9 sort as numbers and print as they were written."""
     try:
-        table = pd.read_csv(csv_file, dtype={id_column: str})
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = [(reader.line_num, row) for row in reader if row]
     except FileNotFoundError:
         raise UserError(f"{csv_file}: no such file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_file}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    if not header:
+        raise UserError(f"{csv_file}: not a readable CSV (no header line)")
     for column in (id_column, *required):
-        if column not in table.columns:
-            raise UserError(f"{csv_file}: no column {column!r} (columns: {', '.join(map(str, table.columns))})")
+        if column not in header:
+            raise UserError(f"{csv_file}: no column {column!r} (columns: {', '.join(header)})")
+    for line, row in rows:
+        if len(row) != len(header):
+            raise UserError(f"{csv_file}: line {line} has {len(row)} fields, expected {len(header)} like the header")
+    table = {}
+    for i, name in enumerate(header):
+        values = [row[i] for _, row in rows]
+        if name in (id_column, *required) and "" in values:
+            raise UserError(f"{csv_file}: line {rows[values.index('')][0]} has no value in column {name!r}")
+        if name != id_column and values and all(INTEGER.fullmatch(v) for v in values):
+            values = [int(v) for v in values]
+        table[name] = values
     return table

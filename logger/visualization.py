@@ -22,10 +22,12 @@ class TensorboardWriter:
                 self._summary_writer().add_scalar(f"{prefix}/{name}", value, step)
 
     def add_image_grid(self, tag, images, step):
+        """A batch of images (N, C, H, W) as one grid, stretched to the batch's own value range."""
         if self.enabled:
-            from torchvision.utils import make_grid
-
-            self._summary_writer().add_image(tag, make_grid(images.float(), nrow=8, normalize=True), step)
+            images = images.float()
+            low, high = images.min(), images.max()
+            images = (images - low) / (high - low).clamp(min=1e-5)
+            self._summary_writer().add_images(tag, images, step, dataformats="NCHW")
 
     def close(self):
         if self.writer is not None:

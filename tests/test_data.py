@@ -1,0 +1,173 @@
+"""The image data path: reading the CSV, the decoded-image cache kept between runs, the transforms, and which heavy
+packages a run imports before its first batch."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from data_loader.data_loaders import CsvImageDataLoader, build_transforms
+from data_loader.datasets import IMAGE_MODES, CsvImageDataset, read_csv
+from tests.conftest import DATA, REPO, error_line, run_dirs, write_config
+from utils.util import UserError
+
+
+def test_csv_keeps_id_strings_and_reads_integer_labels_as_numbers(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("id,label,site\n007,10,a\n010,2,b\n\n011,2,a\n")
+    table = read_csv(path, "id")
+    assert table == {"id": ["007", "010", "011"], "label": [10, 2, 2], "site": ["a", "b", "a"]}
+    assert sorted(set(table["label"])) == [2, 10]  # numeric order, not "10" < "2"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("id,label\n1,3\n2,4,5\n", "train.csv: line 3 has 3 fields, expected 2 like the header"),
+    ("id,label\n1,3\n2,\n", "train.csv: line 3 has no value in column 'label'"),
+    ("", "train.csv: not a readable CSV (no header line)"),
+    ("name,label\n1,3\n", "train.csv: no column 'id' (columns: name, label)"),
+])
+def test_a_malformed_csv_is_one_line_naming_the_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "train.csv"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        read_csv(path, "id", required=("label",))
+    assert str(caught.value) == f"{path}: {expected.split(': ', 1)[1]}"
+
+
+def test_image_modes_are_torchvisions():
+    from torchvision.io import ImageReadMode
+
+    assert IMAGE_MODES == tuple(mode.lower() for mode in ImageReadMode.__members__)
+
+
+def images_of(dataset):
+    return [dataset[i][0] for i in range(len(dataset))]
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    """Twenty training images copied (with train.csv) into a folder of their own, which tests may modify."""
+    folder = tmp_path / "data"
+    (folder / "train").mkdir(parents=True)
+    lines = (DATA / "train.csv").read_text().splitlines()[:21]
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+    for line in lines[1:]:
+        name = line.split(",")[0] + ".png"
+        shutil.copy2(DATA / "train" / name, folder / "train" / name)
+    return folder
+
+
+def dataset(folder, cache_dir, **kwargs):
+    return CsvImageDataset(folder / "train.csv", folder / "train", classes=list(range(10)), cache_dir=cache_dir,
+                           **kwargs)
+
+
+def test_a_second_run_takes_the_decoded_images_from_the_cache_without_decoding(small_data, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = dataset(small_data, cache)
+    assert len(list(cache.glob("train-unchanged-*.pt"))) == 1
+
+    def no_decoding(self, index):
+        raise AssertionError("decoded although the cache is up to date")
+
+    monkeypatch.setattr(CsvImageDataset, "read", no_decoding)
+    second = dataset(small_data, cache)
+    assert all(torch.equal(a, b) for a, b in zip(images_of(first), images_of(second), strict=True))
+    assert [second[i][1] for i in range(len(second))] == [first[i][1] for i in range(len(first))]
+
+
+def test_a_changed_image_or_another_mode_decodes_again(small_data, tmp_path):
+    cache = tmp_path / "cache"
+    before = dataset(small_data, cache)[0][0]
+    other_id = (DATA / "train.csv").read_text().splitlines()[30].split(",")[0]  # not among the twenty
+    first_file = small_data / "train" / f"{read_csv(small_data / 'train.csv', 'id')['id'][0]}.png"
+    shutil.copyfile(DATA / "train" / f"{other_id}.png", first_file)
+    after = dataset(small_data, cache)[0][0]
+    assert not torch.equal(after, before)
+    assert torch.equal(after, dataset(small_data, None)[0][0])
+
+    rgb = dataset(small_data, cache, image_mode="rgb")
+    assert rgb[0][0].shape[0] == 3
+    assert len(list(cache.glob("*.pt"))) == 2  # one file per image mode; the other one was rewritten in place
+
+
+def test_an_unreadable_cache_file_is_rebuilt_with_a_warning(small_data, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    reference = images_of(dataset(small_data, cache))
+    (path,) = cache.glob("*.pt")
+    path.write_bytes(b"not a cache")
+    rebuilt = images_of(dataset(small_data, cache))
+    assert all(torch.equal(a, b) for a, b in zip(reference, rebuilt, strict=True))
+    assert "unreadable" in caplog.text and path.name in caplog.text
+    assert torch.load(path, weights_only=True)["signature"]  # written again, loadable without pickle code
+
+
+def test_a_cache_folder_that_cannot_be_written_only_warns(small_data, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    images = images_of(dataset(small_data, blocked / "cache"))
+    assert len(images) == 20
+    assert "not written" in caplog.text
+
+
+def test_cache_dir_without_cache_is_an_error(small_data, tmp_path):
+    with pytest.raises(UserError, match="data_loader.args.cache_dir: needs cache true"):
+        CsvImageDataLoader(small_data, batch_size=4, cache=False, cache_dir=str(tmp_path / "cache"))
+
+
+def test_scaling_and_normalisation_match_torchvisions():
+    from torchvision.transforms import v2
+
+    image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 0.2]
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    torch.testing.assert_close(build_transforms([], mean, std, "eval_transforms")(image), reference(image))
+    flipped = build_transforms([{"type": "RandomHorizontalFlip", "args": {"p": 1.0}}], None, None, "train_transforms")
+    torch.testing.assert_close(flipped(image), image.flip(-1).float() / 255)
+
+
+def test_the_image_grid_reaches_tensorboard(config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config["trainer"].update(tensorboard=True, limit_train_batches=2)
+    config["trainer"]["epochs"] = 1
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    events = EventAccumulator(str(run_dirs(tmp_path / "saved")[0] / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (grid,) = events.Images("train/images")
+    assert (grid.width, grid.height) == (8 * 28, 4 * 28)  # the 32 digits of the first batch, eight to a row
+
+
+STARTUP_MODULES = """
+import sys
+import train
+code = train.main(["-c", sys.argv[1], "-o", "trainer.epochs=1", "-o", "trainer.limit_train_batches=1"])
+print("imported:", ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "torchvision", "PIL"})))
+sys.exit(code)
+"""
+
+
+def test_a_run_with_a_warm_cache_imports_neither_torchvision_nor_pandas(config, tmp_path):
+    """Heavy packages load only where they are used: torchvision to decode (a cold cache) or for configured
+    transforms, pandas for CSV output."""
+    config["data_loader"]["args"]["cache_dir"] = str(tmp_path / "cache")
+    path = write_config(config, tmp_path / "config.json")
+    imported = []
+    for _ in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-c", STARTUP_MODULES, str(path)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        imported.append(proc.stdout.split("imported:")[-1].strip())
+    assert imported[0] == "PIL,torchvision"  # the cold run decoded the images
+    assert imported[1] == ""
+
+
+def test_cache_dir_on_the_command_line_with_cache_off_is_one_line(config, tmp_path, capsys):
+    path = write_config(config, tmp_path / "config.json")
+    code = train.main(["-c", str(path), "-o", "data_loader.args.cache=false",
+                       "-o", f"data_loader.args.cache_dir={tmp_path / 'cache'}"])
+    assert code == 2
+    assert "data_loader.args.cache_dir" in error_line(capsys)
+    assert not (tmp_path / "saved").exists()
