@@ -542,7 +542,7 @@ class Worker:
     def __init__(self, kind, spec, tty=True):
         self.kind = kind
         result_r, result_w = os.pipe()
-        env = dict(os.environ, BENCH_RESULT_FD=str(result_w))
+        env = dict(os.environ, BENCH_RESULT_FD=str(result_w), **spec.get("env", {}))
         if tty:
             import fcntl
             import pty
@@ -644,6 +644,16 @@ def cache_override(args, scratch):
     return [f"data_loader.args.cache_dir={scratch / 'decoded-cache'}"] if "cache_dir" in data_args else []
 
 
+def malloc_env(args):
+    """glibc raises its mmap threshold each time it frees a large mmapped block, so whether a step's activations
+    come from the heap (fast) or from fresh pages (page faults) depends on the process's allocation history: the
+    same loop runs up to ~30% faster or slower from one process to the next, and systematically differently in
+    two programs that allocate differently before training. Fixed thresholds take the allocator out of the ratio."""
+    if args.malloc_default:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
 def base_spec(args, model, scratch, **extra):
     spec = {
         "config": str(Path(args.config).resolve()),
@@ -697,7 +707,7 @@ def phase_throughput(args, model, scratch):
 
 def _run_pair(args, model, scratch, chunk, pair):
     total_epochs = args.warmup + args.repeats * args.epochs
-    spec = base_spec(args, model, scratch, total_epochs=total_epochs, chunk=chunk)
+    spec = base_spec(args, model, scratch, total_epochs=total_epochs, chunk=chunk, env=malloc_env(args))
     kinds = {"plain": "plain", "template": "plain" if args.aa else "template"}
     labels = list(kinds) if pair % 2 == 0 else list(kinds)[::-1]  # who starts first alternates between pairs
     workers = {}
@@ -765,8 +775,8 @@ def phase_memory(args, model, scratch):
 
 
 def phase_loader(args, model, scratch):
-    spec = base_spec(args, model, scratch / "loader", loader_warmup=1, loader_epochs=args.loader_epochs,
-                     patch_seeding=False)
+    spec = base_spec(args, model, scratch / "loader", env=malloc_env(args), loader_warmup=1,
+                     loader_epochs=args.loader_epochs, patch_seeding=False)
     worker = Worker("loader", spec, tty=False)
     try:
         done = worker.finish()
@@ -1076,6 +1086,9 @@ def parse_args(argv):
                         help="torch.set_num_threads in the training and loader workers; 0: torch's default (the core "
                              "count). Default: 1 on the CPU (two OpenMP threads on a shared 2-core machine make "
                              "timings swing 5x), 0 on CUDA")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="run the throughput and loader workers with glibc's default, self-adjusting mmap "
+                             "threshold instead of fixed thresholds (see malloc_env)")
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--drift-epochs", type=int, default=10)
     parser.add_argument("--drift-batches", type=int, help="batches per epoch of the memory run (default 10)")
