@@ -37,6 +37,11 @@ Phases (one invocation; every measurement runs in fresh subprocesses, so each on
 On the CPU the workers run with one torch thread (--threads): with two OpenMP threads on a busy 2-core machine a
 training step's time swings by 5x with other processes' load; a per-batch overhead is then a larger share of a
 faster step with more threads, so the ratio measured with one thread is a lower bound for an idle machine.
+The throughput and loader workers also run with fixed glibc malloc thresholds (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_; --malloc-default leaves glibc's self-adjusting ones): otherwise a process's allocation
+history decides whether each step's large tensors reuse heap memory or take fresh pages, and the same loop runs
+up to ~30% faster or slower from one process to the next (an A/A check gave pair ratios of 0.79-1.05 without,
+0.98-1.02 with them).
 
 --model resnet18 replaces the architecture by torchvision's resnet18(num_classes=10) and feeds it the same mnist5k
 digits decoded as RGB (three identical channels) and resized to 64x64 by the loader's transforms (v2.Resize, every

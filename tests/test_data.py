@@ -10,7 +10,7 @@ import torch
 import train
 from data_loader.data_loaders import CsvImageDataLoader, build_transforms
 from data_loader.datasets import IMAGE_MODES, CsvImageDataset, read_csv
-from tests.conftest import DATA, REPO, error_line, run_dirs, write_config
+from tests.conftest import DATA, REPO, error_line, write_config
 from utils.util import UserError
 
 
@@ -126,18 +126,6 @@ def test_scaling_and_normalisation_match_torchvisions():
     torch.testing.assert_close(build_transforms([], mean, std, "eval_transforms")(image), reference(image))
     flipped = build_transforms([{"type": "RandomHorizontalFlip", "args": {"p": 1.0}}], None, None, "train_transforms")
     torch.testing.assert_close(flipped(image), image.flip(-1).float() / 255)
-
-
-def test_the_image_grid_reaches_tensorboard(config, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    config["trainer"].update(tensorboard=True, limit_train_batches=2)
-    config["trainer"]["epochs"] = 1
-    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
-    events = EventAccumulator(str(run_dirs(tmp_path / "saved")[0] / "tensorboard"), size_guidance={"images": 0})
-    events.Reload()
-    (grid,) = events.Images("train/images")
-    assert (grid.width, grid.height) == (8 * 28, 4 * 28)  # the 32 digits of the first batch, eight to a row
 
 
 STARTUP_MODULES = """
