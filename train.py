@@ -88,6 +88,8 @@ def main(argv=None):
         with scratch as scratch_dir:
             if scratch_dir:
                 config["trainer"]["save_dir"] = scratch_dir
+                if config["data_loader"]["args"].get("cache_dir"):
+                    config["data_loader"]["args"]["cache_dir"] = None  # decoded in memory: nothing written to disk
             if args.folds == "all":
                 train_all_folds(config, device)
             else:
@@ -157,7 +159,10 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
         logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
                     trainer.global_step)
     gc.freeze()  # the ~300k objects of torch and the set-up: the collector's first full pass took ~0.2 s
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        gc.unfreeze()  # what this run leaves behind (one fold of several) can be collected again
     return trainer
 
 

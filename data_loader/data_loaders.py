@@ -58,6 +58,11 @@ def build_transforms(specs, mean, std, where):
     and optional normalisation."""
     if (mean is None) != (std is None):
         raise UserError("data_loader.args.mean and data_loader.args.std: give both or neither")
+    for key, values in (("mean", mean), ("std", std)):
+        if values is not None and not (isinstance(values, (list, tuple)) and values and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and (key == "mean" or v > 0) for v in values)):
+            raise UserError(f"data_loader.args.{key}: expected a list of numbers (one per channel"
+                            f"{', each above 0' if key == 'std' else ''}), got {values!r}")
     steps = []
     if specs:
         from torchvision.transforms import v2
@@ -75,7 +80,8 @@ def build_transforms(specs, mean, std, where):
 
 
 class ImageTransform:
-    """`steps` on the uint8 image, then float in [0, 1], then `(x - mean) / std` per channel when given."""
+    """`steps` on the decoded image, then float in [0, 1] (integer images divided by their type's maximum), then
+    `(x - mean) / std` per channel when given."""
 
     def __init__(self, steps, mean=None, std=None):
         self.steps = steps
@@ -85,7 +91,7 @@ class ImageTransform:
     def __call__(self, image):
         for step in self.steps:
             image = step(image)
-        image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+        image = image.float() if image.is_floating_point() else image.float().div_(torch.iinfo(image.dtype).max)
         return image if self.mean is None else (image - self.mean) / self.std
 
 

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -14,7 +15,9 @@ from utils.util import UserError
 
 NO_LABEL = -1
 IMAGE_MODES = ("unchanged", "gray", "gray_alpha", "rgb", "rgb_alpha", "rgba")  # torchvision.io.ImageReadMode
-INTEGER = re.compile(r"[+-]?\d+")
+INTEGER = re.compile(r"[+-]?[0-9]+")
+FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+BOOLEAN = {"true": True, "false": False}
 
 
 class CsvImageDataset(Dataset):
@@ -33,9 +36,9 @@ class CsvImageDataset(Dataset):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise UserError(f"image folder {str(self.image_dir)!r}: no such folder")
-        if image_mode not in IMAGE_MODES:
+        if str(image_mode).lower() not in IMAGE_MODES:
             raise UserError(f"image_mode: unknown {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
-        self.image_mode = image_mode
+        self.image_mode = image_mode.lower()
         self.ids = table[id_column]
         self.paths = [self.image_dir / f"{i}{extension}" for i in self.ids]
         self.classes = list(classes)
@@ -73,47 +76,55 @@ class CsvImageDataset(Dataset):
         return [self.read(i) for i in range(len(self.paths))]
 
     def load_or_decode(self, cache_dir, csv_file):
-        """The decoded images from `cache_dir` when its file matches the image files' names, sizes and times;
-        otherwise decoded now and written there for the next run (atomically, so concurrent runs are safe)."""
+        """The decoded images from `cache_dir` when its file matches the image files as they are now; otherwise
+        decoded now and written there for the next run (atomically, so concurrent runs are safe)."""
         place = hashlib.sha256(f"{self.image_dir.resolve()}|{self.image_mode}".encode()).hexdigest()[:16]
         path = cache_dir / f"{Path(csv_file).stem}-{self.image_mode}-{place}.pt"
         signature = self.files_signature()
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved["signature"] == signature:
-                flat, shapes = saved["images"], saved["shapes"].tolist()
-                sizes = [c * h * w for c, h, w in shapes]
-                return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # an unreadable cache is rebuilt, never trusted
-            logging.getLogger("train").warning(f"decoded-image cache {path}: unreadable ({e}); decoding again")
+        if path.is_file():
+            try:
+                if not zipfile.is_zipfile(path):
+                    raise ValueError("not a file written by torch.save, or a truncated one")
+                saved = torch.load(path, weights_only=True)
+                if saved["signature"] == signature:
+                    return as_views(saved["images"], saved["shapes"])
+            except Exception as e:  # an unreadable cache is rebuilt, never trusted
+                self.warn(f"decoded-image cache {path}: unreadable ({str(e).splitlines()[0]}); decoding again")
         images = self.decode_all()
-        state = {"signature": signature, "shapes": torch.tensor([list(image.shape) for image in images]),
-                 "images": torch.cat([image.flatten() for image in images])}
+        if len({image.dtype for image in images}) > 1:
+            self.warn(f"decoded-image cache {path}: not written (the images have different sample types)")
+            return images
+        shapes = torch.tensor([list(image.shape) for image in images], dtype=torch.int64).view(-1, 3)
+        flat = torch.cat([image.flatten() for image in images]) if images else torch.empty(0, dtype=torch.uint8)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
             try:
+                os.fchmod(fd, 0o644)
                 with os.fdopen(fd, "wb") as f:
-                    torch.save(state, f)
+                    torch.save({"signature": signature, "shapes": shapes, "images": flat}, f)
                 os.replace(tmp, path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
         except OSError as e:
-            logging.getLogger("train").warning(f"decoded-image cache {path}: not written ({e.strerror or e})")
-        return images
+            self.warn(f"decoded-image cache {path}: not written ({e.strerror or e})")
+        return as_views(flat, shapes)  # one block of memory, as a cached run has
 
     def files_signature(self):
-        """A digest of every listed file's name, size and modification time (missing files named as such)."""
+        """A digest of every listed file's name, size, modification and status-change times: a file replaced
+        with its old modification time restored (cp -p, rsync -a) still has a new status-change time."""
         digest = hashlib.sha256()
         for path in self.paths:
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
-            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}\n".encode())
         return digest.hexdigest()
+
+    @staticmethod
+    def warn(message):
+        logging.getLogger("template").warning(message)
 
     def __len__(self):
         return len(self.paths)
@@ -125,20 +136,29 @@ class CsvImageDataset(Dataset):
         return image, self.targets[index] if self.targets is not None else NO_LABEL
 
 
+def as_views(flat, shapes):
+    """The images stored back to back in `flat`, as views of it."""
+    shapes = shapes.tolist()
+    return [part.view(shape) for part, shape in zip(flat.split([c * h * w for c, h, w in shapes]), shapes)]
+
+
 def read_csv(csv_file, id_column, required=()):
     """A CSV as {column: values}. Ids stay strings (leading zeros kept); other columns whose every value is an
-    integer become ints, so labels 0..9 sort as numbers and print as they were written."""
+    integer, a decimal number or true/false are converted, so labels 2 and 10 sort as numbers."""
     try:
         with open(csv_file, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            rows = [(reader.line_num, row) for row in reader if row]
+            rows = [(reader.line_num, row) for row in reader if "".join(row).strip()]
     except FileNotFoundError:
         raise UserError(f"{csv_file}: no such file") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_file}: not a readable CSV ({str(e).splitlines()[0]})") from None
     if not header:
         raise UserError(f"{csv_file}: not a readable CSV (no header line)")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(f"{csv_file}: the header names {', '.join(map(repr, repeated))} more than once")
     for column in (id_column, *required):
         if column not in header:
             raise UserError(f"{csv_file}: no column {column!r} (columns: {', '.join(header)})")
@@ -150,7 +170,19 @@ def read_csv(csv_file, id_column, required=()):
         values = [row[i] for _, row in rows]
         if name in (id_column, *required) and "" in values:
             raise UserError(f"{csv_file}: line {rows[values.index('')][0]} has no value in column {name!r}")
-        if name != id_column and values and all(INTEGER.fullmatch(v) for v in values):
-            values = [int(v) for v in values]
-        table[name] = values
+        table[name] = values if name == id_column else typed(values)
     return table
+
+
+def typed(values):
+    """A column's values as ints, floats or booleans when every one of them reads as such, else as written."""
+    stripped = [v.strip() for v in values]
+    if not values:
+        return values
+    if all(INTEGER.fullmatch(v) for v in stripped):
+        return [int(v) for v in stripped]
+    if all(FLOAT.fullmatch(v) for v in stripped):
+        return [float(v) for v in stripped]
+    if all(v.lower() in BOOLEAN for v in stripped):
+        return [BOOLEAN[v.lower()] for v in stripped]
+    return values

@@ -22,9 +22,10 @@ class TensorboardWriter:
                 self._summary_writer().add_scalar(f"{prefix}/{name}", value, step)
 
     def add_image_grid(self, tag, images, step):
-        """A batch of images (N, C, H, W) as one grid, stretched to the batch's own value range."""
+        """A batch of images (N, C, H, W) as one grid, stretched to the batch's own value range; of images with
+        an alpha channel (2 or 4 channels) the colour channels only."""
         if self.enabled:
-            images = images.float()
+            images = images[:, :3 if images.shape[1] >= 3 else 1].float()
             low, high = images.min(), images.max()
             images = (images - low) / (high - low).clamp(min=1e-5)
             self._summary_writer().add_images(tag, images, step, dataformats="NCHW")

@@ -1,5 +1,7 @@
 """The image data path: reading the CSV, the decoded-image cache kept between runs, the transforms, and which heavy
 packages a run imports before its first batch."""
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +24,18 @@ def test_csv_keeps_id_strings_and_reads_integer_labels_as_numbers(tmp_path):
     assert sorted(set(table["label"])) == [2, 10]  # numeric order, not "10" < "2"
 
 
+def test_csv_columns_of_decimals_or_booleans_are_typed_and_blank_lines_skipped(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("id,score,flag,label\r\n1,10.0,True, 2\r\n   \r\n2,2.5,false,10\r\n")
+    assert read_csv(path, "id") == {"id": ["1", "2"], "score": [10.0, 2.5], "flag": [True, False], "label": [2, 10]}
+
+
 @pytest.mark.parametrize("text, expected", [
     ("id,label\n1,3\n2,4,5\n", "train.csv: line 3 has 3 fields, expected 2 like the header"),
     ("id,label\n1,3\n2,\n", "train.csv: line 3 has no value in column 'label'"),
     ("", "train.csv: not a readable CSV (no header line)"),
     ("name,label\n1,3\n", "train.csv: no column 'id' (columns: name, label)"),
+    ("id,label,label\n1,3,4\n", "train.csv: the header names 'label' more than once"),
 ])
 def test_a_malformed_csv_is_one_line_naming_the_file_and_line(tmp_path, text, expected):
     path = tmp_path / "train.csv"
@@ -40,6 +49,17 @@ def test_image_modes_are_torchvisions():
     from torchvision.io import ImageReadMode
 
     assert IMAGE_MODES == tuple(mode.lower() for mode in ImageReadMode.__members__)
+
+
+@pytest.fixture
+def warnings_seen(caplog):
+    """The project's warnings (its logger does not propagate to the root logger that caplog listens to)."""
+    logger = logging.getLogger("template")
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
 
 
 def images_of(dataset):
@@ -93,23 +113,55 @@ def test_a_changed_image_or_another_mode_decodes_again(small_data, tmp_path):
     assert len(list(cache.glob("*.pt"))) == 2  # one file per image mode; the other one was rewritten in place
 
 
-def test_an_unreadable_cache_file_is_rebuilt_with_a_warning(small_data, tmp_path, caplog):
+def test_an_image_replaced_with_its_size_and_time_kept_decodes_again(tmp_path):
+    """As after `cp -p` or `rsync -a`: same name, same size, same modification time, other pixels."""
+    from torchvision.io import write_png
+
+    folder = tmp_path / "data"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train.csv").write_text("id,label\na,0\n")
+    image = folder / "train" / "a.png"
+    dots = []
+    for column in (10, 11):
+        dot = torch.zeros(1, 28, 28, dtype=torch.uint8)
+        dot[0, 14, column] = 255
+        dots.append(dot)
+    write_png(dots[0], str(image))
+    cache = tmp_path / "cache"
+    assert torch.equal(dataset(folder, cache)[0][0], dots[0])
+    before = image.stat()
+    write_png(dots[1], str(image))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
+    assert torch.equal(dataset(folder, cache)[0][0], dots[1])
+
+
+def test_the_cache_file_is_readable_by_others(small_data, tmp_path):
+    dataset(small_data, tmp_path / "cache")
+    (path,) = (tmp_path / "cache").glob("*.pt")
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_an_unreadable_cache_file_is_rebuilt_with_a_warning(small_data, tmp_path, warnings_seen):
     cache = tmp_path / "cache"
     reference = images_of(dataset(small_data, cache))
     (path,) = cache.glob("*.pt")
     path.write_bytes(b"not a cache")
     rebuilt = images_of(dataset(small_data, cache))
     assert all(torch.equal(a, b) for a, b in zip(reference, rebuilt, strict=True))
-    assert "unreadable" in caplog.text and path.name in caplog.text
+    (message,) = warnings_seen.messages
+    assert "unreadable" in message and path.name in message and "\n" not in message
     assert torch.load(path, weights_only=True)["signature"]  # written again, loadable without pickle code
 
 
-def test_a_cache_folder_that_cannot_be_written_only_warns(small_data, tmp_path, caplog):
+def test_a_cache_folder_that_cannot_be_written_only_warns(small_data, tmp_path, warnings_seen):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     images = images_of(dataset(small_data, blocked / "cache"))
     assert len(images) == 20
-    assert "not written" in caplog.text
+    (message,) = warnings_seen.messages
+    assert "not written" in message
 
 
 def test_cache_dir_without_cache_is_an_error(small_data, tmp_path):
@@ -135,6 +187,35 @@ code = train.main(["-c", sys.argv[1], "-o", "trainer.epochs=1", "-o", "trainer.l
 print("imported:", ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "torchvision", "PIL"})))
 sys.exit(code)
 """
+
+
+def test_16_bit_images_are_scaled_by_their_own_maximum():
+    from torchvision.transforms import v2
+
+    image = torch.tensor([[[0, 1000, 65535]]], dtype=torch.uint16)
+    torch.testing.assert_close(build_transforms([], None, None, "eval_transforms")(image),
+                               v2.ToDtype(torch.float32, scale=True)(image))
+
+
+@pytest.mark.parametrize("mean, std, culprit", [(["0.5"], [0.2], "mean"), ([0.5], [0], "std"), ([], [], "mean")])
+def test_mean_and_std_must_be_numbers(mean, std, culprit):
+    with pytest.raises(UserError, match=f"data_loader.args.{culprit}: expected a list of numbers"):
+        build_transforms([], mean, std, "eval_transforms")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_an_image_grid_of_any_image_mode(tmp_path, channels):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from logger.visualization import TensorboardWriter
+
+    writer = TensorboardWriter(tmp_path, enabled=True)
+    writer.add_image_grid("train/images", torch.rand(10, channels, 6, 5), 1)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    (grid,) = events.Images("train/images")
+    assert (grid.width, grid.height) == (8 * 5, 2 * 6)
 
 
 def test_a_run_with_a_warm_cache_imports_neither_torchvision_nor_pandas(config, tmp_path):

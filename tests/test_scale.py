@@ -343,6 +343,7 @@ def test_save_top_k_keeps_the_two_best_epochs(data_slice, tmp_path):
 
 def test_fast_dev_run_writes_nothing(data_slice, tmp_path, capsys):
     config = make_config(data_slice, tmp_path / "saved", epochs=5, tensorboard=True, save_period=1)
+    config["data_loader"]["args"]["cache_dir"] = str(tmp_path / "saved" / "cache")
     path = write_config(config, tmp_path / "config.json")
     assert train.main(["-c", str(path), "--fast-dev-run"]) == 0
     assert not (tmp_path / "saved").exists()

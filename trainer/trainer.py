@@ -30,6 +30,7 @@ class Trainer(BaseTrainer):
         self.limit_val_batches = cfg["limit_val_batches"]
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.preserve_format
         self.save_every_n_steps = cfg["save_every_n_steps"]
+        self.grid_written = False  # train/images: the first batch this process trains
         self.freeze_backbone_epochs = cfg["freeze_backbone_epochs"]
         if self.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
             raise UserError(f"trainer.freeze_backbone_epochs: {type(unwrap(model)).__name__} has no "
@@ -91,8 +92,9 @@ class Trainer(BaseTrainer):
             if batch_idx % self.log_step == 0:
                 self._check_finite(first_nonfinite, epoch)
                 self._log_step(bar, loss.item(), grad_norm, len(data))
-            if batch_idx == 0 and epoch == self.start_epoch and self.writer.enabled:  # PNG-encoding costs ~30 ms
+            if not self.grid_written and self.writer.enabled:  # once per run: PNG-encoding costs ~30 ms
                 self.writer.add_image_grid("train/images", data[:64].detach().cpu(), epoch)
+                self.grid_written = True
             if update_now and batch_idx + 1 < n_batches and (self._stop_requested(batch_idx) or (
                     self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0)):
                 self._check_finite(first_nonfinite, epoch)
