@@ -9,6 +9,7 @@ import gc
 import inspect
 import logging
 import math
+import signal
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -28,9 +29,11 @@ from utils.util import (
     create_run_dir,
     error_line,
     new_run_dir,
+    quiet_handover_errors,
     read_json,
     resolve_device,
     seed_everything,
+    worker_died,
     write_json,
 )
 
@@ -66,6 +69,7 @@ def command_line_overrides(args):
 def main(argv=None):
     args = parse_args(argv)
     logger = setup_logging()
+    quiet_handover_errors()
     try:
         rank, world_size, local_rank = dist.init_distributed()
         checkpoint = load_checkpoint(args.resume) if args.resume else None
@@ -103,8 +107,9 @@ def main(argv=None):
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
     except (RuntimeError, ConnectionError, EOFError) as e:
-        # a worker killed mid-batch may surface as a broken connection while its batch is being received
-        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report a dead worker again, anywhere
+        if not worker_died(e):
             raise
         detail = " ".join(str(e).split()) or type(e).__name__
         print(f"error: DataLoader worker failed: {detail} (out of memory? try fewer data_loader.args.num_workers); "

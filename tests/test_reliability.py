@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import connection, resource_sharer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from base.base_data_loader import BaseDataLoader
 from tests.conftest import DATA, REPO, make_config, read_csv_rows, read_history, run_dirs, write_config
 from utils import checkpoint as checkpoint_module
 
@@ -509,3 +511,55 @@ def test_a_dataloader_worker_that_dies_is_one_line_not_a_hang(data_slice, tmp_pa
     assert proc.returncode == 1, shown(finished)
     line = one_line(finished)
     assert line.startswith("error: DataLoader worker") and "resume with" in line
+
+
+class BuggyDataset(torch.utils.data.Dataset):
+    """A dataset with a bug in its own code. Configs name its loader as "tests.test_reliability.BuggyLoader" with
+    "import_roots": ["tests"]."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.stack([torch.zeros(1, 28, 28), torch.zeros(1, 14, 14)]), index % 10
+
+
+class BuggyLoader(BaseDataLoader):
+    def __init__(self, num_workers):
+        super().__init__(BuggyDataset(), batch_size=8, shuffle=True, validation_split=0.25, num_workers=num_workers)
+
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_bug_in_the_dataset_code_shows_its_traceback_with_or_without_workers(data_slice, tmp_path, num_workers):
+    """Only a worker that dies is reported in one line; the user's own bug keeps the traceback that finds it."""
+    config = make_config(data_slice, tmp_path / "saved")
+    config["import_roots"] = ["tests"]
+    config["data_loader"] = {"type": "tests.test_reliability.BuggyLoader", "args": {"num_workers": num_workers}}
+    proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
+    assert proc.returncode == 1, shown(proc)
+    assert "DataLoader worker failed" not in proc.stderr, shown(proc)
+    assert "Traceback" in proc.stderr and "in __getitem__\n    return torch.stack(" in proc.stderr, shown(proc)
+    assert proc.stderr.strip().splitlines()[-1].startswith("RuntimeError: stack expects each tensor"), shown(proc)
+
+
+def break_a_batch_handover():
+    """What a worker killed while handing over a batch's shared memory does to the main process's sharer thread."""
+    read_end, write_end = os.pipe()
+    broken, served = resource_sharer.DupFd(read_end), resource_sharer.DupFd(write_end)
+    os.close(read_end), os.close(write_end)
+    connection.SocketClient(broken._id[0]).close()
+    os.close(served.detach())  # the sharer serves in order, so the broken handover has been dealt with by now
+
+
+def test_a_worker_dying_mid_handover_adds_no_thread_traceback(capfd, monkeypatch):
+    """The sharer thread reports a broken handover through sys.excepthook as a traceback, which would stand beside
+    train.py's one-line error; train.py silences exactly that report."""
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)  # as in a fresh process
+    break_a_batch_handover()
+    assert "Traceback" in capfd.readouterr().err  # the scenario is real: unsilenced, it prints
+    assert train.main([]) == 2 and "nothing to do" in capfd.readouterr().err
+    break_a_batch_handover()
+    assert capfd.readouterr().err == ""
+    sys.excepthook(ValueError, ValueError("shown"), None)  # anything else still reaches the previous hook
+    assert "ValueError: shown" in capfd.readouterr().err

@@ -2,6 +2,8 @@
 import json
 import os
 import random
+import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -11,6 +13,34 @@ import torch
 
 class UserError(Exception):
     """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
+
+
+def quiet_handover_errors():
+    """Silence the traceback multiprocessing's resource-sharer thread prints when a DataLoader worker dies while
+    handing a batch over: the main thread then reports the dead worker in one line."""
+    previous = sys.excepthook
+    if getattr(previous, "quiet_handover", False):
+        return
+
+    def hook(kind, value, tb):
+        frames = traceback.extract_tb(tb)
+        from_sharer = bool(frames) and Path(frames[0].filename).name == "resource_sharer.py"
+        if not (from_sharer and issubclass(kind, (ConnectionError, EOFError))):
+            previous(kind, value, tb)
+
+    hook.quiet_handover = True
+    sys.excepthook = hook
+
+
+def worker_died(error):
+    """Whether `error` means a DataLoader worker process died (the OOM killer, say). An exception raised by the
+    dataset's own code arrives as "Caught ... in DataLoader worker ..." instead, and is not one."""
+    if isinstance(error, RuntimeError):
+        return str(error).startswith("DataLoader worker (pid")
+    frames = traceback.extract_tb(error.__traceback__)
+    # a batch whose sender died arrives as a broken connection inside multiprocessing
+    return isinstance(error, (ConnectionError, EOFError)) and bool(frames) and (
+        Path(frames[-1].filename).parent.name == "multiprocessing")
 
 
 def error_line(error):
