@@ -529,7 +529,6 @@ class BuggyLoader(BaseDataLoader):
         super().__init__(BuggyDataset(), batch_size=8, shuffle=True, validation_split=0.25, num_workers=num_workers)
 
 
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_bug_in_the_dataset_code_shows_its_traceback_with_or_without_workers(data_slice, tmp_path, num_workers):
     """Only a worker that dies is reported in one line; the user's own bug keeps the traceback that finds it."""
@@ -547,7 +546,8 @@ def break_a_batch_handover():
     """What a worker killed while handing over a batch's shared memory does to the main process's sharer thread."""
     read_end, write_end = os.pipe()
     broken, served = resource_sharer.DupFd(read_end), resource_sharer.DupFd(write_end)
-    os.close(read_end), os.close(write_end)
+    os.close(read_end)
+    os.close(write_end)
     connection.SocketClient(broken._id[0]).close()
     os.close(served.detach())  # the sharer serves in order, so the broken handover has been dealt with by now
 
