@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +168,18 @@ def run_dirs(save_dir, name="tiny"):
     """The run folders under save_dir/name, oldest first."""
     parent = Path(save_dir) / name
     return sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.name) if parent.is_dir() else []
+
+
+def load(path):
+    """A saved checkpoint as the project loads one: plain data only (weights_only), onto the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    """Two state dicts with the same keys and bitwise-equal tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def read_history(run_dir):

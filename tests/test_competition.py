@@ -25,6 +25,7 @@ from tests.conftest import (
     REPO,
     error_line,
     evaluate,
+    load,
     make_config,
     read_csv_rows,
     read_history,
@@ -204,7 +205,7 @@ def test_all_folds_write_one_best_checkpoint_each_and_out_of_fold_predictions(fo
     group = folds_run.group
     assert sorted(p.name for p in group.iterdir()) == ["fold0", "fold1", "oof.csv", "oof_metrics.json"]
     for k in range(N_FOLDS):
-        best = torch.load(group / f"fold{k}" / "model_best.pth", map_location="cpu", weights_only=True)
+        best = load(group / f"fold{k}" / "model_best.pth")
         assert best["config"]["data_loader"]["args"]["fold"] == k
 
     truth = {r["id"]: r["label"] for r in read_csv_rows(data_slice / "train.csv")}
@@ -462,8 +463,8 @@ def test_frozen_backbone_trains_only_the_head_first(data_slice, tmp_path):
     (run_dir,) = run_dirs(tmp_path / "saved")
 
     initial = start.state_dict()
-    epoch1 = torch.load(run_dir / "checkpoint-epoch1.pth", map_location="cpu", weights_only=True)["state_dict"]
-    epoch2 = torch.load(run_dir / "checkpoint-epoch2.pth", map_location="cpu", weights_only=True)["state_dict"]
+    epoch1 = load(run_dir / "checkpoint-epoch1.pth")["state_dict"]
+    epoch2 = load(run_dir / "checkpoint-epoch2.pth")["state_dict"]
     head = {"net.fc.weight", "net.fc.bias"}
     backbone = [name for name, _ in start.named_parameters() if name not in head]
     assert len(backbone) > 50

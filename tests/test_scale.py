@@ -23,7 +23,9 @@ from tests.conftest import (
     N_TRAIN,
     REPO,
     VALIDATION_SPLIT,
+    assert_same_tensors,
     evaluate,
+    load,
     make_config,
     read_history,
     run_dirs,
@@ -35,16 +37,6 @@ from utils.config import validate
 N_VALID = round(N_TRAIN * VALIDATION_SPLIT)
 BATCHES_PER_EPOCH = math.ceil((N_TRAIN - N_VALID) / BATCH_SIZE)
 METRICS = ("loss", "accuracy", "top_k_acc", "macro_f1")
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_tensors(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def run(config, tmp_path, *extra):

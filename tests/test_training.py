@@ -14,8 +14,10 @@ from tests.conftest import (
     N_TEST,
     N_TRAIN,
     VALIDATION_SPLIT,
+    assert_same_tensors,
     error_line,
     evaluate,
+    load,
     make_config,
     read_csv_rows,
     read_history,
@@ -29,18 +31,8 @@ CHECKPOINT_KEYS = {"state_dict", "optimizer", "lr_scheduler", "epoch", "global_s
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def new_runs(save_dir, before, name="tiny"):
     return [run for run in run_dirs(save_dir, name) if run not in before]
-
-
-def assert_same_tensors(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 @pytest.fixture(scope="module")
