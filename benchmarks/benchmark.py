@@ -6,7 +6,6 @@ and whether the data loader keeps up. Not part of the test suite (pytest collect
     python -m benchmarks.benchmark --device cuda        on the GPU (exits with an error when there is none)
     python -m benchmarks.benchmark --only throughput --pairs 5 --json /tmp/bench.json
     python -m benchmarks.benchmark --only throughput --aa          A/A check: the plain loop against itself
-    python -m benchmarks.benchmark --patch-seeding      the proposed SeededDataset fix, patched in at run time
 
 Phases (one invocation; every measurement runs in fresh subprocesses, so each one's peak memory is its own):
 
@@ -29,10 +28,10 @@ Phases (one invocation; every measurement runs in fresh subprocesses, so each on
               plus one run under `python -X importtime` to price each imported package, and a floor: a minimal
               hand-written script (import torch, an AdamW, one forward), which any PyTorch training script pays.
   memory      The template for --drift-epochs short epochs (limit_train_batches): resident memory after each epoch.
-  loader      The training DataLoader alone (no model): the config's default (num_workers 0) and num_workers=2,
-              beside the training throughput; also the same loader with SeededDataset's per-sample torch.manual_seed
-              replaced by a CPU-generator seed (the proposed fix, patched at run time in that process only), and a
-              plain DataLoader over the same decoded dataset without per-sample seeding.
+  loader      The training DataLoader alone (no model), with num_workers 0 and 2, and for reference a plain
+              DataLoader over the same decoded dataset without per-sample seeding. Reported beside the training
+              throughput: the share of a training epoch that loading takes when it runs in the training process
+              (num_workers 0), and so the rate at which the model alone consumes samples, which a loader must beat.
 
 On the CPU the workers run with one torch thread (--threads): with two OpenMP threads on a busy 2-core machine a
 training step's time swings by 5x with other processes' load; a per-batch overhead is then a larger share of a
@@ -156,9 +155,9 @@ class Gate:
 
     PARTS = ("train", "val", "ckpt", "other")
 
-    def __init__(self, channel, lockstep, chunk, count_objects=False, sync=None):
+    def __init__(self, channel, lockstep, chunk, count_objects, sync):
         self.channel, self.lockstep, self.chunk, self.count_objects = channel, lockstep, chunk, count_objects
-        self.sync = sync  # waits for queued GPU work, so that a pause does not hide it
+        self.sync = sync  # waits for queued GPU work (a no-op on the CPU)
         self.part = None
         self.epoch = None
         self.gc = {"s": 0.0, "collections": [0, 0, 0], "started": None}
@@ -177,7 +176,6 @@ class Gate:
         self.epoch, self.forwards, self.pauses = epoch, 0, 0
         self.acc = {f"{p}_{c}": 0.0 for p in self.PARTS for c in ("s", "cpu_s")}
         self.chunks, self.chunks_cpu, self.mark = [], [], (0.0, 0.0)  # training time of each chunk
-        self.stamps, self.paused = [], 0.0  # active time at each training forward
         self.gc.update(s=0.0, collections=[0, 0, 0])
         self.part, self.last = "train", clock()
 
@@ -196,15 +194,14 @@ class Gate:
         self.chunks_cpu.append(self.acc["train_cpu_s"] - self.mark[1])
         self.mark = (self.acc["train_s"], self.acc["train_cpu_s"])
 
-    def _pause(self, result=None):
-        if self.sync is not None:
-            self.sync()
+    def _pause(self, result=None, close_chunk=False):
+        self.sync()  # queued GPU work belongs to the time before the pause
         self.switch(self.part)
-        started = time.perf_counter()
+        if close_chunk:
+            self._close_chunk()
         self.channel.send(event="paused", result=result)
         go = self.channel.wait_go()
         self.last = clock()
-        self.paused += self.last[0] - started
         return go
 
     def forward_pre_hook(self, module, inputs):
@@ -212,18 +209,13 @@ class Gate:
             self.forwards += 1
             if self.lockstep and self.chunk and self.forwards > 1 and (self.forwards - 1) % self.chunk == 0:
                 self.pauses += 1
-                self.switch("train")
-                self._close_chunk()
-                self._pause()
-            self.stamps.append(time.perf_counter() - self.paused)
+                self._pause(close_chunk=True)
 
     def end_epoch(self, **extra):
         """Close the epoch and report it; returns False when the parent said stop (lock-step mode)."""
         self.switch(None)
-        self.part = None
         result = dict(self.acc, epoch=self.epoch, batches=self.forwards, pauses=self.pauses, rss_kb=rss_kb(),
-                      chunks=self.chunks, chunks_cpu=self.chunks_cpu,
-                      batch_s=[b - a for a, b in zip(self.stamps, self.stamps[1:])], gc_s=self.gc["s"],
+                      chunks=self.chunks, chunks_cpu=self.chunks_cpu, gc_s=self.gc["s"],
                       gc_collections=list(self.gc["collections"]), **extra)
         result["total_s"] = sum(result[f"{p}_s"] for p in self.PARTS)
         result["total_cpu_s"] = sum(result[f"{p}_cpu_s"] for p in self.PARTS)
@@ -244,56 +236,19 @@ def _setup_torch(spec):
         torch.set_num_threads(spec["threads"])
     if spec["device"].startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
-    if spec.get("patch_seeding") and not patch_seeding():
-        raise SystemExit("--patch-seeding: SeededDataset no longer calls torch.manual_seed(seed); nothing to patch")
     return torch
 
 
-def patch_seeding():
-    """The proposed fix, applied in this process only: SeededDataset seeds the CPU generator alone
-    (torch.default_generator.manual_seed, ~1 us) instead of torch.manual_seed, which also queues CUDA/XPU/MTIA seeds
-    with a formatted stack trace each (~100 us + ~7 us per stack frame). Returns an undo function, or None when
-    the project's SeededDataset no longer looks like the one this patch replaces."""
-    import inspect
-    import random
-
-    import numpy as np
-    import torch
-
-    from base import base_data_loader
-
-    seeded = getattr(base_data_loader, "SeededDataset", None)
-    try:
-        source = inspect.getsource(seeded.__getitem__) if seeded is not None else ""
-    except (OSError, TypeError):
-        source = ""
-    if "torch.manual_seed(seed)" not in source:
-        return None
-    original = seeded.__getitem__
-
-    def __getitem__(self, item):
-        index, seed = item
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)
-        return self.dataset[index]
-
-    seeded.__getitem__ = __getitem__
-
-    def restore():
-        seeded.__getitem__ = original
-
-    return restore
-
-
-def _sync(torch, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _device_sync(torch, spec):
+    """A function that waits for the device's queued work."""
+    return torch.cuda.synchronize if spec["device"].startswith("cuda") else (lambda: None)
 
 
 def _counts(loader, limit):
     """(batches, samples) of one pass over `loader` limited to `limit` batches (0: no limit)."""
-    n_batches = min(len(loader), limit) if limit else len(loader)
+    from trainer.trainer import batches_per_epoch
+
+    n_batches = batches_per_epoch(len(loader), limit)
     return n_batches, min(n_batches * loader.batch_size, len(loader.sampler))
 
 
@@ -320,8 +275,7 @@ def worker_plain(spec):
     from utils.util import seed_everything
 
     channel = Channel()
-    gate = Gate(channel, spec["lockstep"], spec["chunk"], spec.get("count_objects", False),
-                torch.cuda.synchronize if spec["device"].startswith("cuda") else None)
+    gate = Gate(channel, spec["lockstep"], spec["chunk"], spec.get("count_objects", False), _device_sync(torch, spec))
     config = load_config(spec["config"], _overrides(spec))
     device = torch.device(spec["device"])
     seed_everything(config["seed"], config["deterministic"])
@@ -357,7 +311,7 @@ def worker_plain(spec):
             optimizer.step()
             if per_batch:
                 scheduler.step()
-        _sync(torch, device)
+        gate.sync()
 
         gate.switch("val")
         model.eval()
@@ -391,11 +345,9 @@ def worker_plain(spec):
 
 
 def worker_template(spec):
-    """train.main() as a user runs it. The gate hooks the Trainer in this process only, without adding a Python
-    frame to the stack the data loaders run under (torch.manual_seed, which the loader calls for every sample,
-    costs time in proportion to the stack depth): the training loader's set_epoch starts an epoch, a forward
-    pre-hook on the model counts training batches, the validation loader's iter() starts the validation part,
-    _update_monitor the bookkeeping ("other": monitor, epoch report, history.csv, TensorBoard scalars), and
+    """train.main() as a user runs it, with the gate hooked into the Trainer in this process only: _train_epoch
+    starts an epoch, a forward pre-hook on the model counts training batches, _valid_epoch starts the validation
+    part, _update_monitor the bookkeeping ("other": monitor, epoch report, history.csv, TensorBoard scalars), and
     _save_checkpoint the checkpoint part; the end of _save_checkpoint ends the epoch."""
     started = time.perf_counter()
     torch = _setup_torch(spec)
@@ -403,53 +355,36 @@ def worker_template(spec):
     from trainer import trainer as trainer_module
 
     channel = Channel()
-    gate = Gate(channel, spec["lockstep"], spec["chunk"], spec.get("count_objects", False),
-                torch.cuda.synchronize if spec["device"].startswith("cuda") else None)
+    gate = Gate(channel, spec["lockstep"], spec["chunk"], spec.get("count_objects", False), _device_sync(torch, spec))
     Trainer = trainer_module.Trainer
     state = {"ready": False, "val_accuracy": None}
 
-    def on_epoch_start(trainer, epoch):
+    original_train_epoch = Trainer._train_epoch
+
+    def train_epoch(self, epoch):
         if not state["ready"]:
             state["ready"] = True
-            n_train, train_samples = _counts(trainer.data_loader, getattr(trainer, "limit_train_batches", 0))
-            valid = getattr(trainer, "valid_data_loader", None)
-            n_val, val_samples = _counts(valid, getattr(trainer, "limit_val_batches", 0)) if valid else (0, 0)
+            self.model.register_forward_pre_hook(gate.forward_pre_hook)
+            n_train, train_samples = _counts(self.data_loader, self.limit_train_batches)
+            valid = self.valid_data_loader
+            n_val, val_samples = _counts(valid, self.limit_val_batches) if valid else (0, 0)
             channel.send(event="ready", setup_s=time.perf_counter() - started, train_batches=n_train,
                          train_samples=train_samples, val_batches=n_val, val_samples=val_samples,
-                         batch_size=trainer.data_loader.batch_size, threads=torch.get_num_threads(),
+                         batch_size=self.data_loader.batch_size, threads=torch.get_num_threads(),
                          rss_kb=rss_kb(), progress_bar=sys.stderr.isatty())
             if spec["lockstep"] and not channel.wait_go():
                 raise SystemExit(0)
         gate.start_epoch(epoch)
+        return original_train_epoch(self, epoch)
 
-    def install(trainer):
-        loader = trainer.data_loader
-        set_epoch = loader.set_epoch
+    Trainer._train_epoch = train_epoch
+    original_valid_epoch = Trainer._valid_epoch
 
-        def timed_set_epoch(epoch, *args, **kwargs):
-            on_epoch_start(trainer, epoch)
-            return set_epoch(epoch, *args, **kwargs)
+    def valid_epoch(self):
+        gate.switch("val")
+        return original_valid_epoch(self)
 
-        loader.set_epoch = timed_set_epoch
-        trainer.model.register_forward_pre_hook(gate.forward_pre_hook)
-        valid = getattr(trainer, "valid_data_loader", None)
-        if valid is not None:
-            base = type(valid)
-
-            def timed_iter(self):
-                if gate.part == "train":
-                    gate.switch("val")
-                return base.__iter__(self)
-
-            valid.__class__ = type("Timed" + base.__name__, (base,), {"__iter__": timed_iter})
-
-    original_init = Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        install(self)
-
-    Trainer.__init__ = init
+    Trainer._valid_epoch = valid_epoch
     original_update_monitor = Trainer._update_monitor
 
     def update_monitor(self, log):
@@ -513,13 +448,6 @@ def worker_loader(spec):
     default_workers = load_config(spec["config"], spec["overrides"])["data_loader"]["args"].get("num_workers", 0)
     time_epochs(f"template loader, num_workers={loader.num_workers} (config default {default_workers})", loader,
                 n_batches, samples)
-    restore = patch_seeding()
-    if restore:
-        time_epochs("  same, torch.default_generator.manual_seed per sample (proposed fix)", loader, n_batches,
-                    samples)
-        restore()
-    else:
-        channel.send(event="note", text="SeededDataset no longer calls torch.manual_seed(seed): fix variant skipped")
 
     dataset = loader.dataset.dataset if hasattr(loader.dataset, "dataset") else loader.dataset
     indices = getattr(loader, "train_indices", range(len(dataset)))
@@ -530,7 +458,7 @@ def worker_loader(spec):
     del loader, plain
 
     loader, n_batches, samples = make(2)
-    time_epochs("template loader, num_workers=2 (workers restarted every epoch)", loader, n_batches, samples)
+    time_epochs("template loader, num_workers=2 (persistent workers)", loader, n_batches, samples)
     channel.send(event="done", rc=0, results=results, maxrss_kb=maxrss_kb())
 
 
@@ -614,9 +542,7 @@ class Worker:
             message = self.receive()
             if message["event"] == event:
                 return message
-            if message["event"] == "note":
-                print(f"   note ({self.kind}): {message['text']}")
-            elif message["event"] == "progress":
+            if message["event"] == "progress":
                 print(f"   {message['label']}: {message['samples_per_s']:.0f} samples/s "
                       f"({message['epoch_s']:.2f} s per pass)")
             else:
@@ -672,7 +598,6 @@ def base_spec(args, model, scratch, **extra):
         "total_epochs": 1,
         "lockstep": True,
         "chunk": 0,
-        "patch_seeding": args.patch_seeding,
     }
     spec.update(extra)
     return spec
@@ -781,7 +706,7 @@ def phase_memory(args, model, scratch):
 
 def phase_loader(args, model, scratch):
     spec = base_spec(args, model, scratch / "loader", env=malloc_env(args), loader_warmup=1,
-                     loader_epochs=args.loader_epochs, patch_seeding=False)
+                     loader_epochs=args.loader_epochs)
     worker = Worker("loader", spec, tty=False)
     try:
         done = worker.finish()
@@ -803,14 +728,16 @@ print(time.time() - float(os.environ["BENCH_SPAWN_TIME"]))
 """
 
 
-def phase_startup(args, scratch):
-    """`python train.py -c CONFIG` to the first batch: one cold run (the data loader's cache_dir, when the config
-    has one, points at an empty folder), then --startup-repeats warm runs interleaved with runs of FLOOR_CODE,
-    then one warm run under -X importtime."""
+def phase_startup(args, model, scratch):
+    """`python train.py -c CONFIG` (with the model's and the command line's overrides) to the first batch: one cold
+    run (the data loader's cache_dir, when the config has one, points at an empty folder), then --startup-repeats
+    warm runs interleaved with runs of FLOOR_CODE, then one warm run under -X importtime."""
     runs = []
     floor = []
     cold = importtime = None
-    uses_cache_dir = bool(cache_override(args, scratch))
+    cache = cache_override(args, scratch)
+    uses_cache_dir = bool(cache)
+    overrides = MODELS[model]["overrides"] + cache + args.override
     for i in range(args.startup_repeats + 2):
         if 0 < i <= args.startup_repeats:
             env = dict(os.environ, BENCH_SPAWN_TIME=repr(time.time()))
@@ -823,7 +750,7 @@ def phase_startup(args, scratch):
         cmd = [sys.executable] + (["-X", "importtime"] if with_importtime else []) + [
             "-m", "benchmarks.startup_probe", "-c", str(Path(args.config).resolve()),
             "-o", f"trainer.save_dir={save_dir}/"]
-        for override in cache_override(args, scratch):
+        for override in overrides:
             cmd += ["-o", override]
         if args.device != "cpu":
             cmd += ["-d", args.device]
@@ -970,11 +897,12 @@ def report(args, model, results, load_start, started):
         row("other per-epoch work", "other_s",
             note="   plain: one print; template: monitor, epoch log line, history.csv, TensorBoard scalars")
         row("whole epoch (wall)", "total_s")
-        print(f"{'peak RSS (ru_maxrss)':{w}} {s['maxrss_mb']['plain']:>7.0f} MB {s['maxrss_mb']['template']:>7.0f} MB "
-              f"{s['maxrss_mb']['template'] / s['maxrss_mb']['plain']:>7.3f}")
+        rss = s["maxrss_mb"]
+        print(f"{'peak RSS (ru_maxrss)':{w}} {rss['plain']:>6.0f} MiB {rss['template']:>6.0f} MiB "
+              f"{rss['template'] / rss['plain']:>7.3f}")
         if s["cuda_peak_mb"]["plain"] is not None:
-            print(f"{'peak CUDA memory allocated':{w}} {s['cuda_peak_mb']['plain']:>7.0f} MB "
-                  f"{s['cuda_peak_mb']['template']:>7.0f} MB")
+            print(f"{'peak CUDA memory allocated':{w}} {s['cuda_peak_mb']['plain']:>6.0f} MiB "
+                  f"{s['cuda_peak_mb']['template']:>6.0f} MiB")
         print(f"{'training ratio per process pair':{w}} "
               + ", ".join(f"{wall:.3f} (CPU {cpu:.3f})" for wall, cpu in s["pair_ratios"]))
         acc = s["val_accuracy"]
@@ -992,14 +920,20 @@ def report(args, model, results, load_start, started):
                          f"{train_rate / r['samples_per_s'] * 100:4.1f}% of a training epoch if serial")
             print(f"  {r['label']:<70} {r['samples_per_s']:>8.0f}{extra}")
         if train_rate:
-            default = lo[0]["samples_per_s"]
-            print(f"  {'target: loader faster than training (default loader)':<70} {'':>8}  "
-                  f"{'PASS' if default > train_rate else 'FAIL'}")
+            # the plain loop loads in its own process (num_workers 0): its time per sample is the loader's
+            # (lo[0], the same loader) plus the model's
+            model_s = 1 / train_rate - 1 / lo[0]["samples_per_s"]
+            model_rate = 1 / model_s if model_s > 0 else float("inf")
+            template_loaders = [r for r in lo if r["label"].startswith("template loader")]
+            fastest = max(template_loaders, key=lambda r: r["samples_per_s"])
+            print(f"  model alone (training without its loading time): {model_rate:.0f} samples/s")
+            print(f"  {'target: a template loader faster than the model alone':<70} "
+                  f"{fastest['samples_per_s']:>8.0f}  {'PASS' if fastest['samples_per_s'] > model_rate else 'FAIL'}")
     st = results.get("startup")
     if st:
         print("-" * 110)
         total = median([r["total_s"] for r in st["runs"]])
-        print(f"start-up, `python train.py -c {args.config}` to the first training batch (median of "
+        print(f"start-up, `python train.py -c {args.config}` ({model}) to the first training batch (median of "
               f"{len(st['runs'])}): {total:.2f} s   target < {TARGETS['startup_s']:.0f} s: "
               f"{'PASS' if total < TARGETS['startup_s'] else 'FAIL'}")
         floor = median(st["floor"])
@@ -1101,9 +1035,6 @@ def parse_args(argv):
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(PHASES)} (default: the model's set)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="extra config override for every run (as train.py -o)")
-    parser.add_argument("--patch-seeding", action="store_true",
-                        help="measure the proposed SeededDataset fix (CPU-generator seeding), patched at run time in "
-                             "the plain and template workers; nothing in the project is edited")
     parser.add_argument("--no-tty", action="store_true", help="workers write to pipes (no progress bar)")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
     parser.add_argument("--aa", action="store_true",
@@ -1149,7 +1080,7 @@ def run_phases(args, model, phases, results):
             print(f"== {phase} ({load_text()})", flush=True)
             t = time.perf_counter()
             if phase == "startup":
-                results["startup"] = phase_startup(args, scratch)
+                results["startup"] = phase_startup(args, model, scratch)
             elif phase == "loader":
                 results["loader"] = phase_loader(args, model, scratch)
             elif phase == "throughput":

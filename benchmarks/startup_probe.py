@@ -107,12 +107,9 @@ def main(argv):
     import train
 
     TL.mark("import train.py (project modules, numpy, ...)")
-    from logger import logger as logger_module
     from trainer import trainer as trainer_module
 
-    TL.mark("import trainer.trainer (if train.py defers it)")
-
-    def on_build(config, section, *args, **kwargs):
+    def on_build(section):
         if section == "data_loader":
             datasets = sys.modules.get("data_loader.datasets")
             if datasets is not None:
@@ -128,15 +125,13 @@ def main(argv):
     if original_build is not None:
         def build(config, section, *args, **kwargs):
             TL.mark(GLUE)
-            label = on_build(config, section)
+            label = on_build(section)
             try:
                 return original_build(config, section, *args, **kwargs)
             finally:
                 TL.mark(label)
 
         train.build = build
-    _wrap(logger_module, "setup_logging", "setup_logging")
-    _wrap(logger_module, "add_log_file", "add_log_file")
     Trainer = trainer_module.Trainer
     visualization = sys.modules.get("logger.visualization")
     if visualization is not None:
