@@ -203,5 +203,15 @@ def error_line(capsys):
     return lines[0]
 
 
+def fails(config, tmp_path, capsys, *extra):
+    """Run train.py on `config`; assert exit code 2, nothing written under save_dir, and return the error line."""
+    import train
+
+    path = write_config(config, tmp_path / "config.json")
+    assert train.main(["-c", str(path), *extra]) == 2
+    assert not (tmp_path / "saved").exists(), "a rejected config must not create a run folder"
+    return error_line(capsys)
+
+
 def clone(config):
     return copy.deepcopy(config)

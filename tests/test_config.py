@@ -7,17 +7,9 @@ import pytest
 import torch
 
 import train
-from tests.conftest import REPO, clone, error_line, read_csv_rows, run_dirs, write_config
+from tests.conftest import REPO, clone, error_line, fails, read_csv_rows, run_dirs, write_config
 from utils.config import load_config
 from utils.util import UserError
-
-
-def fails(config, tmp_path, capsys, *extra):
-    """Run train.py on `config`; assert exit code 2, nothing written under save_dir, and return the error line."""
-    path = write_config(config, tmp_path / "config.json")
-    assert train.main(["-c", str(path), *extra]) == 2
-    assert not (tmp_path / "saved").exists(), "a rejected config must not create a run folder"
-    return error_line(capsys)
 
 
 def test_a_valid_config_is_returned_with_defaults_filled_in(config, tmp_path):

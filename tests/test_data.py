@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 
-import train
 from data_loader.data_loaders import CsvImageDataLoader, build_transforms
 from data_loader.datasets import IMAGE_MODES, CsvImageDataset, read_csv
-from tests.conftest import DATA, REPO, error_line, write_config
+from tests.conftest import DATA, REPO, fails, write_config
 from utils.util import UserError
 
 
@@ -234,9 +233,6 @@ def test_a_run_with_a_warm_cache_imports_neither_torchvision_nor_pandas(config, 
 
 
 def test_cache_dir_on_the_command_line_with_cache_off_is_one_line(config, tmp_path, capsys):
-    path = write_config(config, tmp_path / "config.json")
-    code = train.main(["-c", str(path), "-o", "data_loader.args.cache=false",
-                       "-o", f"data_loader.args.cache_dir={tmp_path / 'cache'}"])
-    assert code == 2
-    assert "data_loader.args.cache_dir" in error_line(capsys)
-    assert not (tmp_path / "saved").exists()
+    line = fails(config, tmp_path, capsys, "-o", "data_loader.args.cache=false",
+                 "-o", f"data_loader.args.cache_dir={tmp_path / 'cache'}")
+    assert "data_loader.args.cache_dir" in line
