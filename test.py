@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from logger.logger import setup_logging
-from trainer.inference import blend, build_tta, class_names, load_ensemble, predict, row_ids, score, write_predictions
-from utils.checkpoint import load_checkpoint, trusted_config
-from utils.config import apply_overrides, build, validate, validate_inference
-from utils.util import UserError, error_line, resolve_device, seed_everything, write_json
+from trainer.inference import blend, class_names, load_model, predict, row_ids, score, write_predictions
+from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
+from utils.config import apply_overrides, build, build_transforms, validate, validate_inference
+from utils.util import UserError, error_line, resolve_device, write_json
 
 
 def parse_args(argv):
@@ -39,25 +39,21 @@ def parse_args(argv):
 
 
 def checkpoint_paths(given):
-    """Checkpoint files: a run folder stands for its model_best.pth (else checkpoint-last.pth), a run-group
-    folder of a --folds run for each fold's."""
+    """Checkpoint files: a run folder stands for its best checkpoint, a run-group folder of a --folds run for each
+    fold's."""
     paths = []
     for path in map(Path, given):
         runs = (sorted(path.glob("fold*/")) or [path]) if path.is_dir() else []
-        if not runs:
-            paths.append(path)
-        for run in runs:
-            best = run / "model_best.pth"
-            paths.append(best if best.exists() else run / "checkpoint-last.pth")
+        paths += [best_checkpoint(run) for run in runs] or [path]
     return paths
 
 
 def build_eval_loader(config, split):
     """The test split, or the training data's validation split exactly as training drew it."""
     if split == "test":
-        return build(config, "data_loader", shuffle=False, validation_split=0.0, training=False)
-    seed_everything(config["seed"])
-    loader = build(config, "data_loader", shuffle=False, training=True).split_validation()
+        return build(config, "data_loader", shuffle=False, validation_split=0.0, training=False,
+                     seed=config["seed"]).evaluation_loader()
+    loader = build(config, "data_loader", shuffle=False, training=True, seed=config["seed"]).split_validation()
     if loader is None:
         raise UserError("--split valid: the config's data_loader has no validation split")
     return loader
@@ -79,32 +75,37 @@ def main(argv=None):
                 raise UserError("--blend: give --out DIR for the blended submission")
             ids, probabilities, classes = blend(args.blend, args.weights)
             inference = validate_inference(apply_overrides({"inference": {}}, args.override)["inference"])
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            write_predictions(out, ids, probabilities, classes, inference)
-            logger.info("blended %d files into %s", len(args.blend), out)
+            write_predictions(Path(args.out), ids, probabilities, classes, inference)
+            logger.info("blended %d files into %s", len(args.blend), args.out)
             return 0
         if not args.resume:
             raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
         paths = checkpoint_paths(args.resume)
-        checkpoints = [(p, load_checkpoint(p), args.ema) for p in paths]
-        for path, checkpoint, _ in checkpoints:
-            if args.ema and checkpoint.get("ema_state_dict") is None:
-                raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
         overrides = args.override + ([f"data_loader.args.batch_size={args.bs}"] if args.bs else [])
-        config = validate(apply_overrides(trusted_config(checkpoints[0][1]), overrides))
+        config = validate(apply_overrides(checkpoint_config(load_checkpoint(paths[0], mmap=True)), overrides))
+        if args.split == "valid":  # the validation rows are no test set: no sample submission to follow
+            config["inference"]["sample_submission"] = ""
         device = resolve_device(args.device, config["n_gpu"], logger)
         data_loader = build_eval_loader(config, args.split)
-        tta = [t.to(device) if hasattr(t, "to") else t for t in build_tta(config)]
-
+        tta = [t.to(device) if hasattr(t, "to") else t for t in build_transforms(config["inference"]["tta"],
+                                                                                "inference.tta")]
+        for path in paths:  # memory-mapped: checked without reading their tensors
+            if args.ema and load_checkpoint(path, mmap=True).get("ema_state_dict") is None:
+                raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
         probabilities = targets = None
-        for model in load_ensemble(checkpoints, device):
+        for path in paths:  # one model in memory at a time, its weights only
+            model = load_model(path, load_checkpoint(path, mmap=True), args.ema, device)
             model_probabilities, targets = predict(model, data_loader, device, tta)
+            if probabilities is not None and model_probabilities.shape != probabilities.shape:
+                raise UserError(f"-r: {path} predicts {model_probabilities.shape[1]} classes, {paths[0]} "
+                                f"{probabilities.shape[1]}: an ensemble needs models of the same task")
             probabilities = model_probabilities if probabilities is None else probabilities + model_probabilities
-        probabilities /= len(checkpoints)
+            del model
+        probabilities /= len(paths)
 
         out = Path(args.out) if args.out else default_out(paths, args.split, args.ema)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {str(out)!r}: is a file; expected a folder")
         write_predictions(out, row_ids(data_loader), probabilities, class_names(data_loader, probabilities.shape[1]),
                           config["inference"])
         if getattr(data_loader.dataset, "targets", None) is not None:

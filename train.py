@@ -6,9 +6,7 @@
 """
 import argparse
 import gc
-import inspect
 import logging
-import math
 import signal
 import sys
 import tempfile
@@ -22,8 +20,9 @@ from base.base_trainer import TrainingStopped
 from logger.logger import add_log_file, setup_logging
 from trainer.trainer import Trainer
 from utils import dist
-from utils.checkpoint import load_checkpoint, load_model_weights, trusted_config
-from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, resolve, validate
+from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
+from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, validate
+from utils.schedule import build_schedule
 from utils.util import (
     UserError,
     create_run_dir,
@@ -77,7 +76,7 @@ def main(argv=None):
         if args.config:
             config = load_config(args.config, overrides)
         elif checkpoint is not None:
-            config = validate(apply_overrides(trusted_config(checkpoint), overrides))
+            config = validate(apply_overrides(checkpoint_config(checkpoint), overrides))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
         logger = setup_logging(config["trainer"]["verbosity"] if rank == 0 else 0)
@@ -126,7 +125,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     cfg = config["trainer"]
     logger = logging.getLogger("template")
     seed_everything(config["seed"], config["deterministic"])
-    data_loader = build(config, "data_loader")
+    data_loader = build(config, "data_loader", seed=config["seed"])
     valid_data_loader = data_loader.split_validation()
     if cfg["overfit_batches"]:
         valid_data_loader = data_loader.overfit(cfg["overfit_batches"])
@@ -139,14 +138,15 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
         criterion = criterion.to(device)
     metrics = build_metrics(config)
     optimizer = build(config, "optimizer", [p for p in model.parameters() if p.requires_grad])
-    lr_scheduler = build_scheduler(config, optimizer, len(data_loader)) if config["lr_scheduler"] else None
+    lr_schedule = build_schedule(config, optimizer, len(data_loader))
     if dist.world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         model = torch.compile(model)
 
     trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
-                      lr_scheduler)
+                      lr_schedule)
+    trainer.check_one_batch()
     if resume:
         trainer.resume(checkpoint)
     if dist.is_main_process():  # the first writes into the run folder: everything above has been checked
@@ -163,7 +163,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     elif resume:
         logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
                     trainer.global_step)
-    gc.freeze()  # the ~300k objects of torch and the set-up: the collector's first full pass took ~0.2 s
+    gc.freeze()  # the objects of torch and the set-up, which the collector would otherwise walk again and again
     try:
         trainer.train()
     finally:
@@ -185,23 +185,11 @@ def train_all_folds(config, device):
         logger.info("fold %d/%d", fold + 1, n_folds)
         trainer = train_one(fold_config, device, run_dir)
         if dist.is_main_process():
-            best = run_dir / ("model_best.pth" if (run_dir / "model_best.pth").exists() else "checkpoint-last.pth")
-            write_out_of_fold(trainer, load_checkpoint(best), run_dir / "oof.csv")
+            write_out_of_fold(trainer, load_checkpoint(best_checkpoint(run_dir)), run_dir / "oof.csv")
         dist.barrier()
     if dist.is_main_process():
         metrics = combine_out_of_fold(config, [group_dir / f"fold{k}" / "oof.csv" for k in range(n_folds)], group_dir)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-
-def build_scheduler(config, optimizer, n_batches):
-    """The config's scheduler; one that takes `total_steps` (OneCycleLR) gets the run's optimizer steps unless given."""
-    spec, cfg = config["lr_scheduler"], config["trainer"]
-    target = resolve("lr_scheduler", spec["type"], config["import_roots"])
-    extra = {}
-    if "total_steps" in inspect.signature(target).parameters and not {"total_steps", "epochs"} & spec["args"].keys():
-        n_batches = min(n_batches, cfg["limit_train_batches"] or n_batches)
-        extra["total_steps"] = cfg["epochs"] * math.ceil(n_batches / cfg["accumulation_steps"])
-    return build(config, "lr_scheduler", optimizer, **extra)
 
 
 def choose_run_dir(config, args, checkpoint):

@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
-from data_loader.folds import assign_folds
+from base.splits import split_indices
 from utils import dist
-from utils.util import UserError
+from utils.util import UserError, epoch_seed
 
 
 class EpochSampler(Sampler):
@@ -36,7 +36,7 @@ class EpochSampler(Sampler):
         self.skip = skip
 
     def _order(self):
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.weights is not None:
             order = self.indices[torch.multinomial(self.weights, len(self.indices), True, generator=generator)]
         elif self.shuffle:
@@ -89,76 +89,23 @@ def _ignore_interrupt(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def split_indices(n_samples, validation_split, seed, targets=None, groups=None, n_folds=0, fold=0):
-    """Train and validation indices, reproducible from `seed`.
-
-    With `n_folds`, validation is fold `fold` of a K-fold split. Otherwise `validation_split` is a ratio (float)
-    or a count (int). Splits are stratified when `targets` are given and never split a group when `groups` are
-    (a group-aware ratio split takes one fold of round(1 / ratio) folds).
-    """
-    if n_folds:
-        if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
-            raise UserError(f"data_loader.args.n_folds: expected an integer >= 2, got {n_folds!r}")
-        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
-            raise UserError(f"data_loader.args.fold: expected an integer from 0 to {n_folds - 1}, got {fold!r}")
-        return _fold_split(n_samples, n_folds, fold, seed, targets, groups)
-    if fold:
-        raise UserError(f"data_loader.args.fold: {fold!r} needs data_loader.args.n_folds")
-    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
-        raise UserError(f"data_loader.args.validation_split: expected a ratio in [0, 1) or a sample count, "
-                        f"got {validation_split!r}")
-    n_valid = round(n_samples * validation_split) if isinstance(validation_split, float) else validation_split
-    if validation_split < 0 or (isinstance(validation_split, float) and validation_split >= 1) or n_valid >= n_samples:
-        raise UserError(f"data_loader.args.validation_split: {validation_split} leaves no training data "
-                        f"(expected a ratio in [0, 1) or a count below {n_samples})")
-    if n_valid == 0:
-        return np.arange(n_samples), np.array([], dtype=np.int64)
-    if groups is not None:
-        return _fold_split(n_samples, max(2, round(n_samples / n_valid)), 0, seed, targets, groups)
-    rng = np.random.default_rng(seed)
-    if targets is None:
-        order = rng.permutation(n_samples)
-        return np.sort(order[n_valid:]), np.sort(order[:n_valid])
-    targets = np.asarray(targets)
-    valid = []
-    classes, counts = np.unique(targets, return_counts=True)
-    quotas = _largest_remainder(counts * n_valid / n_samples, n_valid)
-    for cls, quota in zip(classes, quotas):
-        valid.append(rng.permutation(np.flatnonzero(targets == cls))[:quota])
-    valid = np.sort(np.concatenate(valid))
-    return np.setdiff1d(np.arange(n_samples), valid), valid
-
-
-def _fold_split(n_samples, n_folds, fold, seed, targets, groups):
-    try:
-        folds = assign_folds(n_samples, n_folds, seed, targets, groups)
-    except ValueError as e:
-        raise UserError(f"data_loader.args.n_folds: {e}") from None
-    return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-
-
-def _largest_remainder(shares, total):
-    counts = np.floor(shares).astype(int)
-    counts[np.argsort(counts - shares)[: total - counts.sum()]] += 1
-    return counts
-
-
 class BaseDataLoader(DataLoader):
     """A DataLoader with a seeded validation split or K-fold: stratified by the dataset's `targets`, grouped by its
     `groups` when it has them; `balanced` draws training samples with equal weight per class.
 
     `eval_dataset` holds the same samples with evaluation transforms; the validation split is drawn from it so
-    validation never sees training augmentation. The split and every epoch's order derive from the torch seed
-    that train.py sets from the config, so runs and resumes repeat exactly.
+    validation never sees training augmentation. The split and every epoch's order derive from `seed` (the
+    config's, passed by the program), so runs and resumes repeat exactly. `collate_fn` serves training batches
+    only: validation, test and out-of-fold predictions are always collated plainly.
     """
 
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=default_collate,
-                 eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False):
+                 eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"data_loader.args.batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"data_loader.args.num_workers: expected an integer >= 0, got {num_workers!r}")
-        self.seed = torch.initial_seed()
+        self.seed = seed
         targets = getattr(dataset, "targets", None)
         self.train_indices, self.valid_indices = split_indices(
             len(dataset), validation_split, self.seed, targets if stratify else None, getattr(dataset, "groups", None),
@@ -194,9 +141,13 @@ class BaseDataLoader(DataLoader):
         self.sampler.shuffle, self.sampler.weights = False, None
         return self._eval_loader(self.sampler.indices)
 
+    def evaluation_loader(self):
+        """Every sample once, in order, with evaluation transforms and plain batches: test.py's test split."""
+        return self._eval_loader(np.arange(len(self.eval_dataset)))
+
     def split_validation(self):
         return self._eval_loader(self.valid_indices) if len(self.valid_indices) else None
 
     def _eval_loader(self, indices):
         return DataLoader(SeededDataset(self.eval_dataset), sampler=EpochSampler(indices, shuffle=False, pad=False),
-                          **self.init_kwargs)
+                          **{**self.init_kwargs, "collate_fn": default_collate})

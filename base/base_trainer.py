@@ -1,20 +1,24 @@
 import csv
 import logging
 import math
-import os
-import shutil
 import signal
 import threading
 import time
 
-import torch
-
 from logger.visualization import TensorboardWriter
-from model.metric import EpochMetrics
-from trainer.ema import ModelEma
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
-from utils.util import UserError, get_rng_state, seed_everything, set_rng_state, write_text
+from utils.settings import TrainerSettings
+from utils.util import (
+    UserError,
+    atomic_write,
+    epoch_seed,
+    get_rng_state,
+    link_or_copy,
+    seed_everything,
+    set_rng_state,
+    write_text,
+)
 
 
 class TrainingStopped(Exception):
@@ -26,48 +30,33 @@ class TrainingStopped(Exception):
 
 
 class BaseTrainer:
-    """Owns the epoch loop, monitoring, early stopping, checkpoints and resuming.
+    """The generic machinery around the batch loop: epochs, monitoring, early stopping, checkpoints, resuming and
+    signals.
 
     Subclasses implement `_train_epoch(epoch)`, which returns the epoch's log: training values under their names
     and validation values prefixed with `val_`. Only the main process writes logs, events and checkpoints.
     """
 
-    def __init__(self, model, criterion, metric_ftns, optimizer, config, device, run_dir, lr_scheduler=None):
+    def __init__(self, model, optimizer, config, run_dir, lr_schedule=None):
         self.config = config
-        cfg = config["trainer"]
+        self.cfg = TrainerSettings(**config["trainer"])
         self.logger = logging.getLogger("template")
         self.model = model
-        self.criterion = criterion
-        self.metric_ftns = metric_ftns
         self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.device = device
+        self.lr_schedule = lr_schedule
         self.run_dir = run_dir
         self.is_main = dist.is_main_process()
-        self.epochs = cfg["epochs"]
-        self.save_period = cfg["save_period"]
-        self.save_top_k = cfg["save_top_k"]
-        self.early_stop = cfg["early_stop"]
-
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["amp"]]
-        if self.amp_dtype is torch.float16 and device.type != "cuda":
-            self.logger.warning("warning: trainer.amp \"fp16\" needs a CUDA device; training in float32 instead "
-                                "(\"bf16\" works on the CPU)")
-            self.amp_dtype = None
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
-        self.ema = ModelEma(unwrap(model), cfg["ema_decay"]) if cfg["ema_decay"] else None
-
-        self.mnt_mode, _, self.mnt_metric = cfg["monitor"].partition(" ")
+        self.mnt_mode, _, self.mnt_metric = self.cfg.monitor.partition(" ")
         self.mnt_best = {"min": math.inf, "max": -math.inf}.get(self.mnt_mode)
+        self.mnt_last = None
         self.not_improved_count = 0
         self.top_k = []  # [monitored value, epoch] of the checkpoints kept by save_top_k, best first
-        self.train_metrics = EpochMetrics(metric_ftns)
         self.start_epoch = 1
         self.resume_batches = 0  # batches of start_epoch already trained (a checkpoint saved mid-epoch)
         self.global_step = 0
         self.stop_signal = None
         self.epoch_lr = None  # the learning rate the current epoch started with, as logged in history.csv
-        self.writer = TensorboardWriter(run_dir / "tensorboard", cfg["tensorboard"] and self.is_main)
+        self.writer = TensorboardWriter(run_dir / "tensorboard", self.cfg.tensorboard and self.is_main)
 
     def _train_epoch(self, epoch):
         raise NotImplementedError
@@ -80,22 +69,25 @@ class BaseTrainer:
         if self.is_main:
             self._trim_history()
         try:
-            for epoch in range(self.start_epoch, self.epochs + 1):
+            for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 if not (epoch == self.start_epoch and self.resume_batches):
-                    seed_everything(self.config["seed"] + 1_000_003 * epoch + 7919 * dist.rank())
+                    seed_everything(epoch_seed(self.config["seed"], epoch) + 7919 * dist.rank())
                     self.epoch_lr = self.optimizer.param_groups[0]["lr"]
                 started = time.perf_counter()
                 log = self._train_epoch(epoch)
+                if self.lr_schedule is not None:
+                    self.lr_schedule.after_epoch(log[self.mnt_metric] if self.mnt_mode != "off" else
+                                                 log.get("val_loss", log["loss"]))
                 improved = self._update_monitor(log)
                 if self.is_main:
                     self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
                     self._save_checkpoint(epoch, save_best=improved)
                 dist.barrier()
-                if self.stop_signal and epoch < self.epochs:
+                if self.stop_signal and epoch < self.cfg.epochs:
                     raise self._stopped(epoch, 0)
-                if self.early_stop and self.not_improved_count >= self.early_stop:
+                if self.cfg.early_stop and self.not_improved_count >= self.cfg.early_stop:
                     self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric,
-                                     self.early_stop)
+                                     self.cfg.early_stop)
                     break
         finally:
             for s, handler in previous.items():
@@ -119,7 +111,7 @@ class BaseTrainer:
     def _report_epoch(self, epoch, log, lr, seconds):
         """Log line, TensorBoard scalars and a history.csv row; `lr` is the rate the epoch started with."""
         values = "  ".join(f"{k} {v:.4f}" for k, v in log.items())
-        self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.epochs, values, seconds)
+        self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.cfg.epochs, values, seconds)
         self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | {"lr": lr}, epoch)
         self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k.startswith("val_")}, epoch)
         history = self.run_dir / "history.csv"
@@ -155,21 +147,17 @@ class BaseTrainer:
         return improved
 
     def state_dict(self, epoch, batches_done=0):
-        """Everything needed to continue the run exactly, as tensors and plain data only.
+        """Everything needed to continue the run exactly, as tensors and plain data only; subclasses add their own.
 
         `batches_done` > 0 marks a checkpoint taken inside `epoch`, after that many batches."""
         return {
-            "arch": type(unwrap(self.model)).__name__,
             "epoch": epoch,
             "batches_done": batches_done,
-            "train_metrics": self.train_metrics.state_dict() if batches_done else None,
             "epoch_lr": self.epoch_lr,
             "global_step": self.global_step,
             "state_dict": clean_state_dict(unwrap(self.model).state_dict()),
-            "ema_state_dict": clean_state_dict(self.ema.module.state_dict()) if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
+            "lr_scheduler": self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
             "monitor_best": self.mnt_best,
             "not_improved_count": self.not_improved_count,
             "top_k": self.top_k,
@@ -183,23 +171,17 @@ class BaseTrainer:
             save_checkpoint(self.state_dict(epoch, batches_done), self.run_dir / "checkpoint-last.pth")
             return
         copies = []
-        if self.save_period and epoch % self.save_period == 0:
+        if self.cfg.save_period and epoch % self.cfg.save_period == 0:
             copies.append(self.run_dir / f"checkpoint-epoch{epoch}.pth")
         if save_best:
             copies.append(self.run_dir / "model_best.pth")
             self.logger.info("saved model_best.pth (%s %.4f)", self.mnt_metric, self.mnt_best)
-        if self.save_top_k and self._enters_top_k(epoch):
+        if self.cfg.save_top_k and self._enters_top_k(epoch):
             copies.append(self.run_dir / f"top-epoch{epoch}.pth")
         last = self.run_dir / "checkpoint-last.pth"
         save_checkpoint(self.state_dict(epoch), last)
         for path in copies:  # a hard link stays valid: checkpoint-last.pth is always replaced, never rewritten
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(last, tmp)
-            except OSError:
-                shutil.copyfile(last, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: link_or_copy(last, tmp))
 
     def _enters_top_k(self, epoch):
         """Add this epoch to the best-k list if it belongs there; delete the checkpoint that drops out."""
@@ -207,47 +189,23 @@ class BaseTrainer:
             return False
         self.top_k.append([self.mnt_last, epoch])
         self.top_k.sort(key=lambda item: item[0], reverse=self.mnt_mode == "max")
-        for _, dropped in self.top_k[self.save_top_k:]:
+        for _, dropped in self.top_k[self.cfg.save_top_k:]:
             (self.run_dir / f"top-epoch{dropped}.pth").unlink(missing_ok=True)
-        del self.top_k[self.save_top_k:]
+        del self.top_k[self.cfg.save_top_k:]
         return any(e == epoch for _, e in self.top_k)
 
-    def _rescale_schedule(self, checkpoint, fixed_length):
-        """A fixed-length schedule (OneCycleLR) resumed with another number of steps per epoch (another process
-        count or batch size) continues at the same fraction of the run; a longer run cannot be planned for."""
-        if checkpoint["config"]["trainer"]["epochs"] != self.epochs:
-            raise UserError(f"trainer.epochs: {type(self.lr_scheduler).__name__} was sized for "
-                            f"{checkpoint['config']['trainer']['epochs']} epochs when the run started and cannot be "
-                            f"extended; to train longer, fine-tune from this checkpoint with -c config.json "
-                            f"-r <checkpoint>")
-        scale = fixed_length["total_steps"] / self.lr_scheduler.total_steps
-        vars(self.lr_scheduler).update(fixed_length)
-        self.lr_scheduler.last_epoch = round(self.lr_scheduler.last_epoch * scale)
-        self.lr_scheduler._step_count = self.lr_scheduler.last_epoch + 1
-        self.logger.info("%s rescaled to %d steps for the new steps per epoch", type(self.lr_scheduler).__name__,
-                         fixed_length["total_steps"])
-
     def resume(self, checkpoint):
-        """Restore model, optimizer, scheduler, scaler, EMA, counters and random state from a loaded checkpoint."""
+        """Restore weights, optimizer, schedule, counters and random state from a loaded checkpoint."""
         load_model_weights(self.model, checkpoint["state_dict"], checkpoint["path"])
-        if self.ema and checkpoint.get("ema_state_dict"):
-            load_model_weights(self.ema.module, checkpoint["ema_state_dict"], checkpoint["path"])
-        fixed_length = {k: v for k, v in getattr(self.lr_scheduler, "__dict__", {}).items()
-                        if k in ("total_steps", "_schedule_phases")}
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            if self.lr_scheduler is not None and checkpoint["lr_scheduler"] is not None:
-                self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if checkpoint.get("scaler"):
-                self.scaler.load_state_dict(checkpoint["scaler"])
+            if self.lr_schedule is not None and checkpoint["lr_scheduler"] is not None:
+                self.lr_schedule.load_state_dict(checkpoint["lr_scheduler"], checkpoint["config"]["trainer"]["epochs"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
-        if fixed_length and fixed_length["total_steps"] != self.lr_scheduler.total_steps:
-            self._rescale_schedule(checkpoint, fixed_length)
         self.resume_batches = checkpoint.get("batches_done", 0)
         self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)
         if self.resume_batches:
-            self.train_metrics.load_state_dict(checkpoint["train_metrics"], self.device)
             self.epoch_lr = checkpoint["epoch_lr"]
         self.global_step = checkpoint["global_step"]
         self.mnt_best = checkpoint["monitor_best"]

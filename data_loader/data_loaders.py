@@ -1,11 +1,13 @@
 """Data loaders named by the config's `data_loader.type`; `training=False` gives test.py the test split."""
 import copy
+import math
 from pathlib import Path
 
 import torch
 
 from base import BaseDataLoader
 from data_loader.datasets import CsvImageDataset, read_csv
+from utils.config import build_transforms
 from utils.util import UserError
 
 
@@ -20,19 +22,21 @@ class CsvImageDataLoader(BaseDataLoader):
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
                  id_column="id", label_column="label", extension=".png", classes=None, image_mode="unchanged",
                  train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
-                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False):
+                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
-            raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}")
+            raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}; put the competition's "
+                            f"{train_csv} (id, label) and its {train_images}/ and {test_images}/ image folders there, "
+                            f"or point data_dir at them")
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         if classes is None:
             classes = sorted(set(read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column]))
         common = dict(classes=classes, id_column=id_column, label_column=label_column, extension=extension,
                       image_mode=image_mode, cache=cache, cache_dir=cache_dir)
-        eval_transform = build_transforms(eval_transforms, mean, std, "eval_transforms")
+        eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
         if training:
-            train_transform = build_transforms(train_transforms, mean, std, "train_transforms")
+            train_transform = image_transform(train_transforms, mean, std, "train_transforms")
             dataset = CsvImageDataset(data_dir / train_csv, data_dir / train_images, transform=train_transform,
                                       group_column=group_column, **common)
             if dataset.targets is None:
@@ -42,8 +46,8 @@ class CsvImageDataLoader(BaseDataLoader):
             dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
                                                      transform=eval_transform, **common)
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
-                         n_folds=n_folds if training else 0, fold=fold, stratify=stratify,
-                         balanced=balanced and training)
+                         n_folds=n_folds if training else 0, fold=fold if training else 0, stratify=stratify,
+                         balanced=balanced and training, seed=seed)
 
 
 def _with_transform(dataset, transform):
@@ -53,30 +57,18 @@ def _with_transform(dataset, transform):
     return view
 
 
-def build_transforms(specs, mean, std, where):
+def image_transform(specs, mean, std, where):
     """The named torchvision.transforms.v2 transforms (imported only when some are named), then scaling to [0, 1]
     and optional normalisation."""
     if (mean is None) != (std is None):
         raise UserError("data_loader.args.mean and data_loader.args.std: give both or neither")
     for key, values in (("mean", mean), ("std", std)):
         if values is not None and not (isinstance(values, (list, tuple)) and values and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and (key == "mean" or v > 0) for v in values)):
-            raise UserError(f"data_loader.args.{key}: expected a list of numbers (one per channel"
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (key == "mean" or v > 0) for v in values)):
+            raise UserError(f"data_loader.args.{key}: expected a list of finite numbers (one per channel"
                             f"{', each above 0' if key == 'std' else ''}), got {values!r}")
-    steps = []
-    if specs:
-        from torchvision.transforms import v2
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
-            raise UserError(f"data_loader.args.{where}[{i}]: expected {{\"type\": ..., \"args\": {{...}}}}")
-        cls = getattr(v2, spec["type"], None)
-        if not isinstance(cls, type):
-            raise UserError(f"data_loader.args.{where}[{i}].type: {spec['type']!r} is not in torchvision.transforms.v2")
-        try:
-            steps.append(cls(**spec.get("args", {})))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"data_loader.args.{where}[{i}]: {spec['type']} rejected its arguments: {e}") from None
-    return ImageTransform(steps, mean, std)
+    return ImageTransform(build_transforms(specs, f"data_loader.args.{where}") if specs else [], mean, std)
 
 
 class ImageTransform:
@@ -98,7 +90,7 @@ class ImageTransform:
 class MnistDataLoader(BaseDataLoader):
     """torchvision's MNIST, as in victoresque/pytorch-template; downloads into `data_dir` when online."""
 
-    def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.0, num_workers=1, training=True):
+    def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.0, num_workers=1, training=True, seed=0):
         from torchvision import datasets, transforms
 
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -107,4 +99,4 @@ class MnistDataLoader(BaseDataLoader):
         except (OSError, RuntimeError) as e:
             raise UserError(f"MNIST in {data_dir!r} is missing and could not be downloaded ({e}); put the raw files "
                             f"in {data_dir}/MNIST/raw or use CsvImageDataLoader on data/mnist5k") from None
-        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers)
+        super().__init__(self.dataset, batch_size, shuffle, validation_split, num_workers, seed=seed)

@@ -2,16 +2,14 @@
 import csv
 import hashlib
 import logging
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from utils.util import UserError
+from utils.util import UserError, atomic_write
 
 NO_LABEL = -1
 IMAGE_MODES = ("unchanged", "gray", "gray_alpha", "rgb", "rgb_alpha", "rgba")  # torchvision.io.ImageReadMode
@@ -98,14 +96,7 @@ class CsvImageDataset(Dataset):
         flat = torch.cat([image.flatten() for image in images]) if images else torch.empty(0, dtype=torch.uint8)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-            try:
-                os.fchmod(fd, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    torch.save({"signature": signature, "shapes": shapes, "images": flat}, f)
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            atomic_write(path, lambda tmp: torch.save({"signature": signature, "shapes": shapes, "images": flat}, tmp))
         except OSError as e:
             self.warn(f"decoded-image cache {path}: not written ({e.strerror or e})")
         return as_views(flat, shapes)  # one block of memory, as a cached run has

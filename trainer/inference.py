@@ -3,29 +3,17 @@
 Probabilities are the common currency: models are averaged as probabilities, metrics are computed from them
 (their log is a valid input to cross-entropy and NLL alike), and probability CSVs can be blended later.
 """
+import math
+
 import pandas as pd
 import torch
 
 from model.metric import EpochMetrics
-from utils.checkpoint import load_model_weights, trusted_config, unwrap
+from utils.checkpoint import checkpoint_config, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, validate
 from utils.util import UserError, write_json
 
 CHUNK = 4096
-
-
-def build_tta(config):
-    """The config's test-time augmentations (torchvision.transforms.v2), each applied to whole batches."""
-    from torchvision.transforms import v2
-
-    views = []
-    for i, spec in enumerate(config["inference"]["tta"]):
-        cls = getattr(v2, spec.get("type", "") if isinstance(spec, dict) else "", None)
-        if not isinstance(cls, type):
-            raise UserError(f"inference.tta[{i}]: expected {{\"type\": <a torchvision.transforms.v2 class>, \"args\": "
-                            f"{{...}}}}, got {spec!r}")
-        views.append(cls(**spec.get("args", {})))
-    return views
 
 
 @torch.no_grad()
@@ -86,28 +74,28 @@ def combine_out_of_fold(config, paths, group_dir):
     return metrics
 
 
-def load_ensemble(checkpoints, device):
-    """The models of several loaded checkpoints, each rebuilt from its own config, on `device`, in eval mode."""
-    models = []
-    for path, checkpoint, use_ema in checkpoints:
-        model = build(validate(trusted_config(checkpoint)), "arch")
-        load_model_weights(model, checkpoint["ema_state_dict" if use_ema else "state_dict"], path)
-        models.append(model.to(device).eval())
-    return models
+def load_model(path, checkpoint, use_ema, device):
+    """The model of a loaded checkpoint, rebuilt from its own config, with its (EMA) weights, on `device`, in eval
+    mode."""
+    model = build(validate(checkpoint_config(checkpoint)), "arch")
+    load_model_weights(model, checkpoint["ema_state_dict" if use_ema else "state_dict"], path)
+    return model.to(device).eval()
 
 
 def write_predictions(out, ids, probabilities, classes, inference):
     """probabilities.csv (id, one column per class) and the submission: `predictions.csv` as id,label, or in the
-    layout of `inference.sample_submission` (its columns and row order; per-class columns get probabilities)."""
+    layout of `inference.sample_submission` (its columns and row order; per-class columns get probabilities).
+    Both are checked before either is written."""
     table = pd.DataFrame(probabilities.numpy(), columns=classes)
     table.insert(0, "id", ids)
-    table.to_csv(out / "probabilities.csv", index=False)
     indices = probabilities.argmax(dim=1).tolist()
     labels = [classes[i] for i in indices] if inference["label_format"] == "name" else indices
     submission = pd.DataFrame({"id": ids, "label": labels})
     sample_path = inference["sample_submission"]
     if sample_path:
         submission = match_sample_submission(submission, table, sample_path)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "probabilities.csv", index=False)
     submission.to_csv(out / "predictions.csv", index=False)
 
 
@@ -137,6 +125,9 @@ def blend(paths, weights):
     weights = weights or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise UserError(f"--weights: {len(weights)} weights for {len(paths)} probability files")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--weights: expected finite numbers >= 0 with a positive sum, got "
+                        f"{' '.join(map(str, weights))}")
     tables = []
     for path in paths:
         try:

@@ -3,117 +3,183 @@ import itertools
 import sys
 
 import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from base import BaseTrainer
 from base.base_trainer import TrainingStopped
 from model.metric import EpochMetrics
+from trainer.ema import ModelEma
 from utils import dist
-from utils.checkpoint import unwrap
+from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
 from utils.util import UserError
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer(BaseTrainer):
-    """The training and validation loops; metrics are accumulated on the device and read once per epoch."""
+    """The training and validation loops with mixed precision, gradient accumulation, clipping, EMA and DDP;
+    metrics are accumulated on the device and read once per epoch."""
 
-    def __init__(self, model, criterion, metric_ftns, optimizer, config, device, run_dir, data_loader,
-                 valid_data_loader=None, lr_scheduler=None):
-        super().__init__(model, criterion, metric_ftns, optimizer, config, device, run_dir, lr_scheduler)
-        cfg = config["trainer"]
+    def __init__(self, model, criterion, metrics, optimizer, config, device, run_dir, data_loader,
+                 valid_data_loader=None, lr_schedule=None):
+        super().__init__(model, optimizer, config, run_dir, lr_schedule)
+        self.criterion = criterion
+        self.device = device
         self.data_loader = data_loader
         self.valid_data_loader = valid_data_loader
-        self.log_step = cfg["log_step"]
-        self.accumulation_steps = cfg["accumulation_steps"]
-        self.clip_grad_norm = cfg["clip_grad_norm"]
-        self.limit_train_batches = cfg["limit_train_batches"]
-        self.limit_val_batches = cfg["limit_val_batches"]
-        self.memory_format = torch.channels_last if cfg["channels_last"] else torch.preserve_format
-        self.save_every_n_steps = cfg["save_every_n_steps"]
+        self.train_metrics = EpochMetrics(metrics)
+        self.valid_metrics = EpochMetrics(metrics)
+        self.amp_dtype = AMP_DTYPES[self.cfg.amp]
+        if self.amp_dtype is torch.float16 and device.type != "cuda":
+            self.logger.warning("warning: trainer.amp \"fp16\" needs a CUDA device; training in float32 instead "
+                                "(\"bf16\" works on the CPU)")
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.ema = ModelEma(unwrap(model), self.cfg.ema_decay) if self.cfg.ema_decay else None
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         self.grid_written = False  # train/images: the first batch this process trains
-        self.freeze_backbone_epochs = cfg["freeze_backbone_epochs"]
-        if self.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
+        if self.cfg.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
             raise UserError(f"trainer.freeze_backbone_epochs: {type(unwrap(model)).__name__} has no "
                             f"set_backbone_trainable(); use TorchvisionClassifier or add that method")
-        if self.freeze_backbone_epochs and dist.is_distributed():
+        if self.cfg.freeze_backbone_epochs and dist.is_distributed():
             raise UserError("trainer.freeze_backbone_epochs: not supported under torchrun (DDP fixes the trainable "
                             "parameters when it starts)")
-        self.skip_nonfinite = cfg["nonfinite_loss"] == "skip"
-        self.step_per_batch = lr_scheduler is not None and config["lr_scheduler"]["step_every"] == "batch"
-        self.valid_metrics = EpochMetrics(metric_ftns)
+
+    @torch.no_grad()
+    def check_one_batch(self):
+        """Push one evaluation batch through the model, the loss and the metrics (eval mode, no update) and check the
+        shapes against the data, so a model that does not fit is one line before anything is written."""
+        loader = self.valid_data_loader or self.data_loader
+        data, target = next(iter(loader))
+        data, target = self._to_device(data[:16], target[:16])
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with self._autocast():
+                output = model(data)
+        except RuntimeError as e:
+            raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
+                            f"{list(data.shape)}): {str(e).splitlines()[0]}") from None
+        finally:
+            model.train(was_training)
+        classes = getattr(loader.dataset, "classes", None)
+        if not isinstance(output, torch.Tensor) or output.dim() != 2 or classes and output.shape[1] != len(classes):
+            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            n = len(classes) if classes else "classes"
+            raise UserError(f"arch: {type(model).__name__} returns {shape} for {len(data)} samples; expected "
+                            f"[{len(data)}, {n}], one score per class of the data (set its num_classes to {n})")
+        try:
+            with self._autocast():
+                loss = self.criterion(output, target)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise UserError(f"loss: cannot take the model's output of shape {list(output.shape)} and targets of "
+                            f"shape {list(target.shape)}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
+                            f"(a reduction of \"mean\" or \"sum\", not \"none\")")
+        try:
+            self.valid_metrics.update(loss, output, target)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise UserError(f"metrics: cannot score the model's output of shape {list(output.shape)}: "
+                            f"{str(e).splitlines()[0]}") from None
+        finally:
+            self.valid_metrics.reset()
 
     def _train_epoch(self, epoch):
-        if self.freeze_backbone_epochs:
-            unwrap(self.model).set_backbone_trainable(epoch > self.freeze_backbone_epochs)
+        skip, n_batches = self._start_epoch(epoch)
+        for batch_idx, (data, target) in enumerate(self._progress(epoch, skip, n_batches), start=skip):
+            data, target = self._to_device(data, target)
+            starts_group, group_size, ends_group = self._accumulation(batch_idx, n_batches)
+
+            if starts_group:
+                self.optimizer.zero_grad(set_to_none=True)
+            with self._gradient_sync(ends_group):
+                with self._autocast():
+                    output = self.model(data)
+                    loss = self.criterion(output, target)
+                self.scaler.scale(loss / group_size).backward()
+            if ends_group:
+                self._optimizer_step(epoch, batch_idx)
+
+            self._track(epoch, batch_idx, loss, output, target, data)
+            if ends_group and batch_idx + 1 < n_batches:
+                self._save_mid_epoch_if_due(epoch, batch_idx)
+
+        self._check_finite(epoch)
+        log = self.train_metrics.result()
+        if self.valid_data_loader is not None:
+            log.update({"val_" + k: v for k, v in self._valid_epoch().items()})
+        return log
+
+    def _start_epoch(self, epoch):
+        """Prepare the model, metrics and loader for an epoch; returns (batches already trained, batches in it)."""
+        if self.cfg.freeze_backbone_epochs:
+            unwrap(self.model).set_backbone_trainable(epoch > self.cfg.freeze_backbone_epochs)
         self.model.train()
         skip = self.resume_batches if epoch == self.start_epoch else 0
         if not skip:
             self.train_metrics.reset()
         self.data_loader.set_epoch(epoch, skip)
-        n_batches = batches_per_epoch(len(self.data_loader) + skip, self.limit_train_batches)
-        bar = tqdm(itertools.islice(self.data_loader, n_batches - skip), total=n_batches, initial=skip, unit="batch",
-                   desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (self.is_main and sys.stderr.isatty()))
-        first_nonfinite = torch.full((), -1, device=self.device)  # batch index of the first non-finite loss
-        grad_norm = None
-        for batch_idx, (data, target) in enumerate(bar, start=skip):
-            data, target = self._to_device(data, target)
-            group_start = batch_idx - batch_idx % self.accumulation_steps
-            group_size = min(self.accumulation_steps, n_batches - group_start)
-            update_now = batch_idx == group_start + group_size - 1
+        self.first_nonfinite = torch.full((), -1, device=self.device)  # batch index of the first non-finite loss
+        self.grad_norm = None
+        return skip, batches_per_epoch(len(self.data_loader) + skip, self.cfg.limit_train_batches)
 
-            if batch_idx == group_start:
-                self.optimizer.zero_grad(set_to_none=True)
-            with self._gradient_sync(update_now):
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    output = self.model(data)
-                    loss = self.criterion(output, target)
-                self.scaler.scale(loss / group_size).backward()
-            if update_now:
-                if self.clip_grad_norm:
-                    self.scaler.unscale_(self.optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-                if self.skip_nonfinite and not self.scaler.is_enabled() and not grads_finite(self.model):
-                    self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", epoch, batch_idx)
-                else:  # under fp16 the scaler itself skips steps with non-finite gradients
-                    self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.ema:
-                    self.ema.update(unwrap(self.model))
-                if self.step_per_batch:
-                    self.lr_scheduler.step()
-                self.global_step += 1
+    def _progress(self, epoch, skip, n_batches):
+        """The epoch's remaining batches behind a progress bar (drawn only in a terminal, by the main process)."""
+        self.bar = tqdm(itertools.islice(self.data_loader, n_batches - skip), total=n_batches, initial=skip,
+                        unit="batch", desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
+                        disable=not (self.is_main and sys.stderr.isatty()))
+        return self.bar
 
-            finite = torch.isfinite(loss.detach())
-            if not self.skip_nonfinite:
-                first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, batch_idx, first_nonfinite)
-            if not self.skip_nonfinite or finite:  # skipping costs one host sync per batch; such batches go unscored
-                self.train_metrics.update(loss, output, target)
-            if batch_idx % self.log_step == 0:
-                self._check_finite(first_nonfinite, epoch)
-                self._log_step(bar, loss.item(), grad_norm, len(data))
-            if not self.grid_written and self.writer.enabled:  # once per run: PNG-encoding costs ~30 ms
-                self.writer.add_image_grid("train/images", data[:64].detach().cpu(), epoch)
-                self.grid_written = True
-            if update_now and batch_idx + 1 < n_batches and (self._stop_requested(batch_idx) or (
-                    self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0)):
-                self._check_finite(first_nonfinite, epoch)
-                if self.is_main:
-                    self._save_checkpoint(epoch, batches_done=batch_idx + 1)
-                if self.stop_signal:
-                    raise self._stopped(epoch, batch_idx + 1)
+    def _accumulation(self, batch_idx, n_batches):
+        """(whether the batch starts an accumulation group, the group's size, whether it ends it); the epoch's last
+        group may be shorter."""
+        group_start = batch_idx - batch_idx % self.cfg.accumulation_steps
+        group_size = min(self.cfg.accumulation_steps, n_batches - group_start)
+        return batch_idx == group_start, group_size, batch_idx == group_start + group_size - 1
 
-        self._check_finite(first_nonfinite, epoch)
-        log = self.train_metrics.result()
-        if self.valid_data_loader is not None:
-            log.update({"val_" + k: v for k, v in self._valid_epoch().items()})
-        if self.lr_scheduler is not None and not self.step_per_batch:
-            if isinstance(self.lr_scheduler, ReduceLROnPlateau):
-                watched = log[self.mnt_metric] if self.mnt_mode != "off" else log.get("val_loss", log["loss"])
-                self.lr_scheduler.step(watched)
-            else:
-                self.lr_scheduler.step()
-        return log
+    def _optimizer_step(self, epoch, batch_idx):
+        """Clip, step (unless non-finite gradients are to be skipped), then update EMA and a per-batch schedule."""
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        if self.cfg.nonfinite_loss == "skip" and not self.scaler.is_enabled() and not grads_finite(self.model):
+            self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", epoch, batch_idx)
+        else:  # under fp16 the scaler itself skips steps with non-finite gradients
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema:
+            self.ema.update(unwrap(self.model))
+        if self.lr_schedule is not None:
+            self.lr_schedule.after_optimizer_step()
+        self.global_step += 1
+
+    def _track(self, epoch, batch_idx, loss, output, target, data):
+        """Metrics, the non-finite-loss watch, the progress bar and TensorBoard, without a host sync per batch."""
+        finite = torch.isfinite(loss.detach())
+        skipping = self.cfg.nonfinite_loss == "skip"
+        if not skipping:
+            self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~finite, batch_idx, self.first_nonfinite)
+        if not skipping or finite:  # skipping costs one host sync per batch; such batches go unscored
+            self.train_metrics.update(loss, output, target)
+        if batch_idx % self.cfg.log_step == 0:
+            self._check_finite(epoch)
+            self._log_step(loss.item(), len(data))
+        if not self.grid_written and self.writer.enabled:  # once per run: encoding the grid is costly
+            self.writer.add_image_grid("train/images", data[:64].detach().cpu(), epoch)
+            self.grid_written = True
+
+    def _save_mid_epoch_if_due(self, epoch, batch_idx):
+        """Save checkpoint-last.pth inside the epoch every save_every_n_steps steps, or on a stop request, then stop."""
+        due = self.cfg.save_every_n_steps and self.global_step % self.cfg.save_every_n_steps == 0
+        if not (self._stop_requested(batch_idx) or due):
+            return
+        self._check_finite(epoch)
+        if self.is_main:
+            self._save_checkpoint(epoch, batches_done=batch_idx + 1)
+        if self.stop_signal:
+            raise self._stopped(epoch, batch_idx + 1)
 
     def _valid_epoch(self):
         """Metrics of the raw weights and, with EMA on, of the averaged weights (prefixed `ema_`)."""
@@ -129,10 +195,10 @@ class Trainer(BaseTrainer):
     def evaluate(self, model):
         model.eval()
         self.valid_metrics.reset()
-        n_batches = batches_per_epoch(len(self.valid_data_loader), self.limit_val_batches)
+        n_batches = batches_per_epoch(len(self.valid_data_loader), self.cfg.limit_val_batches)
         for data, target in itertools.islice(self.valid_data_loader, n_batches):
             data, target = self._to_device(data, target)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with self._autocast():
                 output = model(data)
                 loss = self.criterion(output, target)
             self.valid_metrics.update(loss, output, target)
@@ -144,10 +210,13 @@ class Trainer(BaseTrainer):
             data = data.contiguous(memory_format=self.memory_format)
         return data, target.to(self.device, non_blocking=True)
 
-    def _check_finite(self, first_nonfinite, epoch):
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _check_finite(self, epoch):
         """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""
-        if dist.all_reduce_sum((first_nonfinite >= 0).float()).item():
-            batch = int(first_nonfinite) if first_nonfinite >= 0 else "(on another process)"
+        if dist.all_reduce_sum((self.first_nonfinite >= 0).float()).item():
+            batch = int(self.first_nonfinite) if self.first_nonfinite >= 0 else "(on another process)"
             raise TrainingStopped(f"the loss became non-finite at epoch {epoch}, batch {batch}; the last good "
                                   f"checkpoint is kept in {self.run_dir}; set trainer.nonfinite_loss to \"skip\" to "
                                   f"skip such batches", 1)
@@ -156,7 +225,7 @@ class Trainer(BaseTrainer):
         """Whether a signal asked to stop; under DDP the ranks agree on it every log_step batches."""
         if not dist.is_distributed():
             return self.stop_signal is not None
-        if batch_idx % self.log_step:
+        if batch_idx % self.cfg.log_step:
             return False
         flag = dist.all_reduce_sum(torch.tensor(float(self.stop_signal is not None), device=self.device))
         if flag.item() and self.stop_signal is None:
@@ -169,12 +238,32 @@ class Trainer(BaseTrainer):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def _log_step(self, bar, step_loss, grad_norm, batch_size):
-        bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{(bar.format_dict['rate'] or 0) * batch_size:.0f}")
+    def _log_step(self, step_loss, batch_size):
+        rate = (self.bar.format_dict["rate"] or 0) * batch_size
+        self.bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.0f}")
         scalars = {"step_loss": step_loss}
-        if grad_norm is not None:
-            scalars["grad_norm"] = grad_norm.item()
+        if self.grad_norm is not None:
+            scalars["grad_norm"] = self.grad_norm.item()
         self.writer.add_scalars("train", scalars, self.global_step)
+
+
+    def state_dict(self, epoch, batches_done=0):
+        """The generic state plus the mixed-precision scaler, the EMA weights and a mid-epoch's metric sums."""
+        return {
+            **super().state_dict(epoch, batches_done),
+            "train_metrics": self.train_metrics.state_dict() if batches_done else None,
+            "ema_state_dict": clean_state_dict(self.ema.module.state_dict()) if self.ema else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def resume(self, checkpoint):
+        super().resume(checkpoint)
+        if self.ema and checkpoint.get("ema_state_dict"):
+            load_model_weights(self.ema.module, checkpoint["ema_state_dict"], checkpoint["path"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.resume_batches:
+            self.train_metrics.load_state_dict(checkpoint["train_metrics"], self.device)
 
 
 def grads_finite(model):

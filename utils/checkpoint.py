@@ -1,30 +1,34 @@
 """Writing and reading checkpoints: atomic saves, `weights_only` loads and clean state-dict keys."""
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
 
-from utils.util import UserError
+from utils.util import UserError, atomic_write
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REQUIRED_KEYS = ("state_dict", "config")
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash mid-save leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Save atomically: a crash mid-save leaves the previous file intact."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write(path, write)
 
 
-def load_checkpoint(path):
-    """Load a checkpoint onto the CPU with `weights_only=True`; anything else is refused with one clear line."""
+def best_checkpoint(run_dir):
+    """The checkpoint that stands for a run folder: model_best.pth, else checkpoint-last.pth (no monitor)."""
+    best = Path(run_dir) / "model_best.pth"
+    return best if best.exists() else Path(run_dir) / "checkpoint-last.pth"
+
+
+def load_checkpoint(path, mmap=False):
+    """Load a checkpoint onto the CPU with `weights_only=True`; anything else is refused with one clear line.
+    With `mmap` its tensors stay in the file until used (inference reads the weights, never the optimizer state)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint-last.pth"
@@ -36,7 +40,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {str(path)!r}: not a checkpoint (torch.save writes a zip archive; this file "
                         f"is not one, or is truncated)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = "it holds objects other than tensors and plain data"
         if "weights_only" not in str(e):
@@ -53,9 +57,9 @@ def load_checkpoint(path):
     return state
 
 
-def trusted_config(checkpoint):
-    """A checkpoint's config without its `import_roots`: code outside the project, torch and torchvision is
-    imported only when the user's own config or command line (-o import_roots=[...]) allows it."""
+def checkpoint_config(checkpoint):
+    """A checkpoint's config, to be validated like any other, without its `import_roots`: code outside the project,
+    torch and torchvision is imported only when the user's own config or command line allows it."""
     return {**checkpoint["config"], "import_roots": []}
 
 

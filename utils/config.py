@@ -1,79 +1,49 @@
 """The run configuration: read JSON, apply command-line overrides, validate everything, build objects by name.
 
-Each `{"type": ..., "args": {...}}` section names a class or function. It is looked up in the project's own
-module for that section first, then in the matching PyTorch namespace, or given as a dotted path under an
-allowed root. Validation runs before any data is read or model built, so mistakes cost seconds, not epochs.
+Each `{"type": ..., "args": {...}}` object names a class or function. It is looked up in the project's own module
+for that section first, then in the matching PyTorch namespace, or given as a dotted path under an allowed root,
+and it must be of the section's kind (an optimizer section builds an optimizer and nothing else). Its `args` are
+checked against the signature, and their types against the annotations or defaults, before anything is built.
 """
 import copy
-import difflib
 import functools
 import importlib
 import inspect
 import json
+import math
+import sys
 import traceback
+import types
+import typing
+from dataclasses import dataclass
 
-from utils.util import UserError, read_json
+from utils import schedule
+from utils.settings import InferenceSettings, RunSettings, TrainerSettings, check_settings, value_problem
+from utils.util import UserError, did_you_mean, read_json
 
-# section: (modules searched in order, number of leading positional arguments the trainer supplies)
-SECTIONS = {
-    "arch": (("model.model", "torchvision.models"), 0),
-    "data_loader": (("data_loader.data_loaders",), 0),
-    "optimizer": (("torch.optim",), 1),
-    "lr_scheduler": (("torch.optim.lr_scheduler",), 1),
-    "loss": (("model.loss", "torch.nn", "torch.nn.functional"), 0),
-    "metrics": (("model.metric",), 0),
-}
-REQUIRED_SECTIONS = ("arch", "data_loader", "optimizer", "loss", "trainer")
 PROJECT_ROOTS = ("base", "data_loader", "model", "trainer", "logger", "utils")
 LIBRARY_ROOTS = ("torch", "torchvision")
-BATCH_SCHEDULERS = ("OneCycleLR", "CyclicLR")
 
-# key: (default, type, minimum); a default of None means the key is required
-TOP_LEVEL = {
-    "name": ("run", str, None),
-    "n_gpu": (1, int, 0),
-    "seed": (0, int, 0),
-    "deterministic": (False, bool, None),
-    "import_roots": ([], list, None),
-    "arch": (None, dict, None),
-    "data_loader": (None, dict, None),
-    "optimizer": (None, dict, None),
-    "loss": (None, (str, dict), None),
-    "metrics": ([], list, None),
-    "lr_scheduler": ({}, dict, None),
-    "trainer": (None, dict, None),
-    "inference": ({}, dict, None),
+
+@dataclass(frozen=True)
+class Section:
+    """Where a section's `type` is looked up, what it must be, and which arguments the program supplies."""
+
+    modules: tuple  # searched in order for an undotted name
+    kind: str  # what the resolved object must be: a key of KINDS
+    positional: int = 0  # leading positional arguments the program passes (the optimizer's parameters, ...)
+    program_args: tuple = ()  # keyword arguments the program sets; a config may not
+
+
+SECTIONS = {
+    "arch": Section(("model.model", "torchvision.models"), "model"),
+    "data_loader": Section(("data_loader.data_loaders",), "data_loader", program_args=("training", "seed")),
+    "optimizer": Section(("torch.optim",), "optimizer", positional=1),
+    "lr_scheduler": Section(("torch.optim.lr_scheduler",), "lr_scheduler", positional=1),
+    "loss": Section(("model.loss", "torch.nn", "torch.nn.functional"), "loss"),
+    "metrics": Section(("model.metric",), "metric"),
+    "transforms": Section(("torchvision.transforms.v2",), "transform"),
 }
-TRAINER = {
-    "epochs": (None, int, 1),
-    "save_dir": ("saved/", str, None),
-    "save_period": (0, int, 0),
-    "verbosity": (2, int, 0),
-    "monitor": ("off", str, None),
-    "early_stop": (0, int, 0),
-    "tensorboard": (True, bool, None),
-    "log_step": (50, int, 1),
-    "save_top_k": (0, int, 0),
-    "amp": ("off", str, None),
-    "accumulation_steps": (1, int, 1),
-    "clip_grad_norm": (0, (int, float), 0),
-    "channels_last": (False, bool, None),
-    "compile": (False, bool, None),
-    "ema_decay": (0, (int, float), 0),
-    "limit_train_batches": (0, int, 0),
-    "limit_val_batches": (0, int, 0),
-    "overfit_batches": (0, int, 0),
-    "save_every_n_steps": (0, int, 0),
-    "nonfinite_loss": ("stop", str, None),
-    "freeze_backbone_epochs": (0, int, 0),
-}
-INFERENCE = {
-    "tta": ([], list, None),
-    "sample_submission": ("", str, None),
-    "label_format": ("name", str, None),
-}
-CHOICES = {"trainer.amp": ("off", "bf16", "fp16"), "trainer.nonfinite_loss": ("stop", "skip"),
-           "inference.label_format": ("name", "index")}
 
 
 def load_config(path, overrides=()):
@@ -93,7 +63,7 @@ def apply_overrides(config, overrides):
         if not sep or not all(keys):
             raise UserError(f"override {item!r}: expected key.path=value, e.g. trainer.epochs=5")
         try:
-            value = json.loads(raw)
+            value = json.loads(raw, parse_constant=lambda name: name)
         except json.JSONDecodeError:
             value = raw
         node = config
@@ -109,36 +79,34 @@ def apply_overrides(config, overrides):
 
 def validate(config):
     """Check every key, type, argument and the monitor; return a copy with defaults filled in."""
-    config = _check_keys(config, TOP_LEVEL, "")
-    config["trainer"] = _check_keys(config["trainer"], TRAINER, "trainer.")
+    config = check_settings(RunSettings, config)
+    config["trainer"] = check_settings(TrainerSettings, config["trainer"], "trainer.")
     config["inference"] = validate_inference(config["inference"])
-    if config["trainer"]["ema_decay"] >= 1:
-        raise UserError(f"trainer.ema_decay: expected a value below 1 (e.g. 0.999), "
-                        f"got {config['trainer']['ema_decay']}")
     roots = config["import_roots"]
-    if not all(isinstance(r, str) and r for r in roots):
-        raise UserError("import_roots: expected a list of module names, e.g. [\"timm\"]")
+    for root in roots:
+        if not isinstance(root, str) or not root.isidentifier():
+            raise UserError(f"import_roots: expected a list of package names, e.g. [\"timm\"], got {root!r}")
+        if root in sys.stdlib_module_names or root in PROJECT_ROOTS + LIBRARY_ROOTS:
+            raise UserError(f"import_roots: {root!r} is not a package of models or layers to add")
 
     for section in ("arch", "data_loader", "optimizer"):
-        config[section] = _check_section(config[section], section, roots)
+        config[section] = check_spec(config[section], section, roots)
+    config["loss"] = config["loss"] if isinstance(config["loss"], str) else check_spec(config["loss"], "loss", roots)
     if isinstance(config["loss"], str):
         resolve("loss", config["loss"], roots)
-    else:
-        config["loss"] = _check_section(config["loss"], "loss", roots)
     if config["lr_scheduler"]:
-        config["lr_scheduler"] = _check_section(config["lr_scheduler"], "lr_scheduler", roots, ("step_every",))
-        step_every = config["lr_scheduler"].setdefault(
-            "step_every", "batch" if config["lr_scheduler"]["type"] in BATCH_SCHEDULERS else "epoch")
+        spec = config["lr_scheduler"] = check_spec(config["lr_scheduler"], "lr_scheduler", roots, ("step_every",))
+        step_every = spec.setdefault("step_every", schedule.default_step_every(resolve("lr_scheduler", spec["type"],
+                                                                                       roots)))
         if step_every not in ("epoch", "batch"):
             raise UserError(f"lr_scheduler.step_every: expected \"epoch\" or \"batch\", got {json.dumps(step_every)}")
     names = []
     for i, entry in enumerate(config["metrics"]):
         if isinstance(entry, str):
             resolve("metrics", entry, roots, where=f"metrics[{i}]")
-            names.append(entry)
         else:
-            config["metrics"][i] = _check_section(entry, "metrics", roots, ("name",), where=f"metrics[{i}]")
-            names.append(metric_name(entry))
+            config["metrics"][i] = check_spec(entry, "metrics", roots, ("name",), where=f"metrics[{i}]")
+        names.append(metric_name(entry))
     if len(set(names)) != len(names):
         raise UserError(f"metrics: two metrics share a name ({', '.join(names)}); give one a \"name\"")
     _check_monitor(config, names)
@@ -147,7 +115,10 @@ def validate(config):
 
 def validate_inference(section):
     """The `inference` section with defaults filled in (test.py --blend needs it without a whole config)."""
-    return _check_keys(section, INFERENCE, "inference.")
+    section = check_settings(InferenceSettings, section, "inference.")
+    for i, spec in enumerate(section["tta"]):
+        check_spec(spec, "transforms", (), where=f"inference.tta[{i}]")
+    return section
 
 
 def metric_name(entry):
@@ -176,11 +147,12 @@ def _check_monitor(config, metric_names):
                         f"got {json.dumps(monitor)}")
     produced = produced_metrics(config)
     if metric not in produced:
-        hint = _suggest(metric, produced) or f"; training produces {', '.join(produced)}"
+        hint = did_you_mean(metric, produced) or f"; training produces {', '.join(produced)}"
         raise UserError(f"trainer.monitor: {metric!r} is never produced by training{hint}")
-    scheduler = config["lr_scheduler"]
-    if scheduler and scheduler["type"].endswith("ReduceLROnPlateau") and scheduler["args"].get("mode", "min") != mode:
-        raise UserError(f"lr_scheduler.args.mode: ReduceLROnPlateau is fed {metric!r}, which the monitor wants to "
+    spec = config["lr_scheduler"]
+    if spec and schedule.watches_a_metric(resolve("lr_scheduler", spec["type"], config["import_roots"])) and \
+            spec["args"].get("mode", "min") != mode:
+        raise UserError(f"lr_scheduler.args.mode: {spec['type']} is fed {metric!r}, which the monitor wants to "
                         f"{mode}imise; set \"mode\": \"{mode}\"")
 
 
@@ -188,92 +160,96 @@ def _has_validation(config):
     loader = config["data_loader"]
     if "validation_split" in loader["args"]:
         return bool(loader["args"]["validation_split"])
-    cls = resolve("data_loader", loader["type"], config["import_roots"])
-    try:
-        param = inspect.signature(cls).parameters.get("validation_split")
-    except (TypeError, ValueError):
-        return True
-    if param is None or param.default is param.empty:
-        return True
-    return bool(param.default)
+    param = _parameters(resolve("data_loader", loader["type"], config["import_roots"])).get("validation_split")
+    return param is None or param.default is param.empty or bool(param.default)
 
 
-def _check_keys(config, spec, prefix):
-    if not isinstance(config, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a JSON object")
-    for key in config:
-        if key not in spec:
-            raise UserError(f"{prefix}{key}: unknown key{_suggest(key, spec) or '; known keys: ' + ', '.join(spec)}")
-    checked = {}
-    for key, (default, kind, minimum) in spec.items():
-        if key not in config:
-            if default is None:
-                raise UserError(f"{prefix}{key}: missing required key")
-            checked[key] = copy.deepcopy(default)
-            continue
-        value = config[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-            expected = " or ".join(_json_type(k) for k in kinds)
-            raise UserError(f"{prefix}{key}: expected {expected}, got {json.dumps(value)}")
-        if minimum is not None and value < minimum:
-            raise UserError(f"{prefix}{key}: expected a value >= {minimum}, got {json.dumps(value)}")
-        if prefix + key in CHOICES and value not in CHOICES[prefix + key]:
-            raise UserError(f"{prefix}{key}: expected one of {', '.join(CHOICES[prefix + key])}, "
-                            f"got {json.dumps(value)}")
-        checked[key] = value
-    return checked
-
-
-def _json_type(kind):
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
-            list: "a list"}[kind]
-
-
-def _check_section(section, name, roots, extra_keys=(), where=None):
-    where = where or name
-    if not isinstance(section, dict):
-        raise UserError(f"{where}: expected an object with \"type\" and \"args\"")
-    for key in section:
+def check_spec(spec, section, roots, extra_keys=(), where=None):
+    """A `{type, args}` object checked against the section and the signature it names; returns it with `args`."""
+    where = where or section
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: expected an object with \"type\" and \"args\", got {json.dumps(spec)}")
+    for key in spec:
         if key not in ("type", "args", *extra_keys):
-            raise UserError(f"{where}.{key}: unknown key{_suggest(key, ('type', 'args', *extra_keys))}")
-    if not isinstance(section.get("type"), str):
+            raise UserError(f"{where}.{key}: unknown key{did_you_mean(key, ('type', 'args', *extra_keys))}")
+    if not isinstance(spec.get("type"), str):
         raise UserError(f"{where}.type: missing; expected the name of a class or function")
-    section = {"args": {}, **section}
-    if not isinstance(section["args"], dict):
-        raise UserError(f"{where}.args: expected an object, got {json.dumps(section['args'])}")
-    target = resolve(name, section["type"], roots, where)
-    _check_args(target, section["args"], SECTIONS[name][1], where, section["type"])
-    return section
+    spec = {"args": {}, **spec}
+    if not isinstance(spec["args"], dict):
+        raise UserError(f"{where}.args: expected an object, got {json.dumps(spec['args'])}")
+    target = resolve(section, spec["type"], roots, where)
+    _check_args(target, spec["args"], SECTIONS[section], where, spec["type"])
+    return spec
 
 
-def _check_args(target, args, n_supplied, where, type_name):
+def _parameters(target):
     try:
-        params = list(inspect.signature(target).parameters.values())
+        return dict(inspect.signature(target).parameters)
     except (TypeError, ValueError):
-        return
-    if inspect.isroutine(target) and where.startswith("loss"):
-        n_supplied = 2  # a loss function is called as fn(output, target, **args)
-    supplied, params = params[:n_supplied], params[n_supplied:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    for key in args:
-        if key in {p.name for p in supplied}:
-            raise UserError(f"{where}.args.{key}: supplied by the trainer; remove it from the config")
-        if key not in named:
-            accepted = ", ".join(sorted(named)) or "no arguments"
-            hint = _suggest(key, named) or "; it accepts: " + accepted
+        return {}
+
+
+def _check_args(target, args, section, where, type_name):
+    params = list(_parameters(target).values())
+    supplied = section.positional + (2 if section.kind == "loss" and not inspect.isclass(target) else 0)
+    by_program = {p.name for p in params[:supplied]} | set(section.program_args)
+    params = params[supplied:]
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+    for key, value in args.items():
+        if key in by_program:
+            raise UserError(f"{where}.args.{key}: set by the program; remove it from the config")
+        if key not in named and not open_ended:
+            hint = did_you_mean(key, named) or "; it accepts: " + (", ".join(sorted(named)) or "no arguments")
             raise UserError(f"{where}.args.{key}: not an argument of {type_name}{hint}")
-    if inspect.isclass(target):
-        missing = [p.name for p in params if p.default is p.empty and p.name in named and p.name not in args]
+        problem = _argument_problem(named[key], value, target) if key in named else None
+        if problem:
+            raise UserError(f"{where}.args.{key}: expected {problem}, got {json.dumps(value)}")
+    if inspect.isclass(target) and params:
+        missing = [n for n, p in named.items() if p.default is p.empty and n not in args and n not in by_program]
         if missing:
             raise UserError(f"{where}.args: {type_name} needs {', '.join(repr(m) for m in missing)}")
 
 
+PLAIN = (bool, int, float, str)
+
+
+def _argument_problem(param, value, target):
+    """What a JSON value given for `param` should have been, judged by its annotation, else by its default; None
+    when it fits or when the annotation allows more than JSON's plain values (lists, tensors, anything)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    kinds = _annotated_kinds(param, target)
+    if kinds is None and type(param.default) in PLAIN:
+        kinds = {type(param.default)}
+    if not kinds or value is None and (type(None) in kinds or param.default is None):
+        return None
+    problems = [value_problem(value, kind) for kind in PLAIN if kind in kinds]
+    return None if None in problems else " or ".join(dict.fromkeys(problems))
+
+
+def _annotated_kinds(param, target):
+    """The plain JSON types (and None) an annotation allows, or None when it allows others or cannot be read."""
+    annotation = param.annotation
+    if isinstance(annotation, str):
+        try:
+            annotation = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)[param.name]
+        except Exception:
+            return None
+    if annotation is param.empty:
+        return None
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    if not all(m in PLAIN or m is type(None) for m in members):
+        return None
+    return set(members)
+
+
 def resolve(section, type_name, roots=(), where=None):
-    """The class or function a section's `type` names; only classes and functions under allowed roots."""
+    """The class or function a section's `type` names, checked to be of the section's kind before anything is
+    built: an optimizer section can only ever build an optimizer."""
     where = where or section
+    kind = SECTIONS[section].kind
     if "." in type_name:
         module_name, _, attr = type_name.rpartition(".")
         root = module_name.split(".")[0]
@@ -282,59 +258,105 @@ def resolve(section, type_name, roots=(), where=None):
             raise UserError(f"{where}.type: {type_name!r} is outside the allowed import roots "
                             f"({', '.join(allowed)}); add {root!r} to the config's \"import_roots\" to allow it")
         try:
-            target = getattr(importlib.import_module(module_name), attr)
+            target = None if attr.startswith("_") else getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError):
-            raise UserError(f"{where}.type: {type_name!r} cannot be imported") from None
-        if not _usable(target):
-            raise UserError(f"{where}.type: {type_name!r} is not a class or function")
-        return target
-    for module_name in SECTIONS[section][0]:
-        target = getattr(importlib.import_module(module_name), type_name, None)
-        if not type_name.startswith("_") and _usable(target) and _defined_under(target, module_name):
-            return target
-    candidates = {n for m in SECTIONS[section][0] for n, obj in vars(importlib.import_module(m)).items()
-                  if not n.startswith("_") and _usable(obj) and _defined_under(obj, m)}
-    searched = " or ".join(SECTIONS[section][0])
-    raise UserError(f"{where}.type: unknown {type_name!r} (looked in {searched}){_suggest(type_name, candidates)}")
+            target = None
+        if target is None:
+            raise UserError(f"{where}.type: {type_name!r} cannot be imported")
+    else:
+        modules = SECTIONS[section].modules
+        found = (getattr(importlib.import_module(m), type_name, None) for m in modules)  # imported only as needed
+        target = next((t for t, m in zip(found, modules) if t is not None and _defined_under(t, m)), None)
+        if target is None or type_name.startswith("_"):
+            candidates = {n for m in modules for n, obj in vars(importlib.import_module(m)).items()
+                          if not n.startswith("_") and _defined_under(obj, m) and _is_kind(kind, obj, roots)}
+            raise UserError(f"{where}.type: unknown {type_name!r} (looked in {' or '.join(modules)})"
+                            f"{did_you_mean(type_name, candidates)}")
+    if not _is_kind(kind, target, roots):
+        raise UserError(f"{where}.type: {type_name!r} is not {KIND_NAMES[kind]}")
+    return target
 
 
-FUNCTION_MODULES = PROJECT_ROOTS + ("torchvision.models", "torch.nn.functional")
+KIND_NAMES = {
+    "model": "a model: an nn.Module class, or a model-building function of torchvision.models, model/ or an "
+             "import_roots package",
+    "data_loader": "a data loader: a DataLoader class of the project or of an import_roots package",
+    "optimizer": "an optimizer: a torch.optim.Optimizer class",
+    "lr_scheduler": "a learning-rate scheduler class",
+    "loss": "a loss: an nn.Module class, or a function of torch.nn.functional or model/loss.py",
+    "metric": "a metric: a class with batch_stats() and compute(), as in model/metric.py",
+    "transform": "a torchvision.transforms.v2 transform",
+}
 
 
-def _usable(target):
-    """Classes, and functions only where a config may need them (model builders, functional losses, the
-    project's own): never general-purpose functions such as torch.save or os.system."""
+def _is_kind(kind, target, roots):
+    """Whether a resolved object is of the kind a section builds (decided on the object, never on its name)."""
+    import torch
+
     if inspect.isclass(target):
-        return True
+        if kind == "model" or kind == "loss":
+            return issubclass(target, torch.nn.Module)
+        if kind == "optimizer":
+            return issubclass(target, torch.optim.Optimizer)
+        if kind == "lr_scheduler":
+            from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+            return issubclass(target, (LRScheduler, ReduceLROnPlateau))
+        if kind == "data_loader":
+            return issubclass(target, torch.utils.data.DataLoader) and _module_under(target, (*PROJECT_ROOTS, *roots))
+        if kind == "metric":
+            return callable(getattr(target, "batch_stats", None)) and callable(getattr(target, "compute", None))
+        if kind == "transform":
+            from torchvision.transforms import v2
+
+            return issubclass(target, v2.Transform)
+    if inspect.isfunction(target):
+        if kind == "model":
+            return _module_under(target, ("torchvision.models", "model", *roots))
+        if kind == "loss":
+            return _module_under(target, ("torch.nn.functional", "model.loss"))
+    return False
+
+
+def _module_under(target, prefixes):
     module = getattr(target, "__module__", None) or ""
-    return inspect.isfunction(target) and any(module == m or module.startswith(m + ".") for m in FUNCTION_MODULES)
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
 def _defined_under(target, module_name):
     """Whether `target` belongs to the package searched, not merely imported into it (a helper, a base class)."""
-    return getattr(target, "__module__", "").split(".")[0] == module_name.split(".")[0]
+    return (getattr(target, "__module__", None) or "").split(".")[0] == module_name.split(".")[0]
 
 
-def _suggest(name, candidates):
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+OPTIONAL_PROGRAM_ARGS = ("seed",)  # passed only to classes that take them
 
 
-def build(config, section, *supplied, **overrides):
-    """Instantiate a config section: the class called with the trainer's arguments plus the config's `args`."""
-    spec = config[section]
-    target = resolve(section, spec["type"], config["import_roots"])
-    args = {**spec["args"], **overrides}
-    if inspect.isroutine(target) and section == "loss":
+def build(config, section, *supplied, **program):
+    """Instantiate a config section: the class called with the program's arguments plus the config's `args`."""
+    return build_spec(config[section], section, config["import_roots"], *supplied, **program)
+
+
+def build_spec(spec, section, roots=(), *supplied, where=None, **program):
+    """Instantiate one `{type, args}` object of a section (a loss function comes back with its args bound)."""
+    where = where or section
+    target = resolve(section, spec["type"], roots, where)
+    params = _parameters(target)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    program = {k: v for k, v in program.items() if k not in OPTIONAL_PROGRAM_ARGS or k in params or takes_any}
+    args = {**spec.get("args", {}), **program}
+    if inspect.isfunction(target) and section == "loss":
         return functools.partial(target, **args) if args else target
     try:
-        return target(*supplied, **args)
+        built = target(*supplied, **args)
     except (ValueError, TypeError) as e:
-        if target.__module__.split(".")[0] in LIBRARY_ROOTS:
-            raise UserError(f"{section}: {spec['type']} rejected its arguments: {e}") from None
+        if _module_under(target, LIBRARY_ROOTS):
+            raise UserError(f"{where}: {spec['type']} rejected its arguments: {e}") from None
         frame = traceback.extract_tb(e.__traceback__)[-1]
-        raise UserError(f"{section}: {spec['type']}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: "
+        raise UserError(f"{where}: {spec['type']}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: "
                         f"{type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})") from None
+    if section == "arch" and not _is_kind("model", type(built), roots):
+        raise UserError(f"{where}: {spec['type']} returned a {type(built).__name__}, not an nn.Module")
+    return built
 
 
 def build_loss(config):
@@ -346,9 +368,15 @@ def build_loss(config):
 
 
 def build_metrics(config):
-    metrics = {}
-    for entry in config["metrics"]:
-        spec = {"type": entry, "args": {}} if isinstance(entry, str) else entry
-        target = resolve("metrics", spec["type"], config["import_roots"])
-        metrics[metric_name(entry)] = target(**spec["args"])
-    return metrics
+    """The config's metrics by the names they are logged under."""
+    return {metric_name(entry): build_spec({"type": entry} if isinstance(entry, str) else entry, "metrics",
+                                           config["import_roots"], where=f"metrics[{i}]")
+            for i, entry in enumerate(config["metrics"])}
+
+
+def build_transforms(specs, where):
+    """torchvision.transforms.v2 transforms from a list of `{type, args}` objects."""
+    if not isinstance(specs, (list, tuple)):
+        raise UserError(f"{where}: expected a list of {{\"type\": ..., \"args\": {{...}}}} objects, got {specs!r}")
+    return [build_spec(check_spec(spec, "transforms", (), where=f"{where}[{i}]"), "transforms",
+                       where=f"{where}[{i}]") for i, spec in enumerate(specs)]

@@ -1,8 +1,11 @@
 """Small helpers shared by train.py, test.py and the trainer: errors, JSON files, seeding, devices, run folders."""
+import difflib
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -52,18 +55,41 @@ def error_line(error):
     return "error: " + " ".join(text.split())
 
 
+def did_you_mean(name, candidates):
+    """"; did you mean 'x'?" for close matches of a misspelt name, else ""."""
+    close = difflib.get_close_matches(str(name), list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def read_json(path):
+    """A JSON file as Python values; a repeated key, NaN or Infinity is refused rather than silently taken."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"the key {repeated[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def write_json(content, path):
@@ -71,11 +97,37 @@ def write_json(content, path):
 
 
 def write_text(text, path):
-    """Write a text file atomically (temporary file, then rename) so a crash never leaves a half-written file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write(path, write):
+    """Create `path` through `write(tmp)` on a temporary name beside it, flushed to disk, then renamed: a reader or
+    a crash sees the old file or the new one, never part of one. Concurrent writers of one path are safe."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def link_or_copy(source, tmp):
+    """Make `tmp` a hard link to `source` (a copy where the file system has none): for `atomic_write`."""
+    os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+
+
+def epoch_seed(seed, epoch):
+    """The seed of one epoch of a run: its data order, sample seeds and the training loop's random state."""
+    return seed + 1_000_003 * epoch
 
 
 def seed_everything(seed, deterministic=False):
