@@ -9,7 +9,6 @@ Models and data are rebuilt from the checkpoints' own configs (the first one's d
 -o). Writes metrics.json (when the data has labels), predictions.csv (the submission) and probabilities.csv to
 DIR, by default `<run folder>/<split>-<checkpoint name>/`.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,11 +17,11 @@ from logger.logger import setup_logging
 from trainer.inference import blend, class_names, load_model, predict, row_ids, score, write_predictions
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, validate, validate_inference
-from utils.util import UserError, error_line, resolve_device, write_json
+from utils.util import ArgumentParser, UserError, error_line, resolve_device, write_json
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Evaluate checkpoints on the test split.")
+    parser = ArgumentParser(description="Evaluate checkpoints on the test split.")
     parser.add_argument("-r", "--resume", action="append", default=[],
                         help="checkpoint, or run-group folder of a --folds run; repeat for an ensemble")
     parser.add_argument("--out", help="folder for metrics.json, predictions.csv and probabilities.csv")

@@ -4,7 +4,6 @@
     python train.py -r saved/<name>/<run id>/checkpoint-last.pth     resume that run exactly
     python train.py -r saved/.../model_best.pth -c other.json        a new run that starts from those weights
 """
-import argparse
 import gc
 import logging
 import signal
@@ -24,6 +23,7 @@ from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, validate
 from utils.schedule import build_schedule
 from utils.util import (
+    ArgumentParser,
     UserError,
     create_run_dir,
     error_line,
@@ -38,7 +38,7 @@ from utils.util import (
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train a model described by a JSON config.")
+    parser = ArgumentParser(description="Train a model described by a JSON config.")
     parser.add_argument("-c", "--config", help="config file (with -r: fine-tune from the checkpoint's weights)")
     parser.add_argument("-r", "--resume", help="checkpoint (or run folder) to resume")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:N or a GPU index (default: from n_gpu)")
@@ -150,7 +150,8 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     if resume:
         trainer.resume(checkpoint)
     if dist.is_main_process():  # the first writes into the run folder: everything above has been checked
-        create_run_dir(run_dir, continuing=resume)
+        run_dir = trainer.run_dir = create_run_dir(run_dir, continuing=resume)
+        data_loader.write_caches()
         add_log_file(logger, run_dir / "train.log")
         save_run_config(config, run_dir, checkpoint if resume else None)
     logger.debug(str(model))

@@ -130,6 +130,11 @@ class BaseDataLoader(DataLoader):
         super().__init__(SeededDataset(dataset), sampler=EpochSampler(self.train_indices, shuffle, self.seed,
                                                                       weights=weights), **self.init_kwargs)
 
+    def write_caches(self):
+        """Let the datasets write what they keep for later runs (a decoded-image cache), once a run has begun."""
+        for dataset in (self.dataset, self.eval_dataset):
+            getattr(dataset, "write_cache", lambda: None)()
+
     def set_epoch(self, epoch, skip_batches=0):
         """Select the epoch's order and sample seeds; `skip_batches` resumes it after that many batches."""
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)

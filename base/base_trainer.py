@@ -1,6 +1,7 @@
 import csv
 import logging
 import math
+import shlex
 import signal
 import threading
 import time
@@ -56,7 +57,7 @@ class BaseTrainer:
         self.global_step = 0
         self.stop_signal = None
         self.epoch_lr = None  # the learning rate the current epoch started with, as logged in history.csv
-        self.writer = TensorboardWriter(run_dir / "tensorboard", self.cfg.tensorboard and self.is_main)
+        self.writer = None  # TensorBoard, under the run folder as finally created
 
     def _train_epoch(self, epoch):
         raise NotImplementedError
@@ -66,6 +67,7 @@ class BaseTrainer:
         log = {}
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {s: signal.signal(s, self._request_stop) for s in handled}
+        self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.cfg.tensorboard and self.is_main)
         if self.is_main:
             self._trim_history()
         try:
@@ -106,7 +108,8 @@ class BaseTrainer:
         last = self.run_dir / "checkpoint-last.pth"
         where = f"epoch {epoch}, batch {batches_done}" if batches_done else f"the end of epoch {epoch}"
         return TrainingStopped(f"stopped by {self.stop_signal} at {where}: state saved to {last}; "
-                               f"resume with: python train.py -r {last}", 128 + getattr(signal, self.stop_signal))
+                               f"resume with: python train.py -r {shlex.quote(str(last))}",
+                               128 + getattr(signal, self.stop_signal))
 
     def _report_epoch(self, epoch, log, lr, seconds):
         """Log line, TensorBoard scalars and a history.csv row; `lr` is the rate the epoch started with."""

@@ -61,6 +61,8 @@ def _largest_remainder(shares, total):
 
 def assign_folds(n_samples, n_folds, seed, targets=None, groups=None):
     """The fold (0..n_folds-1) of every sample, reproducible from `seed`."""
+    if n_samples < n_folds:
+        raise ValueError(f"{n_samples} samples cannot fill {n_folds} folds")
     rng = np.random.default_rng(seed)
     if groups is not None:
         return _group_folds(np.asarray(groups), n_folds, rng, None if targets is None else np.asarray(targets))

@@ -1,5 +1,6 @@
 """Datasets for the competition layout: a CSV of image ids (and labels) beside a folder of images."""
 import csv
+import functools
 import hashlib
 import logging
 import re
@@ -51,6 +52,7 @@ class CsvImageDataset(Dataset):
         self.groups = table[group_column] if group_column else None
         self.transform = transform
         self.images = None
+        self.unsaved_cache = []  # (path, contents) of a cache file, written by write_cache once a run has begun
         if cache:
             self.images = self.decode_all() if cache_dir is None else self.load_or_decode(Path(cache_dir), csv_file)
 
@@ -75,7 +77,7 @@ class CsvImageDataset(Dataset):
 
     def load_or_decode(self, cache_dir, csv_file):
         """The decoded images from `cache_dir` when its file matches the image files as they are now; otherwise
-        decoded now and written there for the next run (atomically, so concurrent runs are safe)."""
+        decoded now, to be written there for the next run by `write_cache`."""
         place = hashlib.sha256(f"{self.image_dir.resolve()}|{self.image_mode}".encode()).hexdigest()[:16]
         path = cache_dir / f"{Path(csv_file).stem}-{self.image_mode}-{place}.pt"
         signature = self.files_signature()
@@ -94,12 +96,19 @@ class CsvImageDataset(Dataset):
             return images
         shapes = torch.tensor([list(image.shape) for image in images], dtype=torch.int64).view(-1, 3)
         flat = torch.cat([image.flatten() for image in images]) if images else torch.empty(0, dtype=torch.uint8)
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: torch.save({"signature": signature, "shapes": shapes, "images": flat}, tmp))
-        except OSError as e:
-            self.warn(f"decoded-image cache {path}: not written ({e.strerror or e})")
+        self.unsaved_cache.append((path, {"signature": signature, "shapes": shapes, "images": flat}))
         return as_views(flat, shapes)  # one block of memory, as a cached run has
+
+    def write_cache(self):
+        """Write the decoded-image cache file that loading found missing or stale (nothing is written before a run
+        has passed its checks)."""
+        while self.unsaved_cache:
+            path, contents = self.unsaved_cache.pop()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, functools.partial(torch.save, contents))
+            except OSError as e:
+                self.warn(f"decoded-image cache {path}: not written ({e.strerror or e})")
 
     def files_signature(self):
         """A digest of every listed file's name, size, modification and status-change times: a file replaced
@@ -162,6 +171,11 @@ def read_csv(csv_file, id_column, required=()):
         if name in (id_column, *required) and "" in values:
             raise UserError(f"{csv_file}: line {rows[values.index('')][0]} has no value in column {name!r}")
         table[name] = values if name == id_column else typed(values)
+    first_line = {}
+    for (line, _), image_id in zip(rows, table[id_column]):
+        if first_line.setdefault(image_id, line) != line:
+            raise UserError(f"{csv_file}: id {image_id!r} on line {line} is listed on line {first_line[image_id]} "
+                            f"too; each id once")
     return table
 
 

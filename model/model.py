@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from base import BaseModel
-from utils.checkpoint import load_model_weights
+from utils.checkpoint import load_model_weights, load_state_dict_file
 from utils.util import UserError
 
 
@@ -68,8 +68,7 @@ class TorchvisionClassifier(BaseModel):
             raise UserError(f"arch.args.weights: could not download {url} ({e}); offline, put that file in "
                             f"{torch.hub.get_dir()}/checkpoints/ or give a local \"weights_file\"") from None
         if weights_file:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-            load_model_weights(self.net, state.get("state_dict", state), weights_file)
+            load_model_weights(self.net, load_state_dict_file(weights_file), weights_file)
         if in_channels != 3:
             conv = next(m for m in self.net.modules() if isinstance(m, nn.Conv2d))
             conv_name = next(n for n, m in self.net.named_modules() if m is conv)

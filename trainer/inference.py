@@ -5,6 +5,7 @@ Probabilities are the common currency: models are averaged as probabilities, met
 """
 import math
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -132,8 +133,16 @@ def blend(paths, weights):
     for path in paths:
         try:
             tables.append(pd.read_csv(path, dtype={"id": str}).set_index("id"))
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError) as e:
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as e:
             raise UserError(f"--blend: cannot read {str(path)!r} as a probabilities.csv ({e})") from None
+        table = tables[-1]
+        if table.index.duplicated().any():
+            raise UserError(f"--blend: {path} lists id {table.index[table.index.duplicated()][0]!r} more than once")
+        numeric = table.apply(pd.to_numeric, errors="coerce")
+        if table.empty or numeric.isna().any().any() or not np.isfinite(numeric.to_numpy()).all():
+            raise UserError(f"--blend: {path} has cells that are not finite numbers (expected id and one "
+                            f"probability column per class)")
+        tables[-1] = numeric
     first = tables[0]
     for path, table in zip(paths[1:], tables[1:]):
         if set(table.index) != set(first.index) or list(table.columns) != list(first.columns):

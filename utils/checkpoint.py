@@ -26,29 +26,23 @@ def best_checkpoint(run_dir):
     return best if best.exists() else Path(run_dir) / "checkpoint-last.pth"
 
 
+def load_state_dict_file(path):
+    """The weights in a file of pretrained weights: a state dict, or a checkpoint holding one under `state_dict`."""
+    state = read_torch_file(path, "arch.args.weights_file")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"arch.args.weights_file {str(path)!r}: not a state dict (names mapped to tensors)")
+    return state
+
+
 def load_checkpoint(path, mmap=False):
     """Load a checkpoint onto the CPU with `weights_only=True`; anything else is refused with one clear line.
     With `mmap` its tensors stay in the file until used (inference reads the weights, never the optimizer state)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint-last.pth"
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r}: no such file")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {str(path)!r}: the file is empty")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"checkpoint {str(path)!r}: not a checkpoint (torch.save writes a zip archive; this file "
-                        f"is not one, or is truncated)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = "it holds objects other than tensors and plain data"
-        if "weights_only" not in str(e):
-            reason = str(e).splitlines()[0]
-        raise UserError(f"checkpoint {str(path)!r}: refused to load: {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"checkpoint {str(path)!r}: not a readable checkpoint (truncated or another format): "
-                        f"{str(e).splitlines()[0]}") from None
+    state = read_torch_file(path, "checkpoint", mmap)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) or not isinstance(
             state["config"], dict):
         raise UserError(f"checkpoint {str(path)!r}: not a checkpoint of this template "
@@ -61,6 +55,27 @@ def checkpoint_config(checkpoint):
     """A checkpoint's config, to be validated like any other, without its `import_roots`: code outside the project,
     torch and torchvision is imported only when the user's own config or command line allows it."""
     return {**checkpoint["config"], "import_roots": []}
+
+
+def read_torch_file(path, what, mmap=False):
+    """A file written by torch.save, loaded with `weights_only=True` onto the CPU; anything else is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {str(path)!r}: the file is empty")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{what} {str(path)!r}: not a file written by torch.save (a zip archive), or a truncated one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = "it holds objects other than tensors and plain data"
+        if "weights_only" not in str(e):
+            reason = str(e).splitlines()[0]
+        raise UserError(f"{what} {str(path)!r}: refused to load: {reason}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{what} {str(path)!r}: not readable (truncated or another format): "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 def clean_state_dict(state_dict):

@@ -82,6 +82,9 @@ def validate(config):
     config = check_settings(RunSettings, config)
     config["trainer"] = check_settings(TrainerSettings, config["trainer"], "trainer.")
     config["inference"] = validate_inference(config["inference"])
+    name = config["name"]
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UserError(f"name: expected a folder name (no slashes, not \".\" or \"..\"), got {json.dumps(name)}")
     roots = config["import_roots"]
     for root in roots:
         if not isinstance(root, str) or not root.isidentifier():

@@ -1,4 +1,5 @@
 """Small helpers shared by train.py, test.py and the trainer: errors, JSON files, seeding, devices, run folders."""
+import argparse
 import difflib
 import json
 import os
@@ -16,6 +17,13 @@ import torch
 
 class UserError(Exception):
     """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one `error:` line and a pointer to --help, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def quiet_handover_errors():
@@ -198,11 +206,36 @@ def new_run_dir(save_dir, name):
 
 
 def create_run_dir(run_dir, continuing):
-    """Create the run folder once everything is built and checked; a new run never reuses an existing folder."""
+    """Create the run folder once everything is built and checked, and hold it for this process: a new run takes
+    the next free name if another run took this one meanwhile; a run folder another process trains in is refused.
+    Returns the folder."""
+    first = run_dir
+    for n in range(1, 10**6):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=continuing)
+            break
+        except FileExistsError:
+            run_dir = first.with_name(f"{first.name}_{n}")
+        except OSError as e:
+            raise UserError(f"trainer.save_dir: cannot create {str(run_dir)!r} ({e.strerror})") from None
+    hold_folder(run_dir)
+    return run_dir
+
+
+_held = {}
+
+
+def hold_folder(folder):
+    """An exclusive lock on `folder` for the rest of this process (released when it exits, however it exits)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        run_dir.mkdir(parents=True, exist_ok=continuing)
-    except FileExistsError:
-        raise UserError(f"run folder {str(run_dir)!r} appeared meanwhile (another run started in the same second); "
-                        f"start again") from None
-    except OSError as e:
-        raise UserError(f"trainer.save_dir: cannot create {str(run_dir)!r} ({e.strerror})") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"run folder {str(folder)!r} is in use: another process is training in it") from None
+    previous = _held.pop("run", None)
+    if previous is not None:
+        os.close(previous)
+    _held["run"] = fd
