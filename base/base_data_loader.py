@@ -84,6 +84,19 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
 
+def collate(samples):
+    """default_collate, with samples of different shapes reported in one line instead of a stack error."""
+    try:
+        return default_collate(samples)
+    except RuntimeError:
+        shapes = sorted({str(list(s[0].shape)) for s in samples if hasattr(s[0], "shape")})
+        if len(shapes) < 2:
+            raise
+        raise UserError(f"data: samples of one batch have different shapes after the transforms "
+                        f"({', '.join(shapes[:3])}): give the images one size and channel count (image_mode, or a "
+                        f"Resize in the transforms)") from None
+
+
 def _ignore_interrupt(worker_id):
     """Ctrl-C reaches the whole process group; workers keep serving so the trainer can save before it exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -99,7 +112,7 @@ class BaseDataLoader(DataLoader):
     only: validation, test and out-of-fold predictions are always collated plainly.
     """
 
-    def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=default_collate,
+    def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=collate,
                  eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"data_loader.args.batch_size: expected a positive integer, got {batch_size!r}")
@@ -155,4 +168,4 @@ class BaseDataLoader(DataLoader):
 
     def _eval_loader(self, indices):
         return DataLoader(SeededDataset(self.eval_dataset), sampler=EpochSampler(indices, shuffle=False, pad=False),
-                          **{**self.init_kwargs, "collate_fn": default_collate})
+                          **{**self.init_kwargs, "collate_fn": collate})

@@ -73,7 +73,15 @@ class CsvImageDataset(Dataset):
             raise UserError(f"image {str(path)!r}: cannot be decoded ({str(e).splitlines()[0]})") from None
 
     def decode_all(self):
-        return [self.read(i) for i in range(len(self.paths))]
+        """Every image, decoded; images of different shapes are refused unless a transform can make them one size."""
+        images = [self.read(i) for i in range(len(self.paths))]
+        if not getattr(self.transform, "steps", self.transform is not None):
+            for path, image in zip(self.paths, images):
+                if image.shape != images[0].shape:
+                    raise UserError(f"image {str(path)!r}: {list(image.shape)} (channels, height, width), but "
+                                    f"{self.paths[0].name} is {list(images[0].shape)}; give the images one size and "
+                                    f"channel count (image_mode), or add a Resize to the transforms")
+        return images
 
     def load_or_decode(self, cache_dir, csv_file):
         """The decoded images from `cache_dir` when its file matches the image files as they are now; otherwise

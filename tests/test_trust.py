@@ -1,0 +1,216 @@
+"""What a config or a checkpoint can make the program do, tried as an attacker and as a careless user would.
+
+A section's `type` must resolve to an object of that section's kind before anything is built, whether the config
+comes from the user or from a checkpoint. Every wrongly typed, out-of-range or non-finite value, in the declared
+settings or in any argument of a class the config names, ends in exit code 2, one line, nothing written.
+"""
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import io
+import json
+import math
+import tempfile
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import train
+from tests.helpers import evaluate, make_config, write_config
+from utils.config import resolve
+from utils.settings import RunSettings, TrainerSettings
+from utils.util import UserError
+
+POPEN = "torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler.Popen"
+HOSTILE = [  # (section, type, args): each would run a command or touch a file if it were built
+    ("arch", POPEN, {"args": ["touch", "{pwned}"]}),
+    ("loss", POPEN, {"args": ["touch", "{pwned}"]}),
+    ("optimizer", "torch.serialization.save", {"f": "{pwned}"}),
+    ("lr_scheduler", "torch.hub.download_url_to_file", {"url": "file:///etc/hostname", "dst": "{pwned}"}),
+    ("arch", "torch.hub.download_url_to_file", {"url": "file:///etc/hostname", "dst": "{pwned}"}),
+    ("arch", "torchvision.utils.save_image", {"tensor": [[1.0]], "fp": "{pwned}"}),
+    ("loss", "utils.util.write_text", {"text": "x", "path": "{pwned}"}),
+    ("data_loader", "torch.utils.tensorboard.SummaryWriter", {"log_dir": "{pwned}"}),
+]
+
+
+def hostile_config(data_dir, save_dir, section, type_name, args, pwned):
+    config = make_config(data_dir, save_dir)
+    spec = {"type": type_name, "args": json.loads(json.dumps(args).replace("{pwned}", str(pwned)))}
+    config[section] = spec
+    return config
+
+
+def assert_refused_without_effect(code, capsys, pwned, section):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not pwned.exists(), f"a {section} type ran its effect"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {section}"), err
+
+
+@pytest.mark.parametrize("section, type_name, args", HOSTILE, ids=[f"{s}-{t.rsplit('.', 1)[1]}" for s, t, _ in HOSTILE])
+def test_a_config_builds_nothing_but_its_sections_kind(section, type_name, args, data_slice, tmp_path, capsys):
+    pwned = tmp_path / "pwned"
+    config = hostile_config(data_slice, tmp_path / "saved", section, type_name, args, pwned)
+    code = train.main(["-c", str(write_config(config, tmp_path / "config.json"))])
+    assert_refused_without_effect(code, capsys, pwned, section)
+    assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py"])
+@pytest.mark.parametrize("section, type_name, args", HOSTILE[:3], ids=["arch-Popen", "loss-Popen", "optimizer-save"])
+def test_a_checkpoint_builds_nothing_but_its_sections_kind(script, section, type_name, args, data_slice, tmp_path,
+                                                           capsys):
+    """A checkpoint from elsewhere (a forum, a teammate) loads with weights_only, and its config is checked exactly
+    like a user's."""
+    pwned = tmp_path / "pwned"
+    config = hostile_config(data_slice, tmp_path / "saved", section, type_name, args, pwned)
+    model = tmp_path / "model.pth"
+    torch.save({"state_dict": {}, "config": config, "epoch": 1, "batches_done": 0, "global_step": 1}, model)
+    code = (train.main if script == "train.py" else evaluate)(["-r", str(model)])
+    assert_refused_without_effect(code, capsys, pwned, section)
+
+
+# --- every public class and function of torch's namespaces, by section ----------------------------------------------
+
+NAMESPACES = ["torch", "torch.nn", "torch.nn.functional", "torch.optim", "torch.optim.lr_scheduler", "torch.utils.data",
+              "torch.hub", "torch.serialization", "torch.multiprocessing", "torch.distributed.elastic.multiprocessing",
+              "torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler", "torchvision.models",
+              "torchvision.datasets", "torchvision.io", "torchvision.utils", "torchvision.transforms.v2",
+              "utils.util", "utils.checkpoint", "model.model", "model.loss", "model.metric", "data_loader.data_loaders"]
+
+
+def walked_objects():
+    """(dotted name, object) of every public class and function in NAMESPACES."""
+    found = {}
+    for module_name in NAMESPACES:
+        for name, obj in vars(importlib.import_module(module_name)).items():
+            if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
+                found.setdefault(f"{module_name}.{name}", obj)
+    return found
+
+
+def under(obj, *prefixes):
+    module = getattr(obj, "__module__", "") or ""
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def subclass(obj, *bases):
+    return inspect.isclass(obj) and issubclass(obj, bases)
+
+
+KIND = {  # what each section may build, written independently of the implementation
+    "arch": lambda o: subclass(o, torch.nn.Module) or inspect.isfunction(o) and under(o, "torchvision.models", "model"),
+    "loss": lambda o: subclass(o, torch.nn.Module) or inspect.isfunction(o) and under(o, "torch.nn.functional",
+                                                                                       "model.loss"),
+    "optimizer": lambda o: subclass(o, torch.optim.Optimizer),
+    "lr_scheduler": lambda o: subclass(o, torch.optim.lr_scheduler.LRScheduler,
+                                       torch.optim.lr_scheduler.ReduceLROnPlateau),
+    "data_loader": lambda o: subclass(o, torch.utils.data.DataLoader) and under(o, "data_loader", "base"),
+}
+
+
+@pytest.mark.parametrize("section", list(KIND))
+def test_every_object_of_another_kind_is_refused_before_it_is_built(section):
+    walked = walked_objects()
+    accepted = []
+    for dotted in walked:
+        try:
+            resolve(section, dotted)
+        except UserError:
+            continue
+        accepted.append(dotted)
+    wrongly = [d for d in accepted if not KIND[section](walked[d])]
+    assert wrongly == [], f"{section} accepts objects of another kind"
+    assert len(walked) > 500 and accepted, "the walk found too little to mean anything"
+
+
+# --- wrong values, drawn ------------------------------------------------------------------------------------------
+
+def wrong_values(kind, minimum=None):
+    """JSON values that are not of `kind`, or below its minimum."""
+    anything_else = st.one_of(st.text(max_size=5), st.booleans(), st.lists(st.integers(), max_size=2), st.none(),
+                              st.dictionaries(st.text(max_size=3), st.integers(), max_size=1))
+    if typing.get_origin(kind) is typing.Literal:
+        return st.one_of(anything_else, st.text(max_size=8)).filter(lambda v: v not in typing.get_args(kind))
+    if kind is bool:
+        return st.one_of(st.integers(), st.text(max_size=5), st.none(), st.floats())
+    if kind is int:
+        below = st.integers(max_value=minimum - 1) if minimum is not None else st.nothing()
+        return st.one_of(anything_else.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool))),
+                         st.floats().filter(lambda v: not v.is_integer() if math.isfinite(v) else True), below)
+    if kind is float:
+        below = st.floats(max_value=minimum, exclude_max=True) if minimum is not None else st.nothing()
+        return st.one_of(anything_else, st.sampled_from([math.nan, math.inf, -math.inf]), below)
+    if kind is str:
+        return st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.lists(st.text(max_size=2)))
+    return anything_else.filter(lambda v: not isinstance(v, kind))
+
+
+def declared(declaration):
+    return [(f.name, f.type, f.metadata.get("minimum")) for f in dataclasses.fields(declaration)
+            if f.type in (int, float, bool, str) or typing.get_origin(f.type) is typing.Literal]
+
+
+def mistakes_in(declaration, prefix):
+    return st.sampled_from(declared(declaration)).flatmap(
+        lambda field: wrong_values(field[1], field[2]).map(lambda value: (prefix + field[0], value)))
+
+
+def argument_mistakes():
+    """A wrongly typed value for an argument of a class the small config names, judged by its default's type."""
+    import model.model
+    from data_loader.data_loaders import CsvImageDataLoader
+
+    classes = {"arch.args.": model.model.ConvNet, "data_loader.args.": CsvImageDataLoader,
+               "optimizer.args.": torch.optim.AdamW}
+    plain = [(prefix + p.name, type(p.default)) for prefix, cls in classes.items()
+             for p in inspect.signature(cls).parameters.values()
+             if type(p.default) in (int, float, bool, str) and p.name not in ("training", "seed")]
+    return st.sampled_from(plain).flatmap(lambda item: wrong_values(item[1]).map(lambda v: (item[0], v)))
+
+
+def run_with(data_dir, key, value):
+    """train.py -c on the small config with `key` set to `value`: (exit code, stderr, whether save_dir exists)."""
+    with tempfile.TemporaryDirectory() as folder:
+        config = make_config(data_dir, Path(folder) / "saved")
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config))  # NaN and infinity are written as JSON's non-standard tokens
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = train.main(["-c", str(path)])
+        return code, err.getvalue(), (Path(folder) / "saved").exists()
+
+
+def assert_one_line_exit_2(data_dir, key, value):
+    code, err, wrote = run_with(data_dir, key, value)
+    assert code == 2, f"{key}={value!r}: exit code {code}\n{err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, f"{key}={value!r}:\n{err}"
+    assert not wrote, f"{key}={value!r} created save_dir"
+
+
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(mistake=st.one_of(mistakes_in(TrainerSettings, "trainer."), mistakes_in(RunSettings, "")))
+def test_a_wrong_setting_is_one_line_and_exit_2(data_slice, mistake):
+    assert_one_line_exit_2(data_slice, *mistake)
+
+
+@PROPERTY
+@given(mistake=argument_mistakes())
+def test_a_wrong_argument_of_a_named_class_is_one_line_and_exit_2(data_slice, mistake):
+    assert_one_line_exit_2(data_slice, *mistake)
