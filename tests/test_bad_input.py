@@ -254,7 +254,6 @@ CASES = [
 ]
 
 
-
 def test_the_table_covers_at_least_thirty_distinct_cases():
     """Thirty distinct situations with files and processes: a config file that is a folder or empty; missing data
     folders, CSV files and images, CSVs and images that cannot be read; a save_dir that is a file; damaged, foreign
