@@ -2,9 +2,10 @@
 
     python new_project.py ../my-competition [--with-sample-data]
 
-Copies the code, configs, tests and CI script; leaves out runs (saved/), caches, virtual environments and
-version-control data, and the sample images unless --with-sample-data is given (without them the tests
-generate a small stand-in dataset of their own).
+Copies the code, configs, tests and CI script. Leaves out runs (saved/), caches, virtual environments and
+version-control data; the template's own benchmarks (benchmarks/) and the provenance of its sample data
+(data/make_mnist5k.py, data/README.md); and the sample images (data/mnist5k) unless --with-sample-data is given
+(without them the tests generate a small stand-in dataset of their own).
 """
 import argparse
 import shutil
@@ -12,9 +13,10 @@ import sys
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent
-SKIPPED = {".git", "saved", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv", "venv", ".whl", ".gl",
-           ".mypy_cache", ".ipynb_checkpoints"}
+SKIPPED = {".git", "saved", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv", "venv", ".mypy_cache",
+           ".ipynb_checkpoints"}
 SAMPLE_DATA = TEMPLATE / "data" / "mnist5k"
+TEMPLATE_ONLY = {TEMPLATE / "benchmarks", SAMPLE_DATA.parent / "make_mnist5k.py", SAMPLE_DATA.parent / "README.md"}
 
 
 def copy_template(target, with_sample_data=False):
@@ -26,7 +28,8 @@ def copy_template(target, with_sample_data=False):
         raise SystemExit(f"error: {target} is inside the template; choose a folder outside it")
 
     def ignore(folder, names):
-        skipped = {n for n in names if n in SKIPPED or n.endswith((".pyc", ".pth", ".tmp"))}
+        skipped = {n for n in names if n in SKIPPED or n.endswith((".pyc", ".pth", ".tmp"))
+                   or Path(folder).resolve() / n in TEMPLATE_ONLY}
         if Path(folder).resolve() == SAMPLE_DATA.parent and not with_sample_data:
             skipped.add(SAMPLE_DATA.name)
         return skipped
@@ -44,6 +47,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     target = copy_template(args.target, args.with_sample_data)
     print(f"new project in {target}\nnext: cd {target} && git init && python -m pytest -q tests")
+    print("data: config.json expects the competition data in data/mnist5k (train.csv with id,label; images in "
+          "train/ and test/), or make the project with --with-sample-data")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import train
-from tests.conftest import DATA, error_line, evaluate, read_csv_rows, read_history, run_dirs
+from tests.helpers import DATA, error_line, evaluate, read_csv_rows, read_history, run_dirs
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "victoresque_config.json"
 N_TRAIN, N_TEST = 400, 100

@@ -11,7 +11,7 @@ import torch
 
 from data_loader.data_loaders import CsvImageDataLoader, build_transforms
 from data_loader.datasets import IMAGE_MODES, CsvImageDataset, read_csv
-from tests.conftest import DATA, REPO, fails, write_config
+from tests.helpers import DATA, REPO, fails, write_config
 from utils.util import UserError
 
 
@@ -217,6 +217,7 @@ def test_an_image_grid_of_any_image_mode(tmp_path, channels):
     assert (grid.width, grid.height) == (8 * 5, 2 * 6)
 
 
+@pytest.mark.slow
 def test_a_run_with_a_warm_cache_imports_neither_torchvision_nor_pandas(config, tmp_path):
     """Heavy packages load only where they are used: torchvision to decode (a cold cache) or for configured
     transforms, pandas for CSV output."""

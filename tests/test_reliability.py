@@ -25,8 +25,22 @@ import torch.nn.functional as F
 
 import train
 from base.base_data_loader import BaseDataLoader
-from tests.conftest import DATA, REPO, load, make_config, read_csv_rows, read_history, run_dirs, write_config
+from tests.helpers import (
+    DATA,
+    REPO,
+    load,
+    make_config,
+    process_error_line,
+    read_csv_rows,
+    read_history,
+    run_dirs,
+    shown,
+    the_only_line,
+    write_config,
+)
 from utils import checkpoint as checkpoint_module
+
+pytestmark = pytest.mark.slow  # real processes throughout, and runs interrupted and resumed
 
 TIMEOUT_S = 600  # a generous ceiling per process; a normal run here takes seconds
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -50,18 +64,6 @@ def run(script, *args, timeout=TIMEOUT_S):
     """`python script args` from the repository root, to completion."""
     return subprocess.run(command(script, *args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout,
                           check=False)
-
-
-def one_line(proc):
-    """The single line on stderr, with no traceback anywhere."""
-    assert "Traceback" not in proc.stderr + proc.stdout, shown(proc)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr{shown(proc)}"
-    return lines[0]
-
-
-def shown(proc):
-    return f"\nexit code {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
 
 
 class Training:
@@ -209,17 +211,15 @@ def test_signal_saves_and_prints_how_to_resume(signum, exit_code, reference, dat
         training.kill()
     stderr = training.stderr
     assert code == exit_code, stderr
-    assert "Traceback" not in stderr
     last = run_dir / "checkpoint-last.pth"
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"stopped by {signal.Signals(signum).name} at ")
-    assert lines[0].endswith(f"resume with: python train.py -r {last}")
+    line = the_only_line(stderr)
+    assert line.startswith(f"stopped by {signal.Signals(signum).name} at ")
+    assert line.endswith(f"resume with: python train.py -r {last}")
     checkpoint = load(last)
     assert checkpoint["epoch"] < EPOCHS or checkpoint["batches_done"] > 0
 
     # the command it printed, as the user would paste it
-    resume_args = lines[0].split("resume with: python train.py ", 1)[1].split()
+    resume_args = line.split("resume with: python train.py ", 1)[1].split()
     proc = run("train.py", *resume_args)
     assert proc.returncode == 0, shown(proc)
     assert run_dirs(tmp_path / "saved") == [run_dir]
@@ -342,7 +342,7 @@ def test_nan_loss_stops_with_exit_1_naming_epoch_and_batch(data_slice, tmp_path)
     config = nan_config(data_slice, tmp_path / "saved", at=11)
     proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
     assert proc.returncode == 1, shown(proc)
-    line = one_line(proc)
+    line = process_error_line(proc)
     assert line.startswith("error: the loss became non-finite at epoch 2, batch 2;"), line
     (run_dir,) = run_dirs(tmp_path / "saved")
     assert str(run_dir) in line
@@ -361,7 +361,7 @@ def test_exploding_learning_rate_stops_and_keeps_finite_weights(data_slice, tmp_
     config["trainer"]["save_every_n_steps"] = 1
     proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
     assert proc.returncode == 1, shown(proc)
-    line = one_line(proc)
+    line = process_error_line(proc)
     assert line.startswith("error: the loss became non-finite at epoch "), line
     (run_dir,) = run_dirs(tmp_path / "saved")
     # the first loss comes before any update, so the checkpoint saved after step 1 is kept
@@ -419,7 +419,7 @@ def test_malicious_pickle_is_refused(script, how, tmp_path):
     proc = run(script, "-r", model)
     assert not pwned.exists(), f"{script} ran code from the checkpoint{shown(proc)}"
     assert proc.returncode == 2, shown(proc)
-    assert one_line(proc).startswith(f"error: checkpoint {str(model)!r}: ")
+    assert process_error_line(proc).startswith(f"error: checkpoint {str(model)!r}: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pth", "model.pth"]
 
 
@@ -443,7 +443,7 @@ def test_config_type_outside_import_roots_is_refused(dotted, args, data_slice, t
     config["arch"] = {"type": dotted, "args": format_all(args, pwned=pwned)}
     proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
     assert proc.returncode == 2, shown(proc)
-    line = one_line(proc)
+    line = process_error_line(proc)
     assert line.startswith(f"error: arch.type: {dotted!r} is outside the allowed import roots"), line
     assert "import_roots" in line
     assert not Path(pwned).exists()
@@ -463,7 +463,7 @@ def test_a_checkpoint_config_cannot_run_code(script, data_slice, tmp_path):
     proc = run(script, "-r", model)
     assert not pwned.exists(), f"{script} -r ran a command named in the checkpoint's config{shown(proc)}"
     assert proc.returncode == 2, shown(proc)
-    one_line(proc)
+    process_error_line(proc)
 
 
 # --- a DataLoader worker that fails ---------------------------------------------------------------------------------
@@ -483,7 +483,7 @@ def test_worker_failing_on_a_corrupt_image_is_one_line_without_hanging(tmp_path)
     config["data_loader"]["args"].update(train_images="train", cache=False, num_workers=2, batch_size=8)
     proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"), timeout=300)  # a hang fails here
     assert proc.returncode == 2, shown(proc)
-    line = one_line(proc)
+    line = process_error_line(proc)
     assert line.startswith(f"error: image {str(corrupt)!r}: cannot be decoded"), line
 
 
@@ -504,7 +504,7 @@ def test_a_dataloader_worker_that_dies_is_one_line_not_a_hang(data_slice, tmp_pa
     stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
     finished = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
     assert proc.returncode == 1, shown(finished)
-    line = one_line(finished)
+    line = process_error_line(finished)
     assert line.startswith("error: DataLoader worker") and "resume with" in line
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 import train
 from base import BaseDataLoader
 from logger.logger import setup_logging
-from tests.conftest import (
+from tests.helpers import (
     BATCH_SIZE,
     N_TRAIN,
     REPO,
@@ -70,6 +70,7 @@ def two_processes(data_slice, tmp_path_factory):
                            output=result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 def test_torchrun_writes_one_run_folder(two_processes):
     (run_dir,) = two_processes.runs
     assert sorted(p.name for p in run_dir.iterdir()) == [
@@ -89,6 +90,7 @@ def test_torchrun_writes_one_run_folder(two_processes):
     assert not [k for k in last["state_dict"] if k.startswith("module.")]
 
 
+@pytest.mark.slow
 def test_torchrun_validation_equals_a_single_process_evaluation(two_processes, tmp_path):
     (run_dir,) = two_processes.runs
     out = tmp_path / "valid"
@@ -100,6 +102,7 @@ def test_torchrun_validation_equals_a_single_process_evaluation(two_processes, t
         assert float(last_epoch["val_" + name]) == pytest.approx(metrics[name], rel=1e-6, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_torchrun_checkpoint_resumes_in_one_process_with_more_epochs(two_processes, tmp_path):
     """Another process count: 8 batches per epoch instead of 4 per process. OneCycleLR's schedule was sized for
     the torchrun run, so this resume drops the scheduler (the next test resumes with it)."""
@@ -118,6 +121,7 @@ def test_torchrun_checkpoint_resumes_in_one_process_with_more_epochs(two_process
     assert math.isfinite(float(history[-1]["loss"]))
 
 
+@pytest.mark.slow
 def test_torchrun_checkpoint_resumes_in_one_process_unchanged(two_processes, tmp_path):
     (run_dir,) = two_processes.runs
     copy = tmp_path / "run"

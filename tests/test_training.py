@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from tests.conftest import (
+from tests.helpers import (
     BATCH_SIZE,
     N_TEST,
     N_TRAIN,
