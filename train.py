@@ -30,6 +30,7 @@ from utils.util import (
     new_run_dir,
     quiet_handover_errors,
     read_json,
+    release_folders,
     resolve_device,
     seed_everything,
     worker_died,
@@ -149,27 +150,34 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     trainer.check_one_batch()
     if resume:
         trainer.resume(checkpoint)
-    if dist.is_main_process():  # the first writes into the run folder: everything above has been checked
+    if dist.is_main_process():  # the first write: everything above has been checked
         run_dir = trainer.run_dir = create_run_dir(run_dir, continuing=resume)
-        data_loader.write_caches()
-        add_log_file(logger, run_dir / "train.log")
-        save_run_config(config, run_dir, checkpoint if resume else None)
+    try:
+        if dist.is_main_process():
+            data_loader.write_caches()
+            add_log_file(logger, run_dir / "train.log")
+            save_run_config(config, run_dir, checkpoint if resume else None)
+        log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, resume)
+        gc.freeze()  # the objects of torch and the set-up, which the collector would otherwise walk again and again
+        trainer.train()
+    finally:
+        gc.unfreeze()  # what this run leaves behind (one fold of several) can be collected again
+        release_folders()
+    return trainer
+
+
+def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, resume):
+    logger = logging.getLogger("template")
     logger.debug(str(model))
     logger.info("run folder: %s", run_dir)
     logger.info("training on %s x %d process(es): %d samples, %d for validation", device, dist.world_size(),
                 data_loader.n_samples, len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
-    if resume and trainer.start_epoch > cfg["epochs"]:
+    if resume and trainer.start_epoch > trainer.cfg.epochs:
         logger.info("the run already finished its %d epochs: nothing to train (raise them with -o trainer.epochs=N)",
-                    cfg["epochs"])
+                    trainer.cfg.epochs)
     elif resume:
         logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
                     trainer.global_step)
-    gc.freeze()  # the objects of torch and the set-up, which the collector would otherwise walk again and again
-    try:
-        trainer.train()
-    finally:
-        gc.unfreeze()  # what this run leaves behind (one fold of several) can be collected again
-    return trainer
 
 
 def train_all_folds(config, device):

@@ -64,6 +64,8 @@ class CsvImageDataset(Dataset):
             data = path.read_bytes()
         except FileNotFoundError:
             raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
+        except OSError as e:
+            raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
         if not data:
             raise UserError(f"image {str(path)!r}: the file is empty")
         try:
@@ -160,6 +162,8 @@ def read_csv(csv_file, id_column, required=()):
             rows = [(reader.line_num, row) for row in reader if "".join(row).strip()]
     except FileNotFoundError:
         raise UserError(f"{csv_file}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{csv_file}: cannot be read ({e.strerror})") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_file}: not a readable CSV ({str(e).splitlines()[0]})") from None
     if not header:

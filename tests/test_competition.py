@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import new_project
 import train
-from data_loader.folds import assign_folds
+from base.splits import assign_folds
 from tests.helpers import (
     DATA,
     N_TEST,

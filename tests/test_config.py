@@ -77,9 +77,14 @@ def test_arg_not_in_the_class_signature(config, tmp_path, capsys, section, key, 
     assert suggestion in line
 
 
-def test_arg_the_trainer_supplies_is_refused(config, tmp_path, capsys):
-    config["optimizer"]["args"]["params"] = []
-    assert "optimizer.args.params: supplied by the trainer" in fails(config, tmp_path, capsys)
+@pytest.mark.parametrize("section, key, value", [
+    ("optimizer", "params", []),
+    ("data_loader", "training", False),  # would train on the test CSV
+    ("data_loader", "seed", 3),  # the split follows the config's one seed
+])
+def test_an_argument_the_program_sets_is_refused(config, tmp_path, capsys, section, key, value):
+    config[section]["args"][key] = value
+    assert f"{section}.args.{key}: set by the program" in fails(config, tmp_path, capsys)
 
 
 def test_required_constructor_arg_missing(config, tmp_path, capsys):
@@ -143,12 +148,12 @@ def test_unknown_section_key_suggests(config, tmp_path, capsys):
 
 @pytest.mark.parametrize("key, value, expected", [
     ("epochs", "3", 'trainer.epochs: expected an integer, got "3"'),
-    ("epochs", -1, "trainer.epochs: expected a value >= 1, got -1"),
-    ("epochs", 0, "trainer.epochs: expected a value >= 1, got 0"),
+    ("epochs", -1, "trainer.epochs: expected an integer >= 1, got -1"),
+    ("epochs", 0, "trainer.epochs: expected an integer >= 1, got 0"),
     ("epochs", True, "trainer.epochs: expected an integer, got true"),
     ("epochs", 2.5, "trainer.epochs: expected an integer, got 2.5"),
     ("tensorboard", "yes", 'trainer.tensorboard: expected true or false, got "yes"'),
-    ("early_stop", -2, "trainer.early_stop: expected a value >= 0, got -2"),
+    ("early_stop", -2, "trainer.early_stop: expected an integer >= 0, got -2"),
     ("save_dir", 5, "trainer.save_dir: expected a string, got 5"),
 ])
 def test_wrong_value_types(config, tmp_path, capsys, key, value, expected):
@@ -164,7 +169,7 @@ def test_wrong_top_level_type(config, tmp_path, capsys):
 @pytest.mark.parametrize("dotted, value, expected", [
     ("data_loader.args.batch_size", -4, "data_loader.args.batch_size: expected a positive integer, got -4"),
     ("data_loader.args.validation_split", 1.5, "data_loader.args.validation_split: 1.5 leaves no training data"),
-    ("trainer.amp", "fp8", 'trainer.amp: expected one of off, bf16, fp16, got "fp8"'),
+    ("trainer.amp", "fp8", 'trainer.amp: expected one of "off", "bf16", "fp16", got "fp8"'),
     ("import_roots", "timm", 'import_roots: expected a list, got "timm"'),
 ])
 def test_wrong_values_outside_the_trainer_basics(config, tmp_path, capsys, dotted, value, expected):

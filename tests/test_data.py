@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from data_loader.data_loaders import CsvImageDataLoader, build_transforms
+from data_loader.data_loaders import CsvImageDataLoader, image_transform
 from data_loader.datasets import IMAGE_MODES, CsvImageDataset, read_csv
 from tests.helpers import DATA, REPO, fails, write_config
 from utils.util import UserError
@@ -79,8 +79,11 @@ def small_data(tmp_path):
 
 
 def dataset(folder, cache_dir, **kwargs):
-    return CsvImageDataset(folder / "train.csv", folder / "train", classes=list(range(10)), cache_dir=cache_dir,
-                           **kwargs)
+    """The dataset as a run makes it: built, then its decoded-image cache written once the run has begun."""
+    built = CsvImageDataset(folder / "train.csv", folder / "train", classes=list(range(10)), cache_dir=cache_dir,
+                            **kwargs)
+    built.write_cache()
+    return built
 
 
 def test_a_second_run_takes_the_decoded_images_from_the_cache_without_decoding(small_data, tmp_path, monkeypatch):
@@ -174,8 +177,8 @@ def test_scaling_and_normalisation_match_torchvisions():
     image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
     mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 0.2]
     reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    torch.testing.assert_close(build_transforms([], mean, std, "eval_transforms")(image), reference(image))
-    flipped = build_transforms([{"type": "RandomHorizontalFlip", "args": {"p": 1.0}}], None, None, "train_transforms")
+    torch.testing.assert_close(image_transform([], mean, std, "eval_transforms")(image), reference(image))
+    flipped = image_transform([{"type": "RandomHorizontalFlip", "args": {"p": 1.0}}], None, None, "train_transforms")
     torch.testing.assert_close(flipped(image), image.flip(-1).float() / 255)
 
 
@@ -192,14 +195,14 @@ def test_16_bit_images_are_scaled_by_their_own_maximum():
     from torchvision.transforms import v2
 
     image = torch.tensor([[[0, 1000, 65535]]], dtype=torch.uint16)
-    torch.testing.assert_close(build_transforms([], None, None, "eval_transforms")(image),
+    torch.testing.assert_close(image_transform([], None, None, "eval_transforms")(image),
                                v2.ToDtype(torch.float32, scale=True)(image))
 
 
 @pytest.mark.parametrize("mean, std, culprit", [(["0.5"], [0.2], "mean"), ([0.5], [0], "std"), ([], [], "mean")])
 def test_mean_and_std_must_be_numbers(mean, std, culprit):
-    with pytest.raises(UserError, match=f"data_loader.args.{culprit}: expected a list of numbers"):
-        build_transforms([], mean, std, "eval_transforms")
+    with pytest.raises(UserError, match=f"data_loader.args.{culprit}: expected a list of finite numbers"):
+        image_transform([], mean, std, "eval_transforms")
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])

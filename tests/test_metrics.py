@@ -122,8 +122,8 @@ class Labelled(Dataset):
 
 
 def make_loader(seed, validation_split):
-    torch.manual_seed(seed)  # train.py seeds torch from the config's seed before building the loader
-    return BaseDataLoader(Labelled(), batch_size=50, shuffle=True, validation_split=validation_split, num_workers=0)
+    return BaseDataLoader(Labelled(), batch_size=50, shuffle=True, validation_split=validation_split, num_workers=0,
+                          seed=seed)
 
 
 def class_counts(dataset, indices):

@@ -222,11 +222,12 @@ def create_run_dir(run_dir, continuing):
     return run_dir
 
 
-_held = {}
+_held = {}  # folder -> open descriptor holding its lock
 
 
 def hold_folder(folder):
-    """An exclusive lock on `folder` for the rest of this process (released when it exits, however it exits)."""
+    """An exclusive lock on `folder` while this process trains in it (released by release_folders, or when the
+    process exits, however it exits)."""
     import fcntl
 
     fd = os.open(folder, os.O_RDONLY)
@@ -235,7 +236,9 @@ def hold_folder(folder):
     except BlockingIOError:
         os.close(fd)
         raise UserError(f"run folder {str(folder)!r} is in use: another process is training in it") from None
-    previous = _held.pop("run", None)
-    if previous is not None:
-        os.close(previous)
-    _held["run"] = fd
+    _held[folder] = fd
+
+
+def release_folders():
+    while _held:
+        os.close(_held.popitem()[1])
