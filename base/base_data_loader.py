@@ -8,7 +8,7 @@ from torch.utils.data.dataloader import default_collate
 
 from base.splits import split_indices
 from utils import dist
-from utils.util import UserError, epoch_seed
+from utils.util import UserError, epoch_seed, release_folders
 
 
 class EpochSampler(Sampler):
@@ -97,9 +97,11 @@ def collate(samples):
                         f"Resize in the transforms)") from None
 
 
-def _ignore_interrupt(worker_id):
-    """Ctrl-C reaches the whole process group; workers keep serving so the trainer can save before it exits."""
+def _init_worker(worker_id):
+    """Ctrl-C reaches the whole process group; workers keep serving so the trainer can save before it exits. A
+    worker does not hold the run folder: it is free again as soon as the trainer's process ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    release_folders()
 
 
 class BaseDataLoader(DataLoader):
@@ -131,7 +133,7 @@ class BaseDataLoader(DataLoader):
             "num_workers": num_workers,
             "pin_memory": torch.cuda.is_available(),
             "generator": torch.Generator(),  # worker base seeds come from here, never from the global generator
-            "worker_init_fn": _ignore_interrupt,
+            "worker_init_fn": _init_worker,
             "persistent_workers": num_workers > 0,  # safe: augmentation depends on the sample seeds, not the worker
         }
         weights = None

@@ -24,6 +24,7 @@ from tests.helpers import (
     run_dirs,
     write_config,
 )
+from utils.util import hold_folder, release_folders
 
 BATCHES_PER_EPOCH = math.ceil(round(N_TRAIN * (1 - VALIDATION_SPLIT)) / BATCH_SIZE)
 CHECKPOINT_KEYS = {"state_dict", "optimizer", "lr_scheduler", "epoch", "global_step", "monitor_best",
@@ -203,6 +204,29 @@ def test_resume_the_latest_checkpoint_with_more_epochs_continues_in_place(data_s
     assert train.main(["-r", str(run), "-o", "trainer.epochs=4"]) == 0
     assert run_dirs(tmp_path / "saved") == [run]
     assert [row["epoch"] for row in read_history(run)] == ["1", "2", "3", "4"]
+
+
+def test_a_run_whose_folder_was_taken_meanwhile_takes_the_next_one(data_slice, tmp_path, monkeypatch):
+    """Two runs started in the same second (a sweep from a script) both train, in neighbouring folders."""
+    taken = tmp_path / "saved" / "tiny" / "1130_120000"
+    taken.mkdir(parents=True)
+    monkeypatch.setattr(train, "new_run_dir", lambda save_dir, name: taken)
+    config = make_config(data_slice, tmp_path / "saved", epochs=1, limit_train_batches=1)
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    assert run_dirs(tmp_path / "saved") == [taken, taken.with_name("1130_120000_1")]
+    assert list(taken.iterdir()) == []
+
+
+def test_a_run_folder_another_process_trains_in_is_refused(data_slice, tmp_path, capsys):
+    run = _two_epoch_run(data_slice, tmp_path, lr_scheduler={})
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    hold_folder(run)  # as a second `train.py -r` of the same run would find it
+    try:
+        assert train.main(["-r", str(run), "-o", "trainer.epochs=3"]) == 2
+    finally:
+        release_folders()
+    assert "is in use: another process is training in it" in error_line(capsys)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
 
 def test_history_lr_is_the_rate_the_epoch_trained_with(data_slice, tmp_path):

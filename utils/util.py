@@ -219,6 +219,8 @@ def create_run_dir(run_dir, continuing):
         except OSError as e:
             raise UserError(f"trainer.save_dir: cannot create {str(run_dir)!r} ({e.strerror})") from None
     hold_folder(run_dir)
+    for stale in run_dir.glob("*.tmp"):  # a save cut short by a kill; no other process writes here
+        stale.unlink()
     return run_dir
 
 
