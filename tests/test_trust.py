@@ -214,3 +214,38 @@ def test_a_wrong_setting_is_one_line_and_exit_2(data_slice, mistake):
 @given(mistake=argument_mistakes())
 def test_a_wrong_argument_of_a_named_class_is_one_line_and_exit_2(data_slice, mistake):
     assert_one_line_exit_2(data_slice, *mistake)
+
+
+# --- code a user brings ---------------------------------------------------------------------------------------------
+
+def test_a_model_builder_from_an_import_root_trains(data_slice, tmp_path, monkeypatch):
+    """`"type": "<package>.create_model"` with the package in import_roots, as timm is used."""
+    package = tmp_path / "zoo"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from model.model import ConvNet\n\n\n"
+        "def create_model(name, num_classes):\n"
+        "    assert name == 'small'\n"
+        "    return ConvNet(num_classes=num_classes, width=4)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(data_slice, tmp_path / "saved", epochs=1, limit_train_batches=1)
+    config["import_roots"] = ["zoo"]
+    config["arch"] = {"type": "zoo.create_model", "args": {"name": "small", "num_classes": 10}}
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+
+
+def test_a_metric_function_is_refused_at_the_check(data_slice, tmp_path, capsys, monkeypatch):
+    """victoresque's `def accuracy(output, target)` in model/metric.py would be a batch average: refused, and it
+    does not silently replace the template's metric of that name."""
+    import model.metric
+
+    def accuracy(output, target):
+        return (output.argmax(dim=1) == target).float().mean()
+
+    accuracy.__module__ = "model.metric"  # as if written in that file
+    monkeypatch.setattr(model.metric, "accuracy", accuracy)
+    config = make_config(data_slice, tmp_path / "saved")
+    code = train.main(["-c", str(write_config(config, tmp_path / "config.json"))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: metrics[0].type: 'accuracy' is not a metric"), err
+    assert not (tmp_path / "saved").exists()
