@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from data_loader.images import MODES, decode
 from utils.util import UserError, atomic_write
 
 NO_LABEL = -1
-IMAGE_MODES = ("unchanged", "gray", "gray_alpha", "rgb", "rgb_alpha", "rgba")  # torchvision.io.ImageReadMode
+IMAGE_MODES = tuple(MODES)
 INTEGER = re.compile(r"[+-]?[0-9]+")
 FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 BOOLEAN = {"true": True, "false": False}
@@ -57,8 +58,6 @@ class CsvImageDataset(Dataset):
             self.images = self.decode_all() if cache_dir is None else self.load_or_decode(Path(cache_dir), csv_file)
 
     def read(self, index):
-        from torchvision.io import ImageReadMode, decode_image
-
         path = self.paths[index]
         try:
             data = path.read_bytes()
@@ -69,10 +68,9 @@ class CsvImageDataset(Dataset):
         if not data:
             raise UserError(f"image {str(path)!r}: the file is empty")
         try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                mode=ImageReadMode[self.image_mode.upper()])
-        except RuntimeError as e:
-            raise UserError(f"image {str(path)!r}: cannot be decoded ({str(e).splitlines()[0]})") from None
+            return decode(data, self.image_mode)
+        except ValueError as e:
+            raise UserError(f"image {str(path)!r}: cannot be decoded ({e})") from None
 
     def decode_all(self):
         """Every image, decoded; images of different shapes are refused unless a transform can make them one size."""

@@ -1,5 +1,6 @@
 """The image data path: reading the CSV, the decoded-image cache kept between runs, the transforms, and which heavy
 packages a run imports before its first batch."""
+import io
 import logging
 import os
 import shutil
@@ -9,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from data_loader import images
 from data_loader.data_loaders import CsvImageDataLoader, image_transform
-from data_loader.datasets import IMAGE_MODES, CsvImageDataset, read_csv
+from data_loader.datasets import CsvImageDataset, read_csv
 from tests.helpers import DATA, REPO, fails, write_config
 from utils.util import UserError
 
@@ -44,10 +46,37 @@ def test_a_malformed_csv_is_one_line_naming_the_file_and_line(tmp_path, text, ex
     assert str(caught.value) == f"{path}: {expected.split(': ', 1)[1]}"
 
 
-def test_image_modes_are_torchvisions():
-    from torchvision.io import ImageReadMode
+@pytest.mark.parametrize("mode", ["unchanged", "gray", "rgb", "rgb_alpha"])
+def test_both_image_readers_give_torchvisions_pixels_for_png_and_jpeg(mode, tmp_path):
+    """TorchCodec (when it loads) and Pillow read PNG and JPEG files to the same tensors as torchvision did."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
 
-    assert IMAGE_MODES == tuple(mode.lower() for mode in ImageReadMode.__members__)
+    rng = np.random.default_rng(0)
+    files = {"png-gray": Image.fromarray(rng.integers(0, 255, (9, 7), dtype=np.uint8)),
+             "png-rgba": Image.fromarray(rng.integers(0, 255, (9, 7, 4), dtype=np.uint8)),
+             "jpeg-rgb": Image.fromarray((np.linspace(0, 250, 9 * 7 * 3).reshape(9, 7, 3)).astype(np.uint8))}
+    readers = ["pillow"] + (["torchcodec"] if images.default_reader() == "torchcodec" else [])
+    for name, image in files.items():
+        if name.startswith("jpeg") and mode.endswith("alpha"):
+            continue  # JPEG has no alpha channel to give
+        buffer = io.BytesIO()
+        image.save(buffer, format=name.split("-")[0].upper())
+        data = buffer.getvalue()
+        expected = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode[mode.upper()])
+        for reader in readers:
+            got = images.decode(data, mode, reader)
+            assert got.dtype == torch.uint8 and got.shape == expected.shape, (name, reader)
+            converted = mode != "unchanged" and name != f"png-{mode}"  # Pillow rounds colour-to-gray differently
+            tolerance = 2 if name.startswith("jpeg") else 1 if converted and reader == "pillow" else 0
+            assert (got.int() - expected.int()).abs().max() <= tolerance, (name, reader)
+
+
+def test_bytes_that_are_no_image_are_a_value_error_for_both_readers():
+    for reader in ("pillow", "torchcodec")[: 2 if images.default_reader() == "torchcodec" else 1]:
+        with pytest.raises(ValueError):
+            images.decode(b"not an image at all", "unchanged", reader)
 
 
 @pytest.fixture
@@ -186,7 +215,8 @@ STARTUP_MODULES = """
 import sys
 import train
 code = train.main(["-c", sys.argv[1], "-o", "trainer.epochs=1", "-o", "trainer.limit_train_batches=1"])
-print("imported:", ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "torchvision", "PIL"})))
+print("imported:", ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "torchvision", "PIL",
+                                                                             "torchcodec"})))
 sys.exit(code)
 """
 
@@ -222,8 +252,8 @@ def test_an_image_grid_of_any_image_mode(tmp_path, channels):
 
 @pytest.mark.slow
 def test_a_run_with_a_warm_cache_imports_neither_torchvision_nor_pandas(config, tmp_path):
-    """Heavy packages load only where they are used: torchvision to decode (a cold cache) or for configured
-    transforms, pandas for CSV output."""
+    """Heavy packages load only where they are used: the image reader to decode (a cold cache), torchvision for
+    configured transforms, pandas for CSV output."""
     config["data_loader"]["args"]["cache_dir"] = str(tmp_path / "cache")
     path = write_config(config, tmp_path / "config.json")
     imported = []
@@ -232,7 +262,7 @@ def test_a_run_with_a_warm_cache_imports_neither_torchvision_nor_pandas(config, 
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         imported.append(proc.stdout.split("imported:")[-1].strip())
-    assert imported[0] == "PIL,torchvision"  # the cold run decoded the images
+    assert imported[0] == {"torchcodec": "torchcodec", "pillow": "PIL"}[images.default_reader()]  # it decoded
     assert imported[1] == ""
 
 
