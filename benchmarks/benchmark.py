@@ -189,7 +189,6 @@ def measure_startup(args):
 
 def template_train_loader(args):
     """The training DataLoader exactly as train.py builds it from the config (the only use of project internals)."""
-    sys.path.insert(0, str(REPO))
     from utils.config import build, load_config
 
     return build(load_config(REPO / args.config, model_overrides(args)), "data_loader")
