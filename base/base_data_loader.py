@@ -75,6 +75,13 @@ class SeededDataset(Dataset):
         torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed (and probe) every GPU backend
         return self.dataset[index]
 
+    def __getitems__(self, items):
+        """A batch: in one piece from a dataset that can serve it so (nothing random per sample, so nothing to
+        seed), else sample by sample."""
+        if getattr(self.dataset, "serves_batches", False):
+            return Batch(self.dataset.get_batch([index for index, _ in items]))
+        return [self[item] for item in items]
+
     def __len__(self):
         return len(self.dataset)
 
@@ -84,8 +91,14 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
 
+class Batch(tuple):
+    """(inputs, targets) already batched by the dataset: collation passes it through."""
+
+
 def collate(samples):
     """default_collate, with samples of different shapes reported in one line instead of a stack error."""
+    if isinstance(samples, Batch):
+        return tuple(samples)
     try:
         return default_collate(samples)
     except RuntimeError:

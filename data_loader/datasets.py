@@ -53,9 +53,14 @@ class CsvImageDataset(Dataset):
         self.groups = table[group_column] if group_column else None
         self.transform = transform
         self.images = None
+        self.stacked = None  # the decoded images as one (N, C, H, W) block when they share one shape
         self.unsaved_cache = []  # (path, contents) of a cache file, written by write_cache once a run has begun
         if cache:
             self.images = self.decode_all() if cache_dir is None else self.load_or_decode(Path(cache_dir), csv_file)
+            if self.images and all(image.shape == self.images[0].shape for image in self.images):
+                self.stacked = torch.stack(self.images)
+                self.images = list(self.stacked)
+        self.target_tensor = torch.tensor(self.targets if self.targets is not None else [NO_LABEL] * len(self.paths))
 
     def read(self, index):
         path = self.paths[index]
@@ -136,6 +141,17 @@ class CsvImageDataset(Dataset):
 
     def __len__(self):
         return len(self.paths)
+
+    @property
+    def serves_batches(self):
+        """Whether whole batches can be cut from the decoded block: one shape, and a transform without random or
+        per-image steps (scaling and normalising work on batches alike)."""
+        return self.stacked is not None and not getattr(self.transform, "steps", self.transform is not None)
+
+    def get_batch(self, indices):
+        index = torch.as_tensor(indices)
+        images = self.stacked[index]
+        return (self.transform(images) if self.transform is not None else images), self.target_tensor[index]
 
     def __getitem__(self, index):
         image = self.images[index] if self.images is not None else self.read(index)
