@@ -33,6 +33,7 @@ from utils.util import (
     release_folders,
     resolve_device,
     seed_everything,
+    steady_allocator,
     worker_died,
     write_json,
 )
@@ -70,6 +71,7 @@ def main(argv=None):
     args = parse_args(argv)
     logger = setup_logging()
     quiet_handover_errors()
+    steady_allocator()
     try:
         rank, world_size, local_rank = dist.init_distributed()
         checkpoint = load_checkpoint(args.resume) if args.resume else None

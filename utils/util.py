@@ -1,5 +1,6 @@
 """Small helpers shared by train.py, test.py and the trainer: errors, JSON files, seeding, devices, run folders."""
 import argparse
+import ctypes
 import difflib
 import json
 import os
@@ -136,6 +137,22 @@ def link_or_copy(source, tmp):
 def epoch_seed(seed, epoch):
     """The seed of one epoch of a run: its data order, sample seeds and the training loop's random state."""
     return seed + 1_000_003 * epoch
+
+
+def steady_allocator():
+    """Fix glibc's malloc thresholds for this process (and its DataLoader workers) unless the environment sets them.
+    glibc otherwise adapts them to the allocation history, which decides whether each step's large tensors reuse
+    heap memory or take fresh pages from the kernel: the same loop then runs at different speeds from run to run
+    (docs/measured.md)."""
+    if sys.platform != "linux" or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, say): nothing to fix
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest: tensors below it come from the heap and are reused
+    mallopt(m_trim_threshold, 2**30)  # freed heap memory is kept for the next step instead of returned
 
 
 def seed_everything(seed, deterministic=False):
