@@ -1,17 +1,15 @@
 """Datasets for the competition layout: a CSV of image ids (and labels) beside a folder of images."""
 import csv
-import functools
 import hashlib
-import logging
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from data_loader.images import MODES, decode
-from utils.util import UserError, atomic_write
+from data_loader.image_cache import ImageCache
+from data_loader.images import MODES, read_image
+from utils.util import UserError
 
 NO_LABEL = -1
 IMAGE_MODES = tuple(MODES)
@@ -26,8 +24,9 @@ class CsvImageDataset(Dataset):
     `group_column` names rows that belong together (a patient, a video) for group-aware splits.
     Labels are mapped to indices through `classes` (the sorted distinct labels of the training CSV unless given).
     A CSV without the label column gives unlabelled samples (target -1) for inference. With `cache` every image
-    is decoded once up front, which also surfaces a missing or corrupt file before training starts; with
-    `cache_dir` as well, the decoded images are kept there and reused by later runs while the files are unchanged.
+    is decoded once up front when the decoded images fit in memory (data_loader/image_cache.py), which also surfaces
+    a missing or corrupt file before training starts; with `cache_dir` as well, they are kept there, shared by the
+    machine's processes and reused by later runs while the files are unchanged.
     """
 
     def __init__(self, csv_file, image_dir, classes, id_column="id", label_column="label", extension=".png",
@@ -52,76 +51,23 @@ class CsvImageDataset(Dataset):
             self.targets = [index[label] for label in table[label_column]]
         self.groups = table[group_column] if group_column else None
         self.transform = transform
-        self.images = None
-        self.stacked = None  # the decoded images as one (N, C, H, W) block when they share one shape
-        self.unsaved_cache = []  # (path, contents) of a cache file, written by write_cache once a run has begun
+        self.images = self.stacked = self.cache = None
         if cache:
-            self.images = self.decode_all() if cache_dir is None else self.load_or_decode(Path(cache_dir), csv_file)
-            if self.images and all(image.shape == self.images[0].shape for image in self.images):
-                self.stacked = torch.stack(self.images)
-                self.images = list(self.stacked)
+            self.cache = ImageCache(self.paths, self.image_mode, cache_dir, Path(csv_file).stem)
+            self.images = self.cache.images(self.files_signature())
+        if self.images is not None:
+            self.stacked = self.images.stacked()
+            if self.stacked is None and not getattr(self.transform, "steps", self.transform is not None):
+                refuse_mixed_shapes(self.paths, self.images)
         self.target_tensor = torch.tensor(self.targets if self.targets is not None else [NO_LABEL] * len(self.paths))
 
     def read(self, index):
-        path = self.paths[index]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
-        except OSError as e:
-            raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
-        if not data:
-            raise UserError(f"image {str(path)!r}: the file is empty")
-        try:
-            return decode(data, self.image_mode)
-        except ValueError as e:
-            raise UserError(f"image {str(path)!r}: cannot be decoded ({e})") from None
-
-    def decode_all(self):
-        """Every image, decoded; images of different shapes are refused unless a transform can make them one size."""
-        images = [self.read(i) for i in range(len(self.paths))]
-        if not getattr(self.transform, "steps", self.transform is not None):
-            for path, image in zip(self.paths, images):
-                if image.shape != images[0].shape:
-                    raise UserError(f"image {str(path)!r}: {list(image.shape)} (channels, height, width), but "
-                                    f"{self.paths[0].name} is {list(images[0].shape)}; give the images one size and "
-                                    f"channel count (image_mode), or add a Resize to the transforms")
-        return images
-
-    def load_or_decode(self, cache_dir, csv_file):
-        """The decoded images from `cache_dir` when its file matches the image files as they are now; otherwise
-        decoded now, to be written there for the next run by `write_cache`."""
-        place = hashlib.sha256(f"{self.image_dir.resolve()}|{self.image_mode}".encode()).hexdigest()[:16]
-        path = cache_dir / f"{Path(csv_file).stem}-{self.image_mode}-{place}.pt"
-        signature = self.files_signature()
-        if path.is_file():
-            try:
-                if not zipfile.is_zipfile(path):
-                    raise ValueError("not a file written by torch.save, or a truncated one")
-                saved = torch.load(path, weights_only=True)
-                if saved["signature"] == signature:
-                    return as_views(saved["images"], saved["shapes"])
-            except Exception as e:  # an unreadable cache is rebuilt, never trusted
-                self.warn(f"decoded-image cache {path}: unreadable ({str(e).splitlines()[0]}); decoding again")
-        images = self.decode_all()
-        if len({image.dtype for image in images}) > 1:
-            self.warn(f"decoded-image cache {path}: not written (the images have different sample types)")
-            return images
-        shapes = torch.tensor([list(image.shape) for image in images], dtype=torch.int64).view(-1, 3)
-        flat = torch.cat([image.flatten() for image in images]) if images else torch.empty(0, dtype=torch.uint8)
-        self.unsaved_cache.append((path, {"signature": signature, "shapes": shapes, "images": flat}))
-        return as_views(flat, shapes)  # one block of memory, as a cached run has
+        return read_image(self.paths[index], self.image_mode)
 
     def write_cache(self):
-        """Write the decoded-image cache file that loading found missing or stale (nothing is written before a run
-        has passed its checks)."""
-        while self.unsaved_cache:
-            path, contents = self.unsaved_cache.pop()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, functools.partial(torch.save, contents))
-            except OSError as e:
-                self.warn(f"decoded-image cache {path}: not written ({e.strerror or e})")
+        """Keep the decoded images for later runs (nothing is written before a run has passed its checks)."""
+        if self.cache is not None:
+            self.cache.commit()
 
     def files_signature(self):
         """A digest of every listed file's name, size, modification and status-change times: a file replaced
@@ -134,10 +80,6 @@ class CsvImageDataset(Dataset):
                 raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
             digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}\n".encode())
         return digest.hexdigest()
-
-    @staticmethod
-    def warn(message):
-        logging.getLogger("template").warning(message)
 
     def __len__(self):
         return len(self.paths)
@@ -160,10 +102,13 @@ class CsvImageDataset(Dataset):
         return image, self.targets[index] if self.targets is not None else NO_LABEL
 
 
-def as_views(flat, shapes):
-    """The images stored back to back in `flat`, as views of it."""
-    shapes = shapes.tolist()
-    return [part.view(shape) for part, shape in zip(flat.split([c * h * w for c, h, w in shapes]), shapes)]
+def refuse_mixed_shapes(paths, images):
+    """One line naming the first image whose shape differs from the first one's (no transform can fix it)."""
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:
+            raise UserError(f"image {str(path)!r}: {list(image.shape)} (channels, height, width), but "
+                            f"{paths[0].name} is {list(images[0].shape)}; give the images one size and channel "
+                            f"count (image_mode), or add a Resize to the transforms")
 
 
 def read_csv(csv_file, id_column, required=()):

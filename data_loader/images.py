@@ -8,6 +8,8 @@ import io
 
 import torch
 
+from utils.util import UserError
+
 # image_mode: (TorchCodec's mode, Pillow's mode, or None to keep the file's own channels)
 MODES = {
     "unchanged": ("UNCHANGED", None),
@@ -17,6 +19,22 @@ MODES = {
     "rgb_alpha": ("RGB_ALPHA", "RGBA"),
     "rgba": ("RGB_ALPHA", "RGBA"),
 }
+
+
+def read_image(path, mode):
+    """The image file at `path`, decoded; a missing, empty or undecodable file is one line naming it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
+    except OSError as e:
+        raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
+    if not data:
+        raise UserError(f"image {str(path)!r}: the file is empty")
+    try:
+        return decode(data, mode)
+    except ValueError as e:
+        raise UserError(f"image {str(path)!r}: cannot be decoded ({e})") from None
 
 
 def decode(data, mode, reader=None):

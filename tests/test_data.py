@@ -84,6 +84,7 @@ def warnings_seen(caplog):
     """The project's warnings (its logger does not propagate to the root logger that caplog listens to)."""
     logger = logging.getLogger("template")
     propagate, logger.propagate = logger.propagate, False
+    caplog.handler.setLevel(logging.WARNING)
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)

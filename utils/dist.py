@@ -29,6 +29,16 @@ def world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
+def local_rank():
+    """This process's index among those of its machine (torchrun's LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+
+
+def local_world_size():
+    """The number of processes training on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if is_distributed() else 1
+
+
 def is_main_process():
     return rank() == 0
 
