@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -194,6 +195,46 @@ def test_a_cache_folder_that_cannot_be_written_only_warns(small_data, tmp_path, 
     assert len(images) == 20
     (message,) = warnings_seen.messages
     assert "not written" in message
+
+
+def test_images_too_large_for_memory_are_read_from_the_files_instead(small_data, tmp_path, monkeypatch, caplog):
+    from data_loader import image_cache
+
+    monkeypatch.setattr(image_cache, "memory_available", lambda: 1000)  # bytes: less than twenty 28x28 images
+    logger = logging.getLogger("template")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(caplog.handler)
+    try:
+        streamed = dataset(small_data, tmp_path / "cache")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert streamed.images is None and not (tmp_path / "cache").exists()
+    (line,) = {m for m in caplog.messages if m.startswith("decoded images:")}  # (caplog may also see it via root)
+    assert "read every epoch" in line
+    assert all(torch.equal(a, b) for a, b in zip(images_of(streamed), images_of(dataset(small_data, None))))
+
+
+def test_images_decoded_in_parallel_are_those_decoded_one_by_one(small_data, tmp_path, monkeypatch):
+    from data_loader import image_cache
+
+    one_by_one = images_of(dataset(small_data, None))
+    monkeypatch.setattr(image_cache, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(image_cache, "CHUNK", 3)
+    assert all(torch.equal(a, b) for a, b in zip(images_of(dataset(small_data, None)), one_by_one, strict=True))
+
+
+def test_kept_images_are_one_mapped_file_and_without_cache_dir_nothing_stays_on_disk(small_data, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    kept = dataset(small_data, None)
+    assert kept.stacked is not None and kept.stacked.shape == (20, 1, 28, 28)
+    address = kept.stacked.data_ptr()
+    with open("/proc/self/maps") as maps:  # the pages of a file (since deleted), shared with workers, not copied
+        (mapping,) = [line for line in maps if int(line.split("-")[0], 16) <= address < int(line.split()[0].split(
+            "-")[1], 16)]
+    assert "(deleted)" in mapping and str(tmp_path / "scratch") in mapping
+    assert list((tmp_path / "scratch").iterdir()) == []
 
 
 def test_cache_dir_without_cache_is_an_error(small_data, tmp_path):
