@@ -202,10 +202,10 @@ def test_images_too_large_for_memory_are_read_from_the_files_instead(small_data,
 
     monkeypatch.setattr(image_cache, "memory_available", lambda: 1000)  # bytes: less than twenty 28x28 images
     logger = logging.getLogger("template")
-    monkeypatch.setattr(logger, "level", logging.INFO)
     logger.addHandler(caplog.handler)
     try:
-        streamed = dataset(small_data, tmp_path / "cache")
+        with caplog.at_level(logging.INFO, logger="template"):
+            streamed = dataset(small_data, tmp_path / "cache")
     finally:
         logger.removeHandler(caplog.handler)
     assert streamed.images is None and not (tmp_path / "cache").exists()
