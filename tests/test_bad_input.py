@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -40,7 +40,6 @@ class Case:
     culprit: tuple  # substrings the error line must contain
     script: str = "train.py"
     must_not_exist: tuple = ()  # paths (relative to the case folder) the failed command must not create
-    bugs: dict = field(default_factory=dict)  # check ("exit", "message" or "files") -> the known bug failing it
 
 
 def with_config(change, *extra):
@@ -332,14 +331,11 @@ def outcomes(request, finished_run, tmp_path_factory):
         return {outcome.case.id: outcome for outcome in pool.map(execute, prepared)}
 
 
-def cases_for(check):
-    """The table as parameters; a case with a known bug for this check is a strict xfail naming the bug."""
-    return [pytest.param(case, id=case.id, marks=[pytest.mark.xfail(strict=True, reason=case.bugs[check])]
-                         if check in case.bugs else []) for case in CASES]
+CASE_PARAMS = [pytest.param(case, id=case.id) for case in CASES]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", cases_for("exit"))
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_exit_code_2_without_traceback(case, outcomes):
     outcome = outcomes[case.id]
     assert "Traceback" not in outcome.stdout + outcome.stderr, outcome.report()
@@ -347,7 +343,7 @@ def test_exit_code_2_without_traceback(case, outcomes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", cases_for("message"))
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_one_error_line_naming_the_culprit(case, outcomes):
     outcome = outcomes[case.id]
     line = stderr_error_line(outcome.stderr, outcome.stdout, outcome.report())
@@ -356,7 +352,7 @@ def test_one_error_line_naming_the_culprit(case, outcomes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", cases_for("files"))
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_save_dir_left_exactly_as_it_was(case, outcomes):
     outcome = outcomes[case.id]
     changed = sorted(p for p, state in outcome.before.items() if outcome.after.get(p) != state)
