@@ -120,8 +120,7 @@ class ImageCache:
         if self.cache_dir is not None:
             self.pending = (Path(data), {"signature": signature, "shapes": shapes, "dtype": str(dtype).split(".")[-1]})
             weakref.finalize(self, Path(data).unlink, missing_ok=True)  # a run that never began leaves nothing
-        log(f"decoded images: {len(images):,} ({human(images.block.nbytes)}) decoded"
-            f"{'' if self.cache_dir is None else ', kept for later runs in ' + str(self.cache_dir)}")
+        log(f"decoded images: {len(images):,} ({human(images.block.nbytes)}) decoded")
         return images
 
     def commit(self):
@@ -139,6 +138,7 @@ class ImageCache:
             for old in self.cache_dir.glob(f"{self.name}-*.u8"):
                 if old != target:
                     old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
+            log(f"decoded images kept for later runs in {self.cache_dir}")
         except OSError as e:
             warn(f"decoded-image cache {self.cache_dir}: not written ({e.strerror or e})")
         finally:
