@@ -108,7 +108,7 @@ def measure(folder, save_dir, batches, workers, cache_dir=None, config="config.j
     sampler.join()
     logs = list(Path(save_dir).glob("**/train.log"))
     if status or len(logs) != 1:
-        raise RuntimeError(f"train.py failed (status {status}):\n{output[-3000:]}")
+        raise RuntimeError(f"train.py failed (wait status {status}; 9: killed, say for memory):\n{output[-3000:]}")
     text = logs[0].read_text()
     began, ended = (datetime.strptime(p.search(text).group(1), "%Y-%m-%d %H:%M:%S,%f") for p in (STARTED, EPOCH))
     epoch = (ended - began).total_seconds()
@@ -123,7 +123,10 @@ def run_all(folder, batches):
     for workers in (0, 2):
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             for name, cache_dir in (("cold", f"{tmp}/cache"), ("warm", f"{tmp}/cache"), ("off", None)):
-                row = measure(folder, tempfile.mkdtemp(dir=tmp), batches, workers, cache_dir)
+                try:
+                    row = measure(folder, tempfile.mkdtemp(dir=tmp), batches, workers, cache_dir)
+                except RuntimeError as e:  # one failed run (say, killed for memory) leaves the others' figures
+                    row = {"workers": workers, "error": str(e)[-2000:]}
                 rows.append({"setting": name, **row})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -143,9 +146,12 @@ def main(argv=None):
     print(f"load {os.getloadavg()}\nsetting  workers  first batch s  RSS MiB  " + "  ".join(f"{k} MiB" for k in KEYS)
           + "  img/s")
     for r in rows:
+        if "error" in r:
+            print(f"{r['setting']:7} {r['workers']:>8} failed: {r['error'].splitlines()[0]}")
+            continue
         print(f"{r['setting']:7} {r['workers']:>8} {r['first_batch_s']:>14.1f} {r['peak_rss_mib']:>8.0f} "
               f"{r['RssAnon']:>11.0f} {r['Pss_Anon']:>12.0f} {r['Pss_File']:>12.0f} {r['images_s']:>6.1f}")
-    print("\n".join(f"{r['setting']}/{r['workers']}: {r['decoded']}" for r in rows))
+    print("\n".join(f"{r['setting']}/{r['workers']}: {r.get('decoded') or r['error'].splitlines()[0]}" for r in rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
