@@ -140,8 +140,12 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     if hasattr(criterion, "to"):
         criterion = criterion.to(device)
     metrics = build_metrics(config)
-    optimizer = build(config, "optimizer", [p for p in model.parameters() if p.requires_grad])
-    lr_schedule = build_schedule(config, optimizer, len(data_loader))
+
+    def make_optimizer(parameters):
+        optimizer = build(config, "optimizer", parameters)
+        return optimizer, build_schedule(config, optimizer, len(data_loader))
+
+    optimizer, lr_schedule = make_optimizer([p for p in model.parameters() if p.requires_grad])
     if dist.world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
@@ -149,7 +153,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
 
     trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
                       lr_schedule)
-    trainer.check_one_batch()
+    trainer.check_one_batch(make_optimizer)
     if resume:
         trainer.resume(checkpoint)
     if dist.is_main_process():  # the first write: everything above has been checked

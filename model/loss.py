@@ -13,7 +13,7 @@ class CrossEntropy(nn.Module):
 
     def __init__(self, weight=None, label_smoothing=0.0):
         super().__init__()
-        self.register_buffer("weight", None if weight is None else torch.tensor(weight, dtype=torch.float32))
+        self.register_buffer("weight", class_weights(weight))
         self.label_smoothing = label_smoothing
 
     def forward(self, output, target):
@@ -26,8 +26,10 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma=2.0, weight=None):
         super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma = gamma
-        self.register_buffer("weight", None if weight is None else torch.tensor(weight, dtype=torch.float32))
+        self.register_buffer("weight", class_weights(weight))
 
     def forward(self, output, target):
         log_p = F.log_softmax(output.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
@@ -35,3 +37,13 @@ class FocalLoss(nn.Module):
         if self.weight is not None:
             loss = loss * self.weight[target]
         return loss.mean()
+
+
+def class_weights(weight):
+    """Per-class weights from a JSON list of numbers >= 0 (None: every class weighs 1)."""
+    if weight is None:
+        return None
+    if not isinstance(weight, list) or not weight or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                            and 0 <= w < float("inf") for w in weight):
+        raise ValueError(f"weight must be a list of finite numbers >= 0, one per class, got {weight!r}")
+    return torch.tensor(weight, dtype=torch.float32)

@@ -31,10 +31,14 @@ class TopKAccuracy(Metric):
     """Fraction of samples whose target is among the k highest-scoring classes."""
 
     def __init__(self, k=3):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         self.k = k
 
     def batch_stats(self, output, target):
-        hits = (output.topk(min(self.k, output.shape[1]), dim=1).indices == target.unsqueeze(1)).any(dim=1)
+        if self.k >= output.shape[1]:
+            raise ValueError(f"k={self.k} of {output.shape[1]} classes would always score 1.0; choose a smaller k")
+        hits = (output.topk(self.k, dim=1).indices == target.unsqueeze(1)).any(dim=1)
         return torch.stack([hits.sum(), torch.full((), target.numel(), device=target.device)])
 
     def compute(self, total):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from base import BaseModel
 from utils.checkpoint import load_model_weights, load_state_dict_file
-from utils.util import UserError
+from utils.util import UserError, did_you_mean
 
 
 class ConvNet(BaseModel):
@@ -58,14 +58,22 @@ class TorchvisionClassifier(BaseModel):
         super().__init__()
         import torchvision
 
+        if name not in torchvision.models.list_models():
+            raise UserError(f"arch.args.name: no torchvision model {name!r}"
+                            f"{did_you_mean(name, torchvision.models.list_models())}")
+        if weights:
+            choices = torchvision.models.get_model_weights(name)
+            known = [n for n in choices.__members__ if n != "DEFAULT"]
+            if weights != "DEFAULT" and weights not in known:
+                raise UserError(f"arch.args.weights: {name} has no weights {weights!r}; it has DEFAULT, "
+                                f"{', '.join(known)}")
+            weights = choices[weights]
         try:
             self.net = torchvision.models.get_model(name, weights=weights)
         except ValueError as e:
             raise UserError(f"arch.args: {e}") from None
         except (OSError, RuntimeError) as e:
-            url = torchvision.models.get_model_weights(name)[weights].url if weights != "DEFAULT" else \
-                torchvision.models.get_model_weights(name).DEFAULT.url
-            raise UserError(f"arch.args.weights: could not download {url} ({e}); offline, put that file in "
+            raise UserError(f"arch.args.weights: could not download {weights.url} ({e}); offline, put that file in "
                             f"{torch.hub.get_dir()}/checkpoints/ or give a local \"weights_file\"") from None
         if weights_file:
             load_model_weights(self.net, load_state_dict_file(weights_file), weights_file)
@@ -75,7 +83,11 @@ class TorchvisionClassifier(BaseModel):
             replacement = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                     bias=conv.bias is not None)
             _set_module(self.net, conv_name, replacement)
-        head_name, head = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
+        linear = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Linear)]
+        if not linear:
+            raise UserError(f"arch.args.name: {name} has no nn.Linear classifier to replace; name its builder as the "
+                            f"arch type instead (\"type\": \"{name}\", \"args\": {{\"num_classes\": ...}})")
+        head_name, head = linear[-1]
         _set_module(self.net, head_name, nn.Linear(head.in_features, num_classes))
         self.head = self.net.get_submodule(head_name)
 

@@ -234,6 +234,99 @@ def test_dotted_type_inside_torch_trains(config, tmp_path):
     assert checkpoint["optimizer"]["param_groups"][0]["momentum"] == 0.9  # SGD, built with the config's args
 
 
+# --- what only a batch and a step can show ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("section, spec, culprit", [
+    ("arch", {"type": "ConvNet", "args": {"num_classes": 5, "in_channels": 1}}, "arch: ConvNet returns [16, 5]"),
+    ("arch", {"type": "ConvNet", "args": {"num_classes": 10, "in_channels": 3}}, "arch: ConvNet cannot take a batch"),
+    ("loss", {"type": "CrossEntropyLoss", "args": {"reduction": "none"}}, "loss: returns [16]"),
+    ("loss", {"type": "CrossEntropy", "args": {"weight": [1.0, 2.0]}}, "loss: cannot take the model's output"),
+    ("metrics", ["accuracy", {"type": "TopKAccuracy", "args": {"k": 10}}], "metrics: cannot score"),
+    ("optimizer", {"type": "SparseAdam", "args": {}}, "optimizer: SparseAdam cannot take a step"),
+    ("optimizer", {"type": "LBFGS", "args": {"lr": 0.01}}, "optimizer: LBFGS cannot take a step"),
+    ("optimizer", {"type": "Adam", "args": {"differentiable": True}}, "optimizer: Adam cannot take a step"),
+    ("lr_scheduler", {"type": "StepLR", "args": {"step_size": 0}}, "lr_scheduler: StepLR cannot take a step"),
+    ("lr_scheduler", {"type": "CosineAnnealingLR", "args": {"T_max": 0}}, "lr_scheduler: CosineAnnealingLR cannot"),
+])
+def test_a_part_that_fails_on_the_first_batch_or_step_is_one_line_before_anything_is_written(
+        config, tmp_path, capsys, section, spec, culprit):
+    config[section] = spec
+    if section == "optimizer":
+        config["lr_scheduler"] = {}
+    assert fails(config, tmp_path, capsys).startswith(f"error: {culprit}")
+
+
+def test_the_trial_step_leaves_weights_and_optimizer_as_built(config, tmp_path, monkeypatch):
+    """The check's training step runs on the real model: its weights (and batch-norm statistics) are put back, and
+    the optimizer and schedule that train are untouched."""
+    from trainer.trainer import Trainer
+
+    check, seen = Trainer.check_one_batch, {}
+
+    def checked(trainer, make_optimizer):
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        check(trainer, make_optimizer)
+        seen["weights"] = all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+        seen["optimizer"] = not trainer.optimizer.state and trainer.lr_schedule.scheduler.last_epoch == 0
+        raise SystemExit(0)
+
+    monkeypatch.setattr(Trainer, "check_one_batch", checked)
+    config["arch"] = {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10,
+                                                                "in_channels": 1}}
+    with pytest.raises(SystemExit):
+        train.main(["-c", str(write_config(config, tmp_path / "config.json"))])
+    assert seen == {"weights": True, "optimizer": True}
+
+
+@pytest.mark.parametrize("dotted, value, culprit", [
+    ("name", "a\nb", "name: expected a folder name"),
+    ("name", "x" * 101, "name: expected a folder name"),
+    ("trainer.save_dir", "", "trainer.save_dir: expected a folder"),
+    ("metrics", [{"type": "accuracy", "name": "loss"}], "metrics[0].name"),
+    ("metrics", ["accuracy", {"type": "TopKAccuracy", "name": "val_top"}], "metrics[1].name"),
+    ("metrics", ["accuracy", {"type": "TopKAccuracy", "args": {"k": 0}}], "metrics[1]: TopKAccuracy(k=0) failed"),
+    ("loss", {"type": "CrossEntropyLoss", "args": {"label_smoothing": -1}}, "loss.args.label_smoothing"),
+    ("loss", {"type": "CrossEntropy", "args": {"weight": [1] * 9 + [-1]}}, "loss: CrossEntropy(weight="),
+    ("arch", {"type": "TorchvisionClassifier", "args": {"name": "squeezenet1_0", "num_classes": 10}},
+     "arch.args.name: squeezenet1_0 has no nn.Linear classifier"),
+    ("arch", {"type": "TorchvisionClassifier", "args": {"name": "resnet81", "num_classes": 10}},
+     "arch.args.name: no torchvision model 'resnet81'; did you mean 'resnet18'"),
+    ("arch", {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10, "weights": "V9"}},
+     "arch.args.weights: resnet18 has no weights 'V9'; it has DEFAULT, IMAGENET1K_V1"),
+])
+def test_values_a_signature_cannot_express(config, tmp_path, capsys, dotted, value, culprit):
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    assert fails(config, tmp_path, capsys).startswith(f"error: {culprit}")
+
+
+def test_a_number_for_an_argument_annotated_float_or_tensor(config, tmp_path):
+    """LBFGS's `lr: float | Tensor = 1`: the integer default does not make 0.01 wrong."""
+    config["optimizer"] = {"type": "LBFGS", "args": {"lr": 0.01}}
+    assert load_config(write_config(config, tmp_path / "c.json"))["optimizer"]["args"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("arch", [
+    {"type": "resnet18", "args": {"weights": "DEFAULT"}},
+    {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10, "weights": "DEFAULT"}},
+])
+def test_weights_that_cannot_be_downloaded_leave_no_folder_behind(config, tmp_path, capsys, monkeypatch, arch):
+    """Offline (as the suite runs), or on a bad address: one line, and no empty download folder left behind."""
+    import torch.hub
+
+    def no_network(url, *args, **kwargs):
+        raise OSError(f"no network for {url}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)  # after the download folder is made
+    config["arch"] = arch
+    assert "no network" in fails(config, tmp_path, capsys)
+    assert not (tmp_path / "torch-home").exists()
+
+
 # --- overrides ----------------------------------------------------------------------------------------------------
 
 def test_override_sets_an_integer(config, tmp_path):

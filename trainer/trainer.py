@@ -46,9 +46,10 @@ class Trainer(BaseTrainer):
                             "parameters when it starts)")
 
     @torch.no_grad()
-    def check_one_batch(self):
-        """Push one evaluation batch through the model, the loss and the metrics (eval mode, no update) and check the
-        shapes against the data, so a model that does not fit is one line before anything is written."""
+    def check_one_batch(self, make_optimizer):
+        """Push one evaluation batch through the model, the loss and the metrics (eval mode), check the shapes against
+        the data, then take one training step with a fresh optimizer and schedule from `make_optimizer(params)` and
+        put the weights back: whatever does not fit is one line before anything is written."""
         loader = self.valid_data_loader or self.data_loader
         data, target = next(iter(loader))
         data, target = self._to_device(data[:16], target[:16])
@@ -58,9 +59,9 @@ class Trainer(BaseTrainer):
         try:
             with self._autocast():
                 output = model(data)
-        except RuntimeError as e:
+        except Exception as e:
             raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
-                            f"{list(data.shape)}): {str(e).splitlines()[0]}") from None
+                            f"{list(data.shape)}): {first_line(e)}") from None
         finally:
             model.train(was_training)
         classes = getattr(loader.dataset, "classes", None)
@@ -72,19 +73,47 @@ class Trainer(BaseTrainer):
         try:
             with self._autocast():
                 loss = self.criterion(output, target)
-        except (RuntimeError, IndexError, ValueError) as e:
+        except Exception as e:
             raise UserError(f"loss: cannot take the model's output of shape {list(output.shape)} and targets of "
-                            f"shape {list(target.shape)}: {str(e).splitlines()[0]}") from None
+                            f"shape {list(target.shape)}: {first_line(e)}") from None
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
                             f"(a reduction of \"mean\" or \"sum\", not \"none\")")
         try:
             self.valid_metrics.update(loss, output, target)
-        except (RuntimeError, IndexError, ValueError) as e:
+        except Exception as e:
             raise UserError(f"metrics: cannot score the model's output of shape {list(output.shape)}: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first_line(e)}") from None
         finally:
             self.valid_metrics.reset()
+        self._check_one_step(model, data, target, make_optimizer)
+
+    def _check_one_step(self, model, data, target, make_optimizer):
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        was_training = model.training
+        optimizer, schedule = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        try:
+            with torch.enable_grad(), self._autocast():
+                loss = self.criterion(model.train()(data), target)
+            try:
+                loss.backward()
+            except Exception as e:
+                raise UserError(f"loss: cannot be backpropagated to the model's weights: {first_line(e)}") from None
+            try:
+                optimizer.step()
+            except Exception as e:
+                raise UserError(f"optimizer: {type(optimizer).__name__} cannot take a step: {first_line(e)}") from None
+            if schedule is not None:
+                try:
+                    schedule.after_optimizer_step()
+                    schedule.after_epoch(loss.item())
+                except Exception as e:
+                    raise UserError(f"lr_scheduler: {type(schedule.scheduler).__name__} cannot take a step: "
+                                    f"{first_line(e)}") from None
+        finally:
+            model.load_state_dict(saved)
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
 
     def _train_epoch(self, epoch):
         skip, n_batches = self._start_epoch(epoch)
@@ -264,6 +293,11 @@ class Trainer(BaseTrainer):
             self.scaler.load_state_dict(checkpoint["scaler"])
         if self.resume_batches:
             self.train_metrics.load_state_dict(checkpoint["train_metrics"], self.device)
+
+
+def first_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
 
 
 def grads_finite(model):

@@ -5,21 +5,24 @@ for that section first, then in the matching PyTorch namespace, or given as a do
 and it must be of the section's kind (an optimizer section builds an optimizer and nothing else). Its `args` are
 checked against the signature, and their types against the annotations or defaults, before anything is built.
 """
+import contextlib
 import copy
 import functools
 import importlib
 import inspect
 import json
 import math
+import re
 import sys
 import traceback
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from utils import schedule
 from utils.settings import InferenceSettings, RunSettings, TrainerSettings, check_settings, value_problem
-from utils.util import UserError, did_you_mean, read_json
+from utils.util import UserError, did_you_mean, no_new_folders_on_failure, read_json
 
 PROJECT_ROOTS = ("base", "data_loader", "model", "trainer", "logger", "utils")
 LIBRARY_ROOTS = ("torch", "torchvision")
@@ -83,8 +86,11 @@ def validate(config):
     config["trainer"] = check_settings(TrainerSettings, config["trainer"], "trainer.")
     config["inference"] = validate_inference(config["inference"])
     name = config["name"]
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise UserError(f"name: expected a folder name (no slashes, not \".\" or \"..\"), got {json.dumps(name)}")
+    if not name or name in (".", "..") or len(name) > 100 or any(c in name for c in "/\\") or not name.isprintable():
+        raise UserError(f"name: expected a folder name of at most 100 printable characters (no slashes, not \".\" "
+                        f"or \"..\"), got {json.dumps(name)}")
+    if not config["trainer"]["save_dir"].strip():
+        raise UserError("trainer.save_dir: expected a folder, got an empty string (use \".\" for this folder)")
     roots = config["import_roots"]
     for root in roots:
         if not isinstance(root, str) or not root.isidentifier():
@@ -109,11 +115,22 @@ def validate(config):
             resolve("metrics", entry, roots, where=f"metrics[{i}]")
         else:
             config["metrics"][i] = check_spec(entry, "metrics", roots, ("name",), where=f"metrics[{i}]")
-        names.append(metric_name(entry))
+        name = metric_name(entry)
+        if not isinstance(name, str) or not METRIC_NAME.fullmatch(name) or name in RESERVED_NAMES or \
+                name.startswith(RESERVED_PREFIXES):
+            raise UserError(f"metrics[{i}].name: expected letters, digits, \"_\", \".\" or \"-\", not "
+                            f"{', '.join(RESERVED_NAMES)} and not starting with {' or '.join(RESERVED_PREFIXES)} "
+                            f"(names the log uses itself), got {json.dumps(name)}")
+        names.append(name)
     if len(set(names)) != len(names):
         raise UserError(f"metrics: two metrics share a name ({', '.join(names)}); give one a \"name\"")
     _check_monitor(config, names)
     return config
+
+
+RESERVED_NAMES = ("loss", "lr", "epoch", "step_loss", "grad_norm")  # what the epoch log and history.csv hold besides
+RESERVED_PREFIXES = ("val_", "ema_")
+METRIC_NAME = re.compile(r"[\w.-]{1,100}")
 
 
 def validate_inference(section):
@@ -215,36 +232,44 @@ def _check_args(target, args, section, where, type_name):
 
 
 PLAIN = (bool, int, float, str)
+ANY = "any"  # an annotation that admits values other than JSON's plain ones: not checked here
+RANGES = {"label_smoothing": (0.0, 1.0)}  # arguments some torch classes take without checking them
 
 
 def _argument_problem(param, value, target):
     """What a JSON value given for `param` should have been, judged by its annotation, else by its default; None
-    when it fits or when the annotation allows more than JSON's plain values (lists, tensors, anything)."""
+    when it fits or when the annotation allows more than JSON's plain values (lists, anything)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "a finite number"
+    low, high = RANGES.get(param.name, (-math.inf, math.inf))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+        return f"a number from {low} to {high}"
     kinds = _annotated_kinds(param, target)
     if kinds is None and type(param.default) in PLAIN:
         kinds = {type(param.default)}
-    if not kinds or value is None and (type(None) in kinds or param.default is None):
+    if kinds in (None, ANY) or value is None and (type(None) in kinds or param.default is None):
         return None
     problems = [value_problem(value, kind) for kind in PLAIN if kind in kinds]
     return None if None in problems else " or ".join(dict.fromkeys(problems))
 
 
 def _annotated_kinds(param, target):
-    """The plain JSON types (and None) an annotation allows, or None when it allows others or cannot be read."""
+    """The plain JSON types (and None) an annotation allows; ANY when it allows others or cannot be read; None when
+    there is no annotation. A tensor in a union (`float | Tensor`) is left out: JSON cannot give one."""
+    import torch
+
     annotation = param.annotation
     if isinstance(annotation, str):
         try:
             annotation = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)[param.name]
         except Exception:
-            return None
+            return ANY
     if annotation is param.empty:
         return None
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    members = typing.get_args(annotation) if union else (annotation,)
-    if not all(m in PLAIN or m is type(None) for m in members):
-        return None
+    members = [m for m in (typing.get_args(annotation) if union else (annotation,)) if m is not torch.Tensor]
+    if not members or not all(m in PLAIN or m is type(None) for m in members):
+        return ANY
     return set(members)
 
 
@@ -350,16 +375,28 @@ def build_spec(spec, section, roots=(), *supplied, where=None, **program):
     if inspect.isfunction(target) and section == "loss":
         return functools.partial(target, **args) if args else target
     try:
-        built = target(*supplied, **args)
-    except (ValueError, TypeError) as e:
+        with no_new_folders_on_failure(_download_dir()) if section == "arch" else contextlib.nullcontext():
+            built = target(*supplied, **args)
+    except UserError:
+        raise
+    except Exception as e:  # a library class fails on the config's arguments; the project's own code on a bug too
         if _module_under(target, LIBRARY_ROOTS):
-            raise UserError(f"{where}: {spec['type']} rejected its arguments: {e}") from None
+            raise UserError(f"{where}: {spec['type']} failed with these arguments: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if not isinstance(e, (ValueError, TypeError)):
+            raise
         frame = traceback.extract_tb(e.__traceback__)[-1]
         raise UserError(f"{where}: {spec['type']}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: "
                         f"{type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})") from None
     if section == "arch" and not _is_kind("model", type(built), roots):
         raise UserError(f"{where}: {spec['type']} returned a {type(built).__name__}, not an nn.Module")
     return built
+
+
+def _download_dir():
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def build_loss(config):

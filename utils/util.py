@@ -1,5 +1,6 @@
 """Small helpers shared by train.py, test.py and the trainer: errors, JSON files, seeding, devices, run folders."""
 import argparse
+import contextlib
 import ctypes
 import difflib
 import json
@@ -123,6 +124,20 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def no_new_folders_on_failure(path):
+    """Remove the folders on the way to `path` that a failing block created and left empty (a failed download's)."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def link_or_copy(source, tmp):
