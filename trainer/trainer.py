@@ -1,6 +1,7 @@
 import contextlib
 import itertools
 import sys
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -45,11 +46,18 @@ class Trainer(BaseTrainer):
             raise UserError("trainer.freeze_backbone_epochs: not supported under torchrun (DDP fixes the trainable "
                             "parameters when it starts)")
 
-    @torch.no_grad()
     def check_one_batch(self, make_optimizer):
         """Push one evaluation batch through the model, the loss and the metrics (eval mode), check the shapes against
         the data, then take one training step with a fresh optimizer and schedule from `make_optimizer(params)` and
-        put the weights back: whatever does not fit is one line before anything is written."""
+        put the weights back: whatever does not fit is one line before anything is written (warnings raised on the
+        way are shown only when it fits)."""
+        with warnings.catch_warnings(record=True) as caught:
+            self._check_one_batch(make_optimizer)
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+    @torch.no_grad()
+    def _check_one_batch(self, make_optimizer):
         loader = self.valid_data_loader or self.data_loader
         data, target = next(iter(loader))
         data, target = self._to_device(data[:16], target[:16])
