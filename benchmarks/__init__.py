@@ -1,4 +1,1 @@
-"""Benchmarks of the template against a hand-written PyTorch loop; run `python -m benchmarks.benchmark`.
-
-Not part of the test suite (pytest collects `tests/` only).
-"""
+"""The template's benchmarks (benchmark.py, scale.py) and GPU checks (gpu_check.sh); not part of the test suite."""

@@ -1,18 +1,18 @@
 """What the template costs over a hand-written loop, as users run it. Not part of the test suite.
 
-    python -m benchmarks.benchmark                    train.py -c config.json against benchmarks/plain_loop.py
-    python -m benchmarks.benchmark --model resnet18   torchvision resnet18 on 3x64x64 inputs, epochs cut short
-    python -m benchmarks.benchmark --device cuda --pairs 5 --json /tmp/bench.json
-    python -m benchmarks.benchmark --smoke            a short run of everything (CI): fails on errors, not timings
+    python -m benchmarks.benchmark [-c config.json] [--model resnet18] [-d cuda] [--pairs 3] [--smoke]
+    python -m benchmarks.benchmark --plain [--epochs 8]    the plain loop alone, as the benchmark runs it
 
-Overhead: unmodified `python train.py` processes and plain-loop processes in turns; an epoch's time is the gap
-between consecutive epoch lines (train.log timestamps; the plain loop prints its own), so epoch 1 with its start-up
-is left out. Start-up: wall time of `train.py --fast-dev-run` against a script that only builds the model and
-optimizer and takes one step. Loader: samples/s of the template's training DataLoader against indexing one tensor.
+overhead: unmodified `python train.py -c CONFIG` processes and plain-loop processes take turns; an epoch's time is the
+gap between consecutive epoch lines (train.log's, and the plain loop's in the same format), so epoch 1 is left out;
+start-up: from process start to the `training on` line. loader: the training DataLoader alone against indexing one
+tensor. --smoke (CI): all of it briefly; it fails on errors, not on timings.
 """
 import argparse
+import csv
+import itertools
 import json
-import math
+import logging
 import os
 import re
 import statistics
@@ -24,237 +24,188 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2.functional import resize
 
 REPO = Path(__file__).resolve().parents[1]
-LOG_EPOCH = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ epoch (\d+)/\d+ ", re.M)
-PLAIN_EPOCH = re.compile(r"^epoch (\d+)/\d+ .*\((\d+\.\d+) s\)$", re.M)
-DIGIT_SIZE = 28
-RESIZE_64 = [{"type": "Resize", "args": {"size": [64, 64], "antialias": True}}]
-BUILD_MODEL = {
-    "config": "import model.model\nmodel = getattr(model.model, config['arch']['type'])(**config['arch']['args'])",
-    "resnet18": "import torchvision\nmodel = torchvision.models.resnet18(num_classes=10)",
-}
-FLOOR = """
-import json, torch
-import torch.nn.functional as F
-config = json.load(open({config!r}))
-{build_model}
-model = model.to({device!r})
-optimizer = torch.optim.AdamW(model.parameters(), **config["optimizer"]["args"])
-x = torch.randn({batch}, *{shape}, device={device!r})
-F.cross_entropy(model(x), torch.zeros({batch}, dtype=torch.long, device={device!r})).backward()
-optimizer.step()
-"""
-
-
-class BenchmarkError(Exception):
-    pass
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (?:training on |epoch (\d+)/\d+ )", re.M)
+RESNET18 = json.dumps({"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10}})
+RESIZE_64 = json.dumps([{"type": "Resize", "args": {"size": [64, 64], "antialias": True}}])
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Time train.py against a plain PyTorch loop.")
     parser.add_argument("-c", "--config", default="config.json")
     parser.add_argument("--model", choices=("config", "resnet18"), default="config",
-                        help="config: the config's arch; resnet18: torchvision resnet18 on 3x64x64 inputs")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--pairs", type=int, default=3, help="plain/template process pairs")
+                        help="config: the config's arch; resnet18: torchvision's resnet18 on 3x64x64 inputs")
+    parser.add_argument("-d", "--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--pairs", type=int, default=3, help="plain/template pairs of runs")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is not timed)")
     parser.add_argument("--train-batches", type=int, help="batches per epoch (default: all; resnet18: 6)")
     parser.add_argument("--val-batches", type=int, help="validation batches per epoch (default: all; resnet18: 2)")
-    parser.add_argument("--startup-repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("overhead", "startup", "loader"))
-    parser.add_argument("--smoke", action="store_true", help="1 pair, 2 short epochs, 1 start-up: checks it all runs")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--smoke", action="store_true", help="1 pair of 2 epochs of 3 batches: checks that it runs")
+    parser.add_argument("--plain", action="store_true", help="run the plain loop (one process) instead")
     args = parser.parse_args(argv)
-    resnet = args.model == "resnet18"
     if args.smoke:
-        args.pairs, args.epochs, args.startup_repeats, args.train_batches, args.val_batches = 1, 2, 1, 3, 1
-    args.train_batches = args.train_batches if args.train_batches is not None else (6 if resnet else 0)
-    args.val_batches = args.val_batches if args.val_batches is not None else (2 if resnet else 0)
+        args.pairs, args.epochs, args.train_batches, args.val_batches = 1, 2, 3, 1
+    resnet = args.model == "resnet18"
+    args.train_batches = (6 if resnet else 0) if args.train_batches is None else args.train_batches
+    args.val_batches = (2 if resnet else 0) if args.val_batches is None else args.val_batches
+    args.loader = json.loads((REPO / args.config).read_text())["data_loader"]["args"]
     return args
 
 
+def load_images(args):
+    """The training images as one uint8 tensor (N, C, H, W), as RGB resized once to 64x64 for resnet18; the labels."""
+    data_dir = REPO / args.loader["data_dir"]
+    with open(data_dir / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    mode = ImageReadMode.RGB if args.model == "resnet18" else ImageReadMode.UNCHANGED
+    images = torch.stack([decode_image(read_file(str(data_dir / "train" / f"{r['id']}.png")), mode=mode) for r in rows])
+    classes = sorted({r["label"] for r in rows})
+    labels = torch.tensor([classes.index(r["label"]) for r in rows])
+    return (resize(images, [64, 64], antialias=True) if args.model == "resnet18" else images), labels
+
+
+def normaliser(loader_args, channels, device="cpu"):
+    """uint8 batches to floats in [0, 1] normalised by the config's mean and std (one value serves every channel)."""
+    mean, std = (torch.tensor(loader_args[k] * (channels // len(loader_args[k])), device=device).view(1, -1, 1, 1)
+                 for k in ("mean", "std"))
+    return lambda batch: (batch.float().div_(255) - mean) / std
+
+
+def plain_loop(args):
+    """The baseline: the config's model (or resnet18), AdamW, OneCycleLR, batch size and split on images held in one
+    tensor, batches by indexing; validation and a checkpoint every epoch, then a line like train.log's."""
+    import model.model as models
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, stream=sys.stdout)
+    config, device = json.loads((REPO / args.config).read_text()), torch.device(args.device)
+    torch.manual_seed(config.get("seed", 0))
+    images, labels = (t.to(device) for t in load_images(args))
+    normalise, batch_size = normaliser(args.loader, images.shape[1], device), args.loader["batch_size"]
+    order, n_valid = torch.randperm(len(images), device=device), round(len(images) * args.loader["validation_split"])
+    valid_batches, train_idx = order[:n_valid].split(batch_size)[:args.val_batches or None], order[n_valid:]
+    n_batches = len(train_idx.split(batch_size)[:args.train_batches or None])
+    model = (torchvision.models.resnet18(num_classes=10) if args.model == "resnet18"
+             else getattr(models, config["arch"]["type"])(**config["arch"]["args"])).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), **config["optimizer"]["args"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, total_steps=args.epochs * n_batches,
+                                                    **config["lr_scheduler"]["args"])
+    logging.info(f"training on {device}")
+    with tempfile.TemporaryDirectory(prefix="plain-loop-") as save_dir:
+        for epoch in range(1, args.epochs + 1):
+            model.train()
+            loss_sum = 0
+            for idx in train_idx[torch.randperm(len(train_idx), device=device)].split(batch_size)[:n_batches]:
+                loss = F.cross_entropy(model(normalise(images[idx])), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach()
+            model.eval()
+            with torch.no_grad():
+                output = torch.cat([model(normalise(images[idx])) for idx in valid_batches])
+            target = labels[torch.cat(valid_batches)]
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f"{save_dir}/last.pth")
+            logging.info(f"epoch {epoch}/{args.epochs}  loss {loss_sum.item() / n_batches:.4f}  val_loss "
+                         f"{F.cross_entropy(output, target).item():.4f}  val_accuracy "
+                         f"{(output.argmax(1) == target).float().mean().item():.4f}")
+
+
 def model_overrides(args):
-    """The -o overrides that give train.py the model and input size the plain loop uses."""
+    """The -o overrides that give train.py the plain loop's model and inputs."""
     if args.model != "resnet18":
         return []
-    loader = json.loads((REPO / args.config).read_text())["data_loader"]["args"]
-    arch = {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10}}
-    return [f"arch={json.dumps(arch)}", "data_loader.args.image_mode=rgb",
-            f"data_loader.args.train_transforms={json.dumps(RESIZE_64)}",
-            f"data_loader.args.eval_transforms={json.dumps(RESIZE_64)}",
-            f"data_loader.args.mean={json.dumps(loader['mean'] * 3)}",
-            f"data_loader.args.std={json.dumps(loader['std'] * 3)}"]
+    return [f"arch={RESNET18}", "data_loader.args.image_mode=rgb", f"data_loader.args.train_transforms={RESIZE_64}",
+            f"data_loader.args.eval_transforms={RESIZE_64}", f"data_loader.args.mean={args.loader['mean'] * 3}",
+            f"data_loader.args.std={args.loader['std'] * 3}"]
 
 
-def template_overrides(args):
-    limits = [f"trainer.limit_train_batches={args.train_batches}", f"trainer.limit_val_batches={args.val_batches}"]
-    return model_overrides(args) + limits
+def command(args, side, save_dir):
+    """Python's arguments for one run of the plain loop or of train.py, with the same model, epochs and batches."""
+    if side == "plain":
+        return ["-m", "benchmarks.benchmark", "--plain", "-c", args.config, "--model", args.model, "-d", args.device,
+                "--epochs", str(args.epochs), "--train-batches", str(args.train_batches), "--val-batches",
+                str(args.val_batches)]
+    overrides = [*model_overrides(args), f"trainer.epochs={args.epochs}", f"trainer.save_dir={save_dir}",
+                 f"trainer.limit_train_batches={args.train_batches}", f"trainer.limit_val_batches={args.val_batches}"]
+    return ["train.py", "-c", args.config, "-d", args.device, *(x for o in overrides for x in ("-o", o))]
 
 
-def run(cmd):
-    """Run `cmd` from the repository root; its stdout, or BenchmarkError with the tail of its stderr."""
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise BenchmarkError(f"{' '.join(cmd[:4])} ... exited with {done.returncode}:\n{tail}")
-    return done.stdout
-
-
-def train_py(args, *extra):
-    """The train.py command line for the benchmark's config, model and device."""
-    overrides = [x for o in template_overrides(args) for x in ("-o", o)]
-    return [sys.executable, "train.py", "-c", args.config, "-d", args.device, *overrides, *extra]
-
-
-def template_epoch_times(args):
-    """Seconds between consecutive epoch lines of one train.py run's train.log."""
-    with tempfile.TemporaryDirectory(prefix="bench-template-") as save_dir:
-        run(train_py(args, "-o", f"trainer.save_dir={save_dir}", "-o", f"trainer.epochs={args.epochs}"))
-        logs = list(Path(save_dir).glob("**/train.log"))
-        if len(logs) != 1:
-            raise BenchmarkError(f"expected one train.log under the run's save_dir, found {len(logs)}")
-        lines = LOG_EPOCH.findall(logs[0].read_text())
-    if [int(n) for _, n in lines] != list(range(1, args.epochs + 1)):
-        raise BenchmarkError(f"train.log: expected epoch lines 1..{args.epochs}, found {[n for _, n in lines]}")
+def timed_run(args, side):
+    """One run of `side`: seconds from its start to its `training on` line, and between consecutive epoch lines
+    (train.log's timestamps, or the plain loop's own lines in the same format; so epoch 1 is not counted)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as save_dir:
+        start = time.time()
+        cmd = [sys.executable, *command(args, side, save_dir)]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit("\n".join([f"error: {side} run exited with {done.returncode}:", *done.stderr.splitlines()[-5:]]))
+        lines = LOG_LINE.findall(done.stdout + "".join(p.read_text() for p in Path(save_dir).glob("**/train.log")))
+    if [n for _, n in lines] != ["", *map(str, range(1, args.epochs + 1))]:
+        sys.exit(f"error: {side} run: expected a `training on` line, then epoch lines 1..{args.epochs}: {lines}")
     stamps = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t, _ in lines]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-def plain_epoch_times(args):
-    """Seconds between consecutive epoch ends of one plain-loop run, as it prints them."""
-    out = run([sys.executable, "-m", "benchmarks.plain_loop", "-c", args.config, "--model", args.model,
-               "--epochs", str(args.epochs), "--train-batches", str(args.train_batches),
-               "--val-batches", str(args.val_batches), "--device", args.device])
-    lines = PLAIN_EPOCH.findall(out)
-    if [int(n) for n, _ in lines] != list(range(1, args.epochs + 1)):
-        raise BenchmarkError(f"plain loop: expected epoch lines 1..{args.epochs}, found {[n for n, _ in lines]}")
-    return [float(t) for _, t in lines[1:]]
-
-
-def train_samples_per_epoch(args):
-    loader = json.loads((REPO / args.config).read_text())["data_loader"]["args"]
-    n_train = len((REPO / loader["data_dir"] / "train.csv").read_text().splitlines()) - 1
-    n_train -= round(n_train * loader["validation_split"])
-    return min(n_train, (args.train_batches or math.inf) * loader["batch_size"])
+    return stamps[0] - start, [b - a for a, b in zip(stamps[1:], stamps[2:])]
 
 
 def measure_overhead(args):
-    """Interleaved plain/template runs (who goes first alternates); per-pair and overall epoch medians and ratios."""
-    pairs = []
+    """Interleaved plain/template runs (who goes first alternates): per-pair ratios of their median epochs."""
+    ratios, epochs, startups = [], {"plain": [], "template": []}, {"plain": [], "template": []}
     for i in range(args.pairs):
         sides = ("plain", "template") if i % 2 == 0 else ("template", "plain")
-        times = {side: (plain_epoch_times if side == "plain" else template_epoch_times)(args) for side in sides}
-        pair = {side: statistics.median(times[side]) for side in ("plain", "template")}
-        pair["ratio"] = pair["template"] / pair["plain"]
-        pair["epochs"] = times
-        pairs.append(pair)
-        print(f"  pair {i + 1} ({sides[0]} first): plain {pair['plain']:.3f} s/epoch, template "
-              f"{pair['template']:.3f} s/epoch, ratio {pair['ratio']:.3f}", flush=True)
-    ratios = [p["ratio"] for p in pairs]
-    samples = train_samples_per_epoch(args)
-    result = {"pairs": pairs, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-              "ratio_max": max(ratios), "train_samples_per_epoch": samples}
-    for side in ("plain", "template"):
-        epochs = [t for p in pairs for t in p["epochs"][side]]
-        median, result[f"{side}_fastest_epoch_s"] = statistics.median(epochs), min(epochs)
-        result[f"{side}_epoch_s"], result[f"{side}_samples_per_s"] = median, samples / median
-        print(f"  {side:8} median epoch {median:.3f} s  ({samples / median:.0f} training samples/s, whole epoch), "
-              f"fastest {min(epochs):.3f} s")
-    result["fastest_ratio"] = result["template_fastest_epoch_s"] / result["plain_fastest_epoch_s"]
-    print(f"  ratio template/plain: median {result['ratio_median']:.3f} (min {result['ratio_min']:.3f}, "
-          f"max {result['ratio_max']:.3f}); fastest epochs {result['fastest_ratio']:.3f} (least disturbed by load)")
-    return result
-
-
-def wall_times(cmd, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(cmd)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure_startup(args):
-    """Wall time of train.py --fast-dev-run against a floor: import torch, build the model and AdamW, one step."""
-    loader = json.loads((REPO / args.config).read_text())["data_loader"]["args"]
-    shape = [3, 64, 64] if args.model == "resnet18" else [len(loader["mean"]), DIGIT_SIZE, DIGIT_SIZE]
-    floor = FLOOR.format(config=args.config, build_model=BUILD_MODEL[args.model], device=args.device,
-                         batch=loader["batch_size"], shape=shape)
-    fast_dev_run = wall_times(train_py(args, "--fast-dev-run"), args.startup_repeats)
-    floor_times = wall_times([sys.executable, "-c", floor], args.startup_repeats)
-    result = {"fast_dev_run_s": statistics.median(fast_dev_run), "floor_s": statistics.median(floor_times)}
-    print(f"  train.py --fast-dev-run {result['fast_dev_run_s']:.2f} s, floor (model + AdamW + one step) "
-          f"{result['floor_s']:.2f} s  (medians of {args.startup_repeats})")
-    return result
-
-
-def template_train_loader(args):
-    """The training DataLoader exactly as train.py builds it from the config (the only use of project internals)."""
-    from utils.config import build, load_config
-
-    return build(load_config(REPO / args.config, model_overrides(args)), "data_loader")
-
-
-def samples_per_s(batches, n_batches):
-    """Samples per second taken to draw up to `n_batches` batches (inputs, targets) from the iterable."""
-    start, n = time.perf_counter(), 0
-    for i, (inputs, _) in enumerate(batches):
-        if i == n_batches:
-            break
-        n += len(inputs)
-    return n / (time.perf_counter() - start)
-
-
-def tensor_batches(images, labels, batch_size, mean, std):
-    """Shuffled batches taken by indexing one uint8 tensor, scaled and normalised: the plain loop's input."""
-    for idx in torch.randperm(len(images)).split(batch_size):
-        yield (images[idx].float().div_(255) - mean) / std, labels[idx]
+        runs = {side: timed_run(args, side) for side in sides}
+        median = {side: statistics.median(runs[side][1]) for side in epochs}
+        ratios.append(median["template"] / median["plain"])
+        print(f"  pair {i + 1} ({sides[0]} first): plain {median['plain']:.3f} s/epoch, template "
+              f"{median['template']:.3f} s/epoch, ratio {ratios[-1]:.3f}", flush=True)
+        for side, (startup, times) in runs.items():
+            startups[side].append(startup)
+            epochs[side] += times
+    n = len((REPO / args.loader["data_dir"] / "train.csv").read_text().splitlines()) - 1
+    samples = min(n - round(n * args.loader["validation_split"]), (args.train_batches or n) * args.loader["batch_size"])
+    for side, times in epochs.items():
+        print(f"  {side:8} median epoch {statistics.median(times):.3f} s  ({samples / statistics.median(times):.0f} "
+              f"training samples/s, whole epoch), fastest {min(times):.3f} s; start-up (process start to "
+              f"`training on`) {statistics.median(startups[side]):.2f} s")
+    print(f"  ratio template/plain: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
+          f"{max(ratios):.3f}); fastest epochs {min(epochs['template']) / min(epochs['plain']):.3f}")
 
 
 def measure_loader(args):
-    """The template's training DataLoader alone (no model) against indexing one tensor, in samples/s."""
-    from benchmarks.plain_loop import per_channel, prepare_images
+    """The training DataLoader as train.py builds it (no model) against indexing one tensor, in samples/s."""
+    from utils.config import build, load_config
 
-    loader = json.loads((REPO / args.config).read_text())["data_loader"]["args"]
-    n_batches = args.train_batches or math.inf
-    template = samples_per_s(template_train_loader(args), n_batches)
-    images, labels = prepare_images(REPO / loader["data_dir"], args.model)
-    mean, std = (per_channel(loader[key], images.shape[1]) for key in ("mean", "std"))
-    plain = samples_per_s(tensor_batches(images, labels, loader["batch_size"], mean, std), n_batches)
-    print(f"  template DataLoader {template:.0f} samples/s, indexing one tensor {plain:.0f} samples/s")
-    return {"template_samples_per_s": template, "tensor_samples_per_s": plain}
+    images, labels = load_images(args)
+    normalise, rates = normaliser(args.loader, images.shape[1]), []
+    indexed = ((normalise(images[i]), labels[i]) for i in torch.randperm(len(images)).split(args.loader["batch_size"]))
+    for batches in (build(load_config(REPO / args.config, model_overrides(args)), "data_loader"), indexed):
+        start = time.perf_counter()
+        n = sum(len(inputs) for inputs, _ in itertools.islice(batches, args.train_batches or None))
+        rates.append(n / (time.perf_counter() - start))
+    print(f"  template DataLoader {rates[0]:.0f} samples/s, indexing one tensor {rates[1]:.0f} samples/s")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: no CUDA GPU is available", file=sys.stderr)
-        return 2
-    figures = {"model": args.model, "device": args.device, "epochs": args.epochs, "pairs": args.pairs,
-               "train_batches": args.train_batches, "val_batches": args.val_batches,
-               "load_average_before": os.getloadavg()}
+        sys.exit("error: --device cuda: no CUDA GPU is available")
+    if args.plain:
+        return plain_loop(args)
+    load = os.getloadavg()
     print(f"benchmark: {args.config}, model {args.model}, {args.device}, {args.pairs} pair(s) of {args.epochs} "
           f"epochs, batches per epoch {args.train_batches or 'all'} (validation {args.val_batches or 'all'})")
     if args.model == "resnet18":
         print("  the plain loop resizes the in-memory images to 64x64 once; train.py resizes every sample every epoch")
-    try:
-        for name, measure in (("overhead", measure_overhead), ("startup", measure_startup),
-                              ("loader", measure_loader)):
-            if name not in args.skip:
-                print(f"{name}:", flush=True)
-                figures[name] = measure(args)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    figures["load_average_after"] = os.getloadavg()
+    for name, measure in (("overhead", measure_overhead), ("loader", measure_loader)):
+        print(f"{name}:", flush=True)
+        measure(args)
     print("load average (1, 5, 15 min): {:.1f} {:.1f} {:.1f} before, {:.1f} {:.1f} {:.1f} after".format(
-        *figures["load_average_before"], *figures["load_average_after"]))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+        *load, *os.getloadavg()))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,7 +2,7 @@
 batches, resuming and test.py on the GPU, and train.py under a one-process torchrun. Each test is a short run on the
 small data slice (seconds on a GPU). All are marked `cuda` and skipped where torch sees no CUDA device, so the CPU
 suite and CI skip them; on a GPU machine: python -m pytest -q -m cuda tests/test_gpu.py (or bash
-benchmarks/gpu_check.sh for these tests and full-size runs)."""
+benchmarks/gpu_check.sh: these tests, one line each, and the ResNet-18 benchmark on the GPU)."""
 import contextlib
 import json
 import math
