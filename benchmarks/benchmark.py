@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import resize
+
+from data_loader.images import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (?:training on |epoch (\d+)/\d+ )", re.M)
 RESNET18 = json.dumps({"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10}})
-RESIZE_64 = json.dumps([{"type": "Resize", "args": {"size": [64, 64], "antialias": True}}])
 
 
 def parse_args(argv=None):
@@ -47,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--val-batches", type=int, help="validation batches per epoch (default: all; resnet18: 2)")
     parser.add_argument("--smoke", action="store_true", help="1 pair of 2 epochs of 3 batches: checks that it runs")
     parser.add_argument("--plain", action="store_true", help="run the plain loop (one process) instead")
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)  # the 64x64 copy made for resnet18
     args = parser.parse_args(argv)
     if args.smoke:
         args.pairs, args.epochs, args.train_batches, args.val_batches = 1, 2, 3, 1
@@ -54,19 +55,31 @@ def parse_args(argv=None):
     args.train_batches = (6 if resnet else 0) if args.train_batches is None else args.train_batches
     args.val_batches = (2 if resnet else 0) if args.val_batches is None else args.val_batches
     args.loader = json.loads((REPO / args.config).read_text())["data_loader"]["args"]
+    args.data_dir = args.data_dir or REPO / args.loader["data_dir"]
     return args
 
 
 def load_images(args):
-    """The training images as one uint8 tensor (N, C, H, W), as RGB resized once to 64x64 for resnet18; the labels."""
-    data_dir = REPO / args.loader["data_dir"]
-    with open(data_dir / "train.csv", newline="") as f:
+    """The training images as one uint8 tensor (N, C, H, W) and their labels."""
+    with open(args.data_dir / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    mode = ImageReadMode.RGB if args.model == "resnet18" else ImageReadMode.UNCHANGED
-    images = torch.stack([decode_image(read_file(str(data_dir / "train" / f"{r['id']}.png")), mode=mode) for r in rows])
+    mode = "rgb" if args.model == "resnet18" else "unchanged"
+    images = torch.stack([read_image(args.data_dir / "train" / f"{r['id']}.png", mode) for r in rows])
     classes = sorted({r["label"] for r in rows})
-    labels = torch.tensor([classes.index(r["label"]) for r in rows])
-    return (resize(images, [64, 64], antialias=True) if args.model == "resnet18" else images), labels
+    return images, torch.tensor([classes.index(r["label"]) for r in rows])
+
+
+def enlarged_copy(args, folder):
+    """The training images as 3x64x64 PNGs in `folder`, so that both sides read ResNet-18's input size as stored."""
+    from PIL import Image
+
+    (folder / "train").mkdir()
+    (folder / "train.csv").write_bytes((args.data_dir / "train.csv").read_bytes())
+    images, _ = load_images(args)
+    with open(args.data_dir / "train.csv", newline="") as f:
+        for row, image in zip(csv.DictReader(f), resize(images, [64, 64], antialias=True)):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / "train" / f"{row['id']}.png")
+    args.data_dir = folder
 
 
 def normaliser(loader_args, channels, device="cpu"):
@@ -120,9 +133,9 @@ def model_overrides(args):
     """The -o overrides that give train.py the plain loop's model and inputs."""
     if args.model != "resnet18":
         return []
-    return [f"arch={RESNET18}", "data_loader.args.image_mode=rgb", f"data_loader.args.train_transforms={RESIZE_64}",
-            f"data_loader.args.eval_transforms={RESIZE_64}", f"data_loader.args.mean={args.loader['mean'] * 3}",
-            f"data_loader.args.std={args.loader['std'] * 3}"]
+    return [f"arch={RESNET18}", "data_loader.args.image_mode=rgb", f"data_loader.args.data_dir={args.data_dir}",
+            f"data_loader.args.cache_dir={args.data_dir / 'cache'}",
+            f"data_loader.args.mean={args.loader['mean'] * 3}", f"data_loader.args.std={args.loader['std'] * 3}"]
 
 
 def command(args, side, save_dir):
@@ -130,7 +143,7 @@ def command(args, side, save_dir):
     if side == "plain":
         return ["-m", "benchmarks.benchmark", "--plain", "-c", args.config, "--model", args.model, "-d", args.device,
                 "--epochs", str(args.epochs), "--train-batches", str(args.train_batches), "--val-batches",
-                str(args.val_batches)]
+                str(args.val_batches), "--data-dir", str(args.data_dir)]
     overrides = [*model_overrides(args), f"trainer.epochs={args.epochs}", f"trainer.save_dir={save_dir}",
                  f"trainer.limit_train_batches={args.train_batches}", f"trainer.limit_val_batches={args.val_batches}"]
     return ["train.py", "-c", args.config, "-d", args.device, *(x for o in overrides for x in ("-o", o))]
@@ -165,7 +178,7 @@ def measure_overhead(args):
         for side, (startup, times) in runs.items():
             startups[side].append(startup)
             epochs[side] += times
-    n = len((REPO / args.loader["data_dir"] / "train.csv").read_text().splitlines()) - 1
+    n = len((args.data_dir / "train.csv").read_text().splitlines()) - 1
     samples = min(n - round(n * args.loader["validation_split"]), (args.train_batches or n) * args.loader["batch_size"])
     for side, times in epochs.items():
         print(f"  {side:8} median epoch {statistics.median(times):.3f} s  ({samples / statistics.median(times):.0f} "
@@ -198,11 +211,13 @@ def main(argv=None):
     load = os.getloadavg()
     print(f"benchmark: {args.config}, model {args.model}, {args.device}, {args.pairs} pair(s) of {args.epochs} "
           f"epochs, batches per epoch {args.train_batches or 'all'} (validation {args.val_batches or 'all'})")
-    if args.model == "resnet18":
-        print("  the plain loop resizes the in-memory images to 64x64 once; train.py resizes every sample every epoch")
-    for name, measure in (("overhead", measure_overhead), ("loader", measure_loader)):
-        print(f"{name}:", flush=True)
-        measure(args)
+    with tempfile.TemporaryDirectory(prefix="bench-64x64-") as folder:
+        if args.model == "resnet18":
+            enlarged_copy(args, Path(folder))
+            print(f"  both sides read the sample images enlarged to 3x64x64 PNGs in {folder}")
+        for name, measure in (("overhead", measure_overhead), ("loader", measure_loader)):
+            print(f"{name}:", flush=True)
+            measure(args)
     print("load average (1, 5, 15 min): {:.1f} {:.1f} {:.1f} before, {:.1f} {:.1f} {:.1f} after".format(
         *load, *os.getloadavg()))
 
