@@ -176,8 +176,9 @@ def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, r
     logger = logging.getLogger("template")
     logger.debug(str(model))
     logger.info("run folder: %s", run_dir)
-    logger.info("training on %s x %d process(es): %d samples, %d for validation", device, dist.world_size(),
-                data_loader.n_samples, len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
+    logger.info("training on %s x %d process(es)%s: %d samples, %d for validation", device, dist.world_size(),
+                f" ({torch.distributed.get_backend()})" if dist.is_distributed() else "", data_loader.n_samples,
+                len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
     if resume and trainer.start_epoch > trainer.cfg.epochs:
         logger.info("the run already finished its %d epochs: nothing to train (raise them with -o trainer.epochs=N)",
                     trainer.cfg.epochs)

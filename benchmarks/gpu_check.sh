@@ -2,8 +2,8 @@
 # The checks that need a CUDA GPU, in one command from the repository root (under 10 minutes; requirements installed):
 #     bash benchmarks/gpu_check.sh        PYTHON=... picks the interpreter (python3), GPU_CHECK_LOGS=DIR the log folder
 # tests/test_gpu.py: fp16 with its gradient scaler (and resuming), bf16, channels_last, torch.compile, pinned batches,
-# a one-process torchrun, test.py on those runs' checkpoints; then the ResNet-18 template/plain-loop ratio on the GPU
-# (python -m benchmarks.benchmark). One line per check: PASS or FAIL, its name, its figure (seconds, the ratio) or why
+# a one-process torchrun (NCCL, DDP), test.py on those runs' checkpoints; then the template/plain-loop ratio on the GPU
+# for ResNet-18 and the config's model (python -m benchmarks.benchmark). One line per check: PASS or FAIL, its name, its figure (seconds, the ratio) or why
 # it failed; a test skipped on a GPU counts as failed. Exit code 0 when all passed, 1 when any failed, 2 without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -34,14 +34,17 @@ if ! grep -q '^FAIL' "$LOGS/summary.txt" && { ((rc != 0)) || ! grep -q '^PASS' "
     say "FAIL pytest tests/test_gpu.py (exit code $rc): $(last_line "$LOGS/pytest.log")"
 fi
 
-timeout -k 10 210 "$PYTHON" -m benchmarks.benchmark --model resnet18 --device cuda --pairs 2 >"$LOGS/benchmark.log" 2>&1
-rc=$?
-ratio=$(grep -m 1 'ratio template/plain' "$LOGS/benchmark.log" | sed 's/^ *//')
-if ((rc == 0)) && [ -n "$ratio" ]; then
-    say "PASS benchmark resnet18 cuda: $ratio"
-else
-    say "FAIL benchmark resnet18 cuda (exit code $rc): $(last_line "$LOGS/benchmark.log")"
-fi
+for model in resnet18 config; do  # whole epochs: on a GPU a cut-short epoch is mostly its checkpoint
+    timeout -k 10 150 "$PYTHON" -m benchmarks.benchmark --model $model --device cuda --pairs 2 --train-batches 0 \
+        --val-batches 0 >"$LOGS/benchmark-$model.log" 2>&1
+    rc=$?
+    ratio=$(grep -m 1 'ratio template/plain' "$LOGS/benchmark-$model.log" | sed 's/^ *//')
+    if ((rc == 0)) && [ -n "$ratio" ]; then
+        say "PASS benchmark $model cuda: $ratio"
+    else
+        say "FAIL benchmark $model cuda (exit code $rc): $(last_line "$LOGS/benchmark-$model.log")"
+    fi
+done
 
 failed=$(grep -c '^FAIL' "$LOGS/summary.txt")
 echo "$(grep -c '^PASS' "$LOGS/summary.txt") passed, $failed failed"

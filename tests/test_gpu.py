@@ -261,8 +261,8 @@ def test_test_script_on_cuda_agrees_with_the_cpu(fp16_run, data_slice, tmp_path)
 # --- torchrun -----------------------------------------------------------------------------------------------------
 
 def test_torchrun_one_process_on_cuda(data_slice, tmp_path):
-    """torchrun --nproc_per_node=1 train.py: started the way a user would. One process is a world of size 1, which
-    train.py runs without a process group (NCCL joins only from two processes, i.e. two GPUs)."""
+    """torchrun --nproc_per_node=1 train.py: started the way a user would. Its one process joins an NCCL process
+    group and trains through DDP, as each process does with more GPUs."""
     config = cuda_config(data_slice, tmp_path / "saved", epochs=2)
     path = write_config(config, tmp_path / "config.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -272,5 +272,5 @@ def test_torchrun_one_process_on_cuda(data_slice, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path / "saved")
     assert_trained_on_cuda(run_dir, 2)
-    assert "x 1 process(es)" in (run_dir / "train.log").read_text()
+    assert "x 1 process(es) (nccl)" in (run_dir / "train.log").read_text()
     evaluate_on_cuda(run_dir / "model_best.pth", tmp_path / "test")

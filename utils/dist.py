@@ -7,8 +7,9 @@ import torch.distributed as dist
 
 
 def init_distributed():
-    """Join the process group when started by torchrun; returns (rank, world_size, local_rank)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the process group when started by torchrun, even as its only process (the same code path as with more);
+    returns (rank, world_size, local_rank)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
