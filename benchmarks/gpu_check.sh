@@ -4,7 +4,8 @@
 # tests/test_gpu.py: fp16 with its gradient scaler (and resuming), bf16, channels_last, torch.compile, pinned batches,
 # a one-process torchrun (NCCL, DDP), test.py on those runs' checkpoints; then the template/plain-loop ratio on the GPU
 # for ResNet-18 and the config's model (python -m benchmarks.benchmark). One line per check: PASS or FAIL, its name,
-# its figure (seconds, the ratio) or why it failed; a test skipped on a GPU counts as failed. Exit code 0 when all passed, 1 when any failed, 2 without a GPU.
+# its figure (seconds, the ratio) or why it failed; a test skipped on a GPU counts as failed. Exit code 0 when all
+# passed, 1 when any failed, 2 without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PYTHON=${PYTHON:-python3}
