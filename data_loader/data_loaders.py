@@ -79,12 +79,18 @@ class ImageTransform:
         self.steps = steps
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.on_device = {}  # device: (mean, std) there, for batches finished on a GPU
 
     def __call__(self, image):
         for step in self.steps:
             image = step(image)
         image = image.float() if image.is_floating_point() else image.float().div_(torch.iinfo(image.dtype).max)
-        return image if self.mean is None else (image - self.mean) / self.std
+        if self.mean is None:
+            return image
+        if image.device not in self.on_device:
+            self.on_device[image.device] = (self.mean.to(image.device), self.std.to(image.device))
+        mean, std = self.on_device[image.device]
+        return (image - mean) / std
 
 
 class MnistDataLoader(BaseDataLoader):

@@ -90,10 +90,15 @@ class CsvImageDataset(Dataset):
         per-image steps (scaling and normalising work on batches alike)."""
         return self.stacked is not None and not getattr(self.transform, "steps", self.transform is not None)
 
-    def get_batch(self, indices):
+    def get_batch(self, indices, finish=True):
+        """Images and targets of `indices` in one piece; without `finish` the images stay as decoded, for
+        `finish_batch` to scale and normalise on the device."""
         index = torch.as_tensor(indices)
         images = self.stacked[index]
-        return (self.transform(images) if self.transform is not None else images), self.target_tensor[index]
+        return (self.finish_batch(images) if finish else images), self.target_tensor[index]
+
+    def finish_batch(self, images):
+        return self.transform(images) if self.transform is not None else images
 
     def __getitem__(self, index):
         image = self.images[index] if self.images is not None else self.read(index)

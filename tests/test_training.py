@@ -314,3 +314,31 @@ def test_tensorboard_events(data_slice, tmp_path):
     steps = [e.step for e in events.Scalars("train/step_loss")]
     assert len(steps) == 2 * math.ceil(BATCHES_PER_EPOCH / 2)  # every log_step-th batch
     assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] <= 2 * BATCHES_PER_EPOCH
+
+
+def test_batches_finished_on_the_device_train_exactly_like_batches_finished_by_the_loader(data_slice, tmp_path,
+                                                                                          monkeypatch):
+    """With a GPU, batches served whole leave the loader as decoded images and are scaled and normalised after the
+    copy (a quarter of the bytes to move). Forced here on the CPU: the same arithmetic, so the same run."""
+    import base.base_data_loader
+
+    def run(name):
+        config = make_config(data_slice, tmp_path / name, epochs=2)
+        assert train.main(["-c", str(write_config(config, tmp_path / f"{name}.json"))]) == 0
+        (run_dir,) = run_dirs(tmp_path / name)
+        return load(run_dir / "checkpoint-last.pth")["state_dict"], read_history(run_dir)
+
+    by_loader = run("loader")
+    finished = []
+
+    def finisher(dataset):
+        def finish(images):
+            finished.append(images.dtype)
+            return dataset.finish_batch(images)
+        return finish if dataset.serves_batches else None
+
+    monkeypatch.setattr(base.base_data_loader, "device_finisher", finisher)
+    on_device = run("device")
+    assert finished and set(finished) == {torch.uint8}
+    assert_same_tensors(by_loader[0], on_device[0])
+    assert by_loader[1] == on_device[1]

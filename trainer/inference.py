@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from base.base_data_loader import inputs_to
 from model.metric import EpochMetrics
 from utils.checkpoint import checkpoint_config, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, validate
@@ -23,7 +24,7 @@ def predict(model, data_loader, device, tta=()):
     model.eval()
     probabilities, targets = [], []
     for data, target in data_loader:
-        data = data.to(device, non_blocking=True)
+        data = inputs_to(device, data, data_loader)
         views = [data] + [transform(data) for transform in tta]
         probabilities.append(torch.stack([model(view).float().softmax(dim=1) for view in views]).mean(dim=0).cpu())
         targets.append(target)

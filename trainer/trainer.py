@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from base import BaseTrainer
+from base.base_data_loader import inputs_to
 from base.base_trainer import TrainingStopped
 from model.metric import EpochMetrics
 from trainer.ema import ModelEma
@@ -60,7 +61,7 @@ class Trainer(BaseTrainer):
     def _check_one_batch(self, make_optimizer):
         loader = self.valid_data_loader or self.data_loader
         data, target = next(iter(loader))
-        data, target = self._to_device(data[:16], target[:16])
+        data, target = self._to_device(data[:16], target[:16], loader)
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
@@ -126,7 +127,7 @@ class Trainer(BaseTrainer):
     def _train_epoch(self, epoch):
         skip, n_batches = self._start_epoch(epoch)
         for batch_idx, (data, target) in enumerate(self._progress(epoch, skip, n_batches), start=skip):
-            data, target = self._to_device(data, target)
+            data, target = self._to_device(data, target, self.data_loader)
             starts_group, group_size, ends_group = self._accumulation(batch_idx, n_batches)
 
             if starts_group:
@@ -234,21 +235,23 @@ class Trainer(BaseTrainer):
         self.valid_metrics.reset()
         n_batches = batches_per_epoch(len(self.valid_data_loader), self.cfg.limit_val_batches)
         for data, target in itertools.islice(self.valid_data_loader, n_batches):
-            data, target = self._to_device(data, target)
+            data, target = self._to_device(data, target, self.valid_data_loader)
             with self._autocast():
                 output = model(data)
                 loss = self.criterion(output, target)
             self.valid_metrics.update(loss, output, target)
         return self.valid_metrics.result()
 
-    def _to_device(self, data, target):
-        data = data.to(self.device, non_blocking=True)
+    def _to_device(self, data, target, loader):
+        data = inputs_to(self.device, data, loader)
         if data.dim() == 4:
             data = data.contiguous(memory_format=self.memory_format)
         return data, target.to(self.device, non_blocking=True)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        if self.amp_dtype is None:  # entering even a disabled autocast asks CUDA for its device count
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _check_finite(self, epoch):
         """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""
