@@ -1,3 +1,4 @@
+import os
 import random
 import signal
 
@@ -117,6 +118,17 @@ def _init_worker(worker_id):
     release_folders()
 
 
+WORKERS_PER_CPU = 4  # more workers than CPUs can hide slow reads (a network disk); many more only take memory
+
+
+def available_cpus():
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 class BaseDataLoader(DataLoader):
     """A DataLoader with a seeded validation split or K-fold: stratified by the dataset's `targets`, grouped by its
     `groups` when it has them; `balanced` draws training samples with equal weight per class.
@@ -133,6 +145,13 @@ class BaseDataLoader(DataLoader):
             raise UserError(f"data_loader.args.batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"data_loader.args.num_workers: expected an integer >= 0, got {num_workers!r}")
+        cpus = available_cpus()
+        if num_workers > WORKERS_PER_CPU * cpus:
+            raise UserError(f"data_loader.args.num_workers: {num_workers} worker processes for the {cpus} CPUs this "
+                            f"process may use; at most {WORKERS_PER_CPU * cpus} (each worker is a process with "
+                            f"memory of its own; about {cpus} keep the CPUs busy)")
+        if not len(dataset):
+            raise UserError(f"data_loader: the dataset ({type(dataset).__name__}) has no samples")
         self.seed = seed
         targets = getattr(dataset, "targets", None)
         self.train_indices, self.valid_indices = split_indices(
