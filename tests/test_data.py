@@ -437,6 +437,18 @@ def test_a_test_csv_with_an_empty_label_column_is_unlabelled_and_a_gap_in_one_is
 
 # --- loader settings ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("override, culprit", [
+    ("data_loader.args.validation_split=0.001", "data_loader.args.validation_split: 0.001 of 300 samples holds out "
+                                                "none"),
+    (f"data_loader.args.num_workers={4 * available_cpus() + 1}",  # one above the bound: a few, should it pass
+     f"data_loader.args.num_workers: {4 * available_cpus() + 1} worker processes"),
+    ("data_loader.args.classes=[0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "data_loader.args.classes: 1 is listed twice"),
+])
+def test_data_settings_that_cannot_work_stop_train_py_before_anything_is_written(config, tmp_path, capsys, override,
+                                                                                 culprit):
+    assert fails(config, tmp_path, capsys, "-o", override).startswith(f"error: {culprit}")
+
+
 @pytest.mark.parametrize("args, expected", [
     ({"label_column": "id"}, "data_loader.args.label_column: 'id' is the id_column too"),
     ({"group_column": "label"}, "data_loader.args.group_column: 'label' is the label_column"),
