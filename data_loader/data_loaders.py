@@ -1,9 +1,12 @@
 """Data loaders named by the config's `data_loader.type`; `training=False` gives test.py the test split."""
+import contextlib
 import copy
 import json
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from base import BaseDataLoader
@@ -48,9 +51,11 @@ class CsvImageDataLoader(BaseDataLoader):
             if dataset.targets is None:
                 raise UserError(f"{data_dir / train_csv}: no labels in a column {label_column!r} to train on")
             eval_dataset = _with_transform(dataset, eval_transform)
+            try_transform(dataset)
         else:
             dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
                                                      transform=eval_transform, **common)
+        try_transform(eval_dataset)
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
                          n_folds=n_folds if training else 0, fold=fold if training else 0, stratify=stratify,
                          balanced=balanced and training, seed=seed)
@@ -87,6 +92,24 @@ def check_classes(classes):
                             f"{i}); each class once")
 
 
+def try_transform(dataset):
+    """Put the first image through the dataset's transform (leaving every random generator as it was), so transforms
+    that cannot take the images are one line before anything is written, not a failure in the first epoch."""
+    with random_state_kept():
+        dataset[0]
+
+
+@contextlib.contextmanager
+def random_state_kept():
+    state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
 def _with_transform(dataset, transform):
     """The same samples (and decoded-image cache) under another transform."""
     view = copy.copy(dataset)
@@ -105,21 +128,29 @@ def image_transform(specs, mean, std, where):
                 and (key == "mean" or v > 0) for v in values)):
             raise UserError(f"data_loader.args.{key}: expected a list of finite numbers (one per channel"
                             f"{', each above 0' if key == 'std' else ''}), got {values!r}")
-    return ImageTransform(build_transforms(specs, f"data_loader.args.{where}") if specs else [], mean, std)
+    where = f"data_loader.args.{where}"
+    return ImageTransform(build_transforms(specs, where) if specs else [], mean, std, where)
 
 
 class ImageTransform:
     """`steps` on the decoded image, then float in [0, 1] (integer images divided by their type's maximum), then
-    `(x - mean) / std` per channel when given."""
+    `(x - mean) / std` per channel when given. A step that cannot take an image is one line naming it in the config
+    (`where`), in a DataLoader worker too."""
 
-    def __init__(self, steps, mean=None, std=None):
+    def __init__(self, steps, mean=None, std=None, where="transforms"):
         self.steps = steps
+        self.where = where
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, image):
-        for step in self.steps:
-            image = step(image)
+        for i, step in enumerate(self.steps):
+            try:
+                image = step(image)
+            except Exception as e:
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"{self.where}[{i}]: {type(step).__name__} cannot take an image of shape "
+                                f"{list(getattr(image, 'shape', []))}: {detail}") from None
         image = image.float() if image.is_floating_point() else image.float().div_(torch.iinfo(image.dtype).max)
         if self.mean is None:
             return image

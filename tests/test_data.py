@@ -443,6 +443,8 @@ def test_a_test_csv_with_an_empty_label_column_is_unlabelled_and_a_gap_in_one_is
     (f"data_loader.args.num_workers={4 * available_cpus() + 1}",  # one above the bound: a few, should it pass
      f"data_loader.args.num_workers: {4 * available_cpus() + 1} worker processes"),
     ("data_loader.args.classes=[0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "data_loader.args.classes: 1 is listed twice"),
+    ('data_loader.args.train_transforms=[{"type": "RandomCrop", "args": {"size": 64}}]',
+     "data_loader.args.train_transforms[0]: RandomCrop cannot take an image of shape [1, 28, 28]: Required crop size"),
 ])
 def test_data_settings_that_cannot_work_stop_train_py_before_anything_is_written(config, tmp_path, capsys, override,
                                                                                  culprit):
@@ -468,6 +470,20 @@ def test_more_than_four_workers_per_cpu_are_refused(small_data):
     with pytest.raises(UserError, match=f"data_loader.args.num_workers: {limit + 1} worker processes for the "
                                         f"{available_cpus()} CPUs this process may use; at most {limit}"):
         CsvImageDataLoader(small_data, batch_size=4, num_workers=limit + 1)
+
+
+def test_trying_the_transforms_leaves_the_random_generators_as_they_were(small_data):
+    """The loader puts one image through its transforms when it is built; the model built next is initialised alike."""
+    import random
+
+    import numpy as np
+
+    draws = []
+    for transforms in ([], [{"type": "RandomRotation", "args": {"degrees": 30}}]):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        CsvImageDataLoader(small_data, batch_size=4, train_transforms=transforms, eval_transforms=transforms)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1]
 
 
 def test_a_group_split_with_too_few_groups_names_validation_split(small_data):
