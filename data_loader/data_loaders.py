@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from base import BaseDataLoader
-from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv
+from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv, sorted_classes
 from utils.config import build_transforms
 from utils.util import UserError
 
@@ -38,8 +38,7 @@ class CsvImageDataLoader(BaseDataLoader):
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         check_columns(id_column, label_column, group_column, extension)
         if classes is None:
-            labels = read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column]
-            classes = sorted({label_text(label): label for label in labels}.values())
+            classes = sorted_classes(read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column])
         check_classes(classes)
         common = dict(classes=classes, id_column=id_column, label_column=label_column, extension=extension,
                       image_mode=image_mode, cache=cache, cache_dir=cache_dir)

@@ -191,6 +191,16 @@ def label_text(label):
     return label if isinstance(label, str) else repr(label)
 
 
+def sorted_classes(labels):
+    """The distinct labels in numeric order when every one reads as a number (2 < 10, and "07" < "8" < "10"),
+    else in text order."""
+    distinct = list({label_text(label): label for label in labels}.values())
+    numbers = [_number(label) for label in distinct]
+    if all(n is not None and math.isfinite(n) for n in numbers):
+        return [label for _, _, label in sorted(zip(numbers, map(label_text, distinct), distinct))]
+    return sorted(distinct)
+
+
 def class_indices(csv_file, lines, labels, classes, label_column):
     """Each label's index in `classes`, matched by text; one line naming the first row whose label is none."""
     index = {label_text(c): i for i, c in enumerate(classes)}

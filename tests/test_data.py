@@ -395,6 +395,13 @@ def test_labels_reach_the_submission_as_the_csv_writes_them(small_data, tmp_path
     assert [(r["id"], r["label"]) for r in read_csv_rows(tmp_path / "predictions.csv")] == rows
 
 
+def test_classes_of_labels_that_are_all_numbers_sort_as_numbers_whatever_their_spelling(small_data):
+    relabelled(small_data, lambda d: f"0{d}" if d % 2 else str(d))
+    loader = CsvImageDataLoader(small_data, batch_size=4, validation_split=0)
+    digits = sorted({int(r["label"]) for r in read_csv_rows(DATA / "train.csv")[:20]})
+    assert loader.dataset.classes == [f"0{d}" if d % 2 else str(d) for d in digits]
+
+
 def test_classes_are_matched_to_the_labels_as_written(small_data):
     """Classes given as the CSV writes them match, also with a class no row has; numbers for "07" are one line."""
     rows = relabelled(small_data, lambda d: f"0{d}")
