@@ -181,7 +181,7 @@ def typed(values):
             numbers = [kind(v) for v in stripped]
         except ValueError:
             continue
-        if all(math.isfinite(n) and repr(n) == v for n, v in zip(numbers, stripped)):
+        if all(repr(n) == v and (kind is int or math.isfinite(n)) for n, v in zip(numbers, stripped)):
             return numbers
     return values
 
@@ -222,5 +222,5 @@ def class_indices(csv_file, lines, labels, classes, label_column):
 def _number(value):
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None

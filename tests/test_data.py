@@ -43,6 +43,7 @@ def test_csv_columns_of_decimals_are_typed_others_kept_as_written_and_blank_line
 @example(["07", "08", "10"])
 @example(["2.50", "1"])
 @example(["true", "false"])
+@example(["1" * 400, "2"])
 def test_a_column_read_as_numbers_writes_back_as_read(values):
     """Labels reach predictions.csv as str() of the typed value: a column is converted only if that gives its text."""
     column = typed(values)
