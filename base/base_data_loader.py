@@ -136,7 +136,8 @@ class BaseDataLoader(DataLoader):
     `eval_dataset` holds the same samples with evaluation transforms; the validation split is drawn from it so
     validation never sees training augmentation. The split and every epoch's order derive from `seed` (the
     config's, passed by the program), so runs and resumes repeat exactly. `collate_fn` serves training batches
-    only: validation, test and out-of-fold predictions are always collated plainly.
+    only: validation, test and out-of-fold predictions are always collated plainly. `num_workers` is refused above
+    4 per available CPU: results do not depend on it, and thousands of worker processes exhaust the memory.
     """
 
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=collate,
