@@ -1,3 +1,4 @@
+import os
 import random
 import signal
 
@@ -131,6 +132,17 @@ def _init_worker(worker_id):
     release_folders()
 
 
+WORKERS_PER_CPU = 4  # more workers than CPUs can hide slow reads (a network disk); many more only take memory
+
+
+def available_cpus():
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 class BaseDataLoader(DataLoader):
     """A DataLoader with a seeded validation split or K-fold: stratified by the dataset's `targets`, grouped by its
     `groups` when it has them; `balanced` draws training samples with equal weight per class.
@@ -138,7 +150,8 @@ class BaseDataLoader(DataLoader):
     `eval_dataset` holds the same samples with evaluation transforms; the validation split is drawn from it so
     validation never sees training augmentation. The split and every epoch's order derive from `seed` (the
     config's, passed by the program), so runs and resumes repeat exactly. `collate_fn` serves training batches
-    only: validation, test and out-of-fold predictions are always collated plainly.
+    only: validation, test and out-of-fold predictions are always collated plainly. `num_workers` is refused above
+    4 per available CPU: results do not depend on it, and thousands of worker processes exhaust the memory.
     """
 
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=collate,
@@ -147,6 +160,13 @@ class BaseDataLoader(DataLoader):
             raise UserError(f"data_loader.args.batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"data_loader.args.num_workers: expected an integer >= 0, got {num_workers!r}")
+        cpus = available_cpus()
+        if num_workers > WORKERS_PER_CPU * cpus:
+            raise UserError(f"data_loader.args.num_workers: {num_workers} worker processes for the {cpus} CPUs this "
+                            f"process may use; at most {WORKERS_PER_CPU * cpus} (each worker is a process with "
+                            f"memory of its own; about {cpus} keep the CPUs busy)")
+        if not len(dataset):
+            raise UserError(f"data_loader: the dataset ({type(dataset).__name__}) has no samples")
         self.seed = seed
         targets = getattr(dataset, "targets", None)
         self.train_indices, self.valid_indices = split_indices(

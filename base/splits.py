@@ -17,7 +17,7 @@ def split_indices(n_samples, validation_split, seed, targets=None, groups=None, 
             raise UserError(f"data_loader.args.n_folds: expected an integer >= 2, got {n_folds!r}")
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
             raise UserError(f"data_loader.args.fold: expected an integer from 0 to {n_folds - 1}, got {fold!r}")
-        return _fold_split(n_samples, n_folds, fold, seed, targets, groups)
+        return _fold_split(n_samples, n_folds, fold, seed, targets, groups, "data_loader.args.n_folds")
     if fold:
         raise UserError(f"data_loader.args.fold: {fold!r} needs data_loader.args.n_folds")
     if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)):
@@ -27,10 +27,16 @@ def split_indices(n_samples, validation_split, seed, targets=None, groups=None, 
     if validation_split < 0 or (isinstance(validation_split, float) and validation_split >= 1) or n_valid >= n_samples:
         raise UserError(f"data_loader.args.validation_split: {validation_split} leaves no training data "
                         f"(expected a ratio in [0, 1) or a count below {n_samples})")
+    if n_valid == 0 and validation_split:
+        raise UserError(f"data_loader.args.validation_split: {validation_split} of {n_samples} samples holds out "
+                        f"none; give 0 for no validation, or a larger ratio or a count")
     if n_valid == 0:
         return np.arange(n_samples), np.array([], dtype=np.int64)
     if groups is not None:
-        return _fold_split(n_samples, max(2, round(n_samples / n_valid)), 0, seed, targets, groups)
+        n_folds = max(2, round(n_samples / n_valid))
+        return _fold_split(n_samples, n_folds, 0, seed, targets, groups,
+                           f"data_loader.args.validation_split: {validation_split} with a group_column is one fold "
+                           f"of {n_folds}")
     rng = np.random.default_rng(seed)
     if targets is None:
         order = rng.permutation(n_samples)
@@ -45,11 +51,11 @@ def split_indices(n_samples, validation_split, seed, targets=None, groups=None, 
     return np.setdiff1d(np.arange(n_samples), valid), valid
 
 
-def _fold_split(n_samples, n_folds, fold, seed, targets, groups):
+def _fold_split(n_samples, n_folds, fold, seed, targets, groups, where):
     try:
         folds = assign_folds(n_samples, n_folds, seed, targets, groups)
     except ValueError as e:
-        raise UserError(f"data_loader.args.n_folds: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
 
 

@@ -1,6 +1,7 @@
 """Datasets for the competition layout: a CSV of image ids (and labels) beside a folder of images."""
 import csv
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -13,17 +14,19 @@ from utils.util import UserError
 
 NO_LABEL = -1
 IMAGE_MODES = tuple(MODES)
-INTEGER = re.compile(r"[+-]?[0-9]+")
-FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-BOOLEAN = {"true": True, "false": False}
+NOT_IN_A_NAME = re.compile(r"[\\\x00-\x1f\x7f]")  # backslashes and control characters
 
 
 class CsvImageDataset(Dataset):
     """Images `image_dir/<id><extension>` listed in a CSV; labels come from `label_column` when the CSV has it.
 
-    `group_column` names rows that belong together (a patient, a video) for group-aware splits.
-    Labels are mapped to indices through `classes` (the sorted distinct labels of the training CSV unless given).
-    A CSV without the label column gives unlabelled samples (target -1) for inference. With `cache` every image
+    An id names a file inside `image_dir`: a plain name, or a relative path below it (`n01440764/img_10026`, as
+    in class-per-folder layouts); an absolute path, a `.` or `..` part, a backslash or a control character is
+    refused, so a CSV from elsewhere cannot make a run read files outside the image folder (symbolic links placed
+    in it are followed, as the folder's owner intends). `group_column` names rows that belong together (a patient,
+    a video) for group-aware splits. Labels are mapped to indices through `classes` (the sorted distinct labels of
+    the training CSV unless given), matched by their text as the CSV writes it (`"07"` is not the class `7`). A CSV
+    without the label column, or with it empty, gives unlabelled samples (target -1). With `cache` every image
     is decoded once up front when the decoded images fit in memory (data_loader/image_cache.py), which also surfaces
     a missing or corrupt file before training starts; with `cache_dir` as well, they are kept there, shared by the
     machine's processes and reused by later runs while the files are unchanged.
@@ -42,13 +45,9 @@ class CsvImageDataset(Dataset):
         self.paths = [self.image_dir / f"{i}{extension}" for i in self.ids]
         self.classes = list(classes)
         self.targets = None
-        if label_column in table:
-            index = {c: i for i, c in enumerate(self.classes)}
-            for row, label in enumerate(table[label_column]):
-                if label not in index:
-                    raise UserError(f"{csv_file}: row {row + 2} has label {label!r}, "
-                                    f"not one of the {len(self.classes)} classes {self.classes[:10]}")
-            self.targets = [index[label] for label in table[label_column]]
+        labels = table.get(label_column)
+        if labels is not None and not all(isinstance(v, str) and not v.strip() for v in labels):
+            self.targets = class_indices(csv_file, table.lines, labels, self.classes, label_column)
         self.groups = table[group_column] if group_column else None
         self.transform = transform
         self.images = self.stacked = self.cache = None
@@ -78,6 +77,8 @@ class CsvImageDataset(Dataset):
                 stat = path.stat()
             except FileNotFoundError:
                 raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
+            except OSError as e:
+                raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
             digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}\n".encode())
         return digest.hexdigest()
 
@@ -116,9 +117,18 @@ def refuse_mixed_shapes(paths, images):
                             f"count (image_mode), or add a Resize to the transforms")
 
 
+class Table(dict):
+    """A CSV's columns by name, and the file's line number of every row (for messages)."""
+
+    def __init__(self, columns, lines):
+        super().__init__(columns)
+        self.lines = lines
+
+
 def read_csv(csv_file, id_column, required=()):
-    """A CSV as {column: values}. Ids stay strings (leading zeros kept); other columns whose every value is an
-    integer, a decimal number or true/false are converted, so labels 2 and 10 sort as numbers."""
+    """A CSV as {column: values}. Ids stay strings (leading zeros kept) and must name files inside the image
+    folder; other columns whose every value is a number written as Python writes it are converted, so labels 2 and
+    10 sort as numbers while "07" stays "07"."""
     try:
         with open(csv_file, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -132,6 +142,8 @@ def read_csv(csv_file, id_column, required=()):
         raise UserError(f"{csv_file}: not a readable CSV ({str(e).splitlines()[0]})") from None
     if not header:
         raise UserError(f"{csv_file}: not a readable CSV (no header line)")
+    if not rows:
+        raise UserError(f"{csv_file}: no rows below the header")
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise UserError(f"{csv_file}: the header names {', '.join(map(repr, repeated))} more than once")
@@ -141,29 +153,79 @@ def read_csv(csv_file, id_column, required=()):
     for line, row in rows:
         if len(row) != len(header):
             raise UserError(f"{csv_file}: line {line} has {len(row)} fields, expected {len(header)} like the header")
-    table = {}
+    table = Table({}, [line for line, _ in rows])
     for i, name in enumerate(header):
         values = [row[i] for _, row in rows]
-        if name in (id_column, *required) and "" in values:
-            raise UserError(f"{csv_file}: line {rows[values.index('')][0]} has no value in column {name!r}")
+        blank = next((line for (line, _), v in zip(rows, values) if not v.strip()), None)
+        if name in (id_column, *required) and blank is not None:
+            raise UserError(f"{csv_file}: line {blank} has no value in column {name!r}")
         table[name] = values if name == id_column else typed(values)
     first_line = {}
-    for (line, _), image_id in zip(rows, table[id_column]):
+    for line, image_id in zip(table.lines, table[id_column]):
+        if not is_relative_name(image_id):
+            raise UserError(f"{csv_file}: line {line} has id {image_id!r}, which names no file inside the image "
+                            f"folder (expected a file name or a relative path, without '.' or '..' parts, "
+                            f"backslashes or control characters)")
         if first_line.setdefault(image_id, line) != line:
             raise UserError(f"{csv_file}: id {image_id!r} on line {line} is listed on line {first_line[image_id]} "
                             f"too; each id once")
     return table
 
 
+def is_relative_name(text):
+    """Whether `text` is a relative path of plain names (`a`, `a/b`): nothing that leads out of a folder."""
+    return not NOT_IN_A_NAME.search(text) and all(part not in ("", ".", "..") for part in text.split("/"))
+
+
 def typed(values):
-    """A column's values as ints, floats or booleans when every one of them reads as such, else as written."""
+    """A column's values as ints, else as floats, when every one of them is written exactly as Python writes that
+    number, so that writing it back gives the same text ("07", "+3", "2.50" or "1e3" keep the column as written)."""
     stripped = [v.strip() for v in values]
-    if not values:
-        return values
-    if all(INTEGER.fullmatch(v) for v in stripped):
-        return [int(v) for v in stripped]
-    if all(FLOAT.fullmatch(v) for v in stripped):
-        return [float(v) for v in stripped]
-    if all(v.lower() in BOOLEAN for v in stripped):
-        return [BOOLEAN[v.lower()] for v in stripped]
+    for kind in (int, float):
+        try:
+            numbers = [kind(v) for v in stripped]
+        except ValueError:
+            continue
+        if all(repr(n) == v and (kind is int or math.isfinite(n)) for n, v in zip(numbers, stripped)):
+            return numbers
     return values
+
+
+def label_text(label):
+    """A label (or a class) as the CSV writes it, and as predictions.csv writes it back."""
+    return label if isinstance(label, str) else repr(label)
+
+
+def sorted_classes(labels):
+    """The distinct labels in numeric order when every one reads as a number (2 < 10, and "07" < "8" < "10"),
+    else in text order."""
+    distinct = list({label_text(label): label for label in labels}.values())
+    numbers = [_number(label) for label in distinct]
+    if all(n is not None and math.isfinite(n) for n in numbers):
+        return [label for _, _, label in sorted(zip(numbers, map(label_text, distinct), distinct))]
+    return sorted(distinct)
+
+
+def class_indices(csv_file, lines, labels, classes, label_column):
+    """Each label's index in `classes`, matched by text; one line naming the first row whose label is none."""
+    index = {label_text(c): i for i, c in enumerate(classes)}
+    targets = [index.get(label_text(label)) for label in labels]
+    if None not in targets:
+        return targets
+    row = targets.index(None)
+    line, label = lines[row], labels[row]
+    if isinstance(label, str) and not label.strip():
+        raise UserError(f"{csv_file}: line {line} has no value in column {label_column!r} (a CSV without labels "
+                        f"leaves the whole column empty or out)")
+    same = [c for c in classes if _number(c) is not None and _number(c) == _number(label)]
+    hint = (f"; classes are matched as written, and {label_text(label)!r} is not {label_text(same[0])!r} "
+            f"(give it as {label_text(label)!r} in data_loader.args.classes)") if same else ""
+    raise UserError(f"{csv_file}: line {line} has label {label!r}, not one of the {len(classes)} classes "
+                    f"{classes[:10]}{hint}")
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -91,9 +91,10 @@ def data_copy(ctx, n_rows=40):
 
 # The image the image cases break: the 13th row of train.csv (00014.png in the sample data, another id in the
 # stand-in data of a project made without it). The labels of the config's 300-row slice run up to 9; the first row
-# with label 9 is the one a 9-class config rejects (row numbers count the header as row 1, as in a spreadsheet).
+# with label 9 is the one a 9-class config rejects (line numbers count the header as line 1).
 BROKEN = f"{read_csv_rows(DATA / 'train.csv')[12]['id']}.png"
-FIRST_NINE_ROW = 2 + [row["label"] for row in read_csv_rows(DATA / "train.csv")[:N_TRAIN]].index("9")
+FIRST_NINE_LINE = 2 + [row["label"] for row in read_csv_rows(DATA / "train.csv")[:N_TRAIN]].index("9")
+FIRST_LABEL = read_csv_rows(DATA / "train.csv")[0]["label"]
 
 
 def point_at(config, folder):
@@ -129,6 +130,15 @@ def train_csv(content):
             path.write_bytes(content(path.read_text()))
         point_at(config, folder)
     return change
+
+
+def zero_padded_labels_and_numbered_classes(config, ctx):
+    """Labels written "07" in train.csv, classes given as the numbers 0 to 9."""
+    folder, _ = data_copy(ctx)
+    rows = read_csv_rows(folder / "train.csv")
+    (folder / "train.csv").write_text("id,label\n" + "".join(f"{r['id']},0{r['label']}\n" for r in rows))
+    point_at(config, folder)
+    config["data_loader"]["args"]["classes"] = list(range(10))
 
 
 def csv_without_labels(config, ctx):
@@ -204,7 +214,11 @@ CASES = [
                                                      .encode("latin-1"))), ("train.csv", "not a readable CSV")),
     Case("csv-without-label-column", with_config(csv_without_labels), ("train.csv", "'label'")),
     Case("label-outside-classes", with_config(setting("data_loader.args.classes", list(range(9)))),
-         ("train.csv", f"row {FIRST_NINE_ROW} ", "label 9,")),
+         ("train.csv", f"line {FIRST_NINE_LINE} ", "label 9,")),
+    Case("label-spelt-otherwise-than-classes", with_config(zero_padded_labels_and_numbered_classes),
+         ("train.csv", "line 2 ", f"'0{FIRST_LABEL}' is not '{FIRST_LABEL}'")),
+    Case("id-outside-image-folder", with_config(train_csv(lambda text: (text + "../../outside,3\n").encode())),
+         ("train.csv", "line 42 ", "'../../outside'", "inside the image folder")),
     # image files
     Case("missing-image", with_config(missing_image), (BROKEN, "no such file")),
     Case("corrupt-image", with_config(image_bytes(lambda data: random.Random(0).randbytes(300))),

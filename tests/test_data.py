@@ -10,11 +10,15 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from base import BaseDataLoader
+from base.base_data_loader import available_cpus
 from data_loader import images
 from data_loader.data_loaders import CsvImageDataLoader, image_transform
-from data_loader.datasets import CsvImageDataset, read_csv
-from tests.helpers import DATA, REPO, fails, write_config
+from data_loader.datasets import CsvImageDataset, label_text, read_csv, typed
+from tests.helpers import DATA, REPO, fails, read_csv_rows, write_config
 from utils.util import UserError
 
 
@@ -26,10 +30,24 @@ def test_csv_keeps_id_strings_and_reads_integer_labels_as_numbers(tmp_path):
     assert sorted(set(table["label"])) == [2, 10]  # numeric order, not "10" < "2"
 
 
-def test_csv_columns_of_decimals_or_booleans_are_typed_and_blank_lines_skipped(tmp_path):
+def test_csv_columns_of_decimals_are_typed_others_kept_as_written_and_blank_lines_skipped(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_text("id,score,flag,label\r\n1,10.0,True, 2\r\n   \r\n2,2.5,false,10\r\n")
-    assert read_csv(path, "id") == {"id": ["1", "2"], "score": [10.0, 2.5], "flag": [True, False], "label": [2, 10]}
+    path.write_text("id,score,flag,label,code\r\n1,10.0,True, 2,07\r\n   \r\n2,2.5,false,10,10\r\n")
+    assert read_csv(path, "id") == {"id": ["1", "2"], "score": [10.0, 2.5], "flag": ["True", "false"],
+                                    "label": [2, 10], "code": ["07", "10"]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.from_regex(r" ?[+-]?[0-9]{0,3}\.?[0-9]{0,2}([eE][+-]?[0-9])? ?|nan|inf|True|false", fullmatch=True),
+                min_size=1, max_size=4))
+@example(["07", "08", "10"])
+@example(["2.50", "1"])
+@example(["true", "false"])
+@example(["1" * 400, "2"])
+def test_a_column_read_as_numbers_writes_back_as_read(values):
+    """Labels reach predictions.csv as str() of the typed value: a column is converted only if that gives its text."""
+    column = typed(values)
+    assert column == values or [label_text(v) for v in column] == [v.strip() for v in values]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -38,6 +56,8 @@ def test_csv_columns_of_decimals_or_booleans_are_typed_and_blank_lines_skipped(t
     ("", "train.csv: not a readable CSV (no header line)"),
     ("name,label\n1,3\n", "train.csv: no column 'id' (columns: name, label)"),
     ("id,label,label\n1,3,4\n", "train.csv: the header names 'label' more than once"),
+    ("id,label\n", "train.csv: no rows below the header"),
+    ("id,label\n1,3\n2, \n", "train.csv: line 3 has no value in column 'label'"),
 ])
 def test_a_malformed_csv_is_one_line_naming_the_file_and_line(tmp_path, text, expected):
     path = tmp_path / "train.csv"
@@ -312,3 +332,186 @@ def test_cache_dir_on_the_command_line_with_cache_off_is_one_line(config, tmp_pa
     line = fails(config, tmp_path, capsys, "-o", "data_loader.args.cache=false",
                  "-o", f"data_loader.args.cache_dir={tmp_path / 'cache'}")
     assert "data_loader.args.cache_dir" in line
+
+
+# --- ids, labels and classes ----------------------------------------------------------------------------------------
+
+def with_csv(folder, rows, name="train.csv", header="id,label"):
+    """`folder/name` holding `header` and `rows` (tuples of fields); returns the path."""
+    path = folder / name
+    path.write_text(header + "\n" + "".join(",".join(map(str, row)) + "\n" for row in rows))
+    return path
+
+
+def relabelled(folder, spell):
+    """The folder's train.csv with every digit label d written as spell(d); returns the labels as written."""
+    rows = [(r["id"], spell(int(r["label"]))) for r in read_csv_rows(folder / "train.csv")]
+    with_csv(folder, rows)
+    return rows
+
+
+@pytest.mark.parametrize("image_id", ["../outside", "/etc/passwd", "a\\b", "a\x00b", '"a\nb"', ".", "..",
+                                      "sub/../../x", "a//b", "a/"])
+def test_an_id_that_leads_out_of_the_image_folder_is_one_line_naming_the_csv_line_and_id(small_data, image_id):
+    rows = read_csv_rows(small_data / "train.csv")
+    path = with_csv(small_data, [(rows[0]["id"], 1), (image_id, 2)])
+    with pytest.raises(UserError) as caught:
+        CsvImageDataLoader(small_data, batch_size=4)
+    shown = image_id.strip('"')
+    assert str(caught.value).startswith(f"{path}: line {3 + shown.count(chr(10))} has id {shown!r}, which names no "
+                                        f"file inside the image folder")
+
+
+def test_ids_may_be_paths_below_the_image_folder(small_data):
+    """Class-per-folder layouts list ids such as `n01440764/img_10026`."""
+    rows = read_csv_rows(small_data / "train.csv")
+    for row in rows:
+        (small_data / "train" / row["label"]).mkdir(exist_ok=True)
+        (small_data / "train" / f"{row['id']}.png").rename(small_data / "train" / row["label"] / f"{row['id']}.png")
+    with_csv(small_data, [(f"{r['label']}/{r['id']}", r["label"]) for r in rows])
+    loader = CsvImageDataLoader(small_data, batch_size=4, validation_split=0)
+    assert len(loader.dataset) == len(rows) and loader.dataset.dataset[0][0].shape == (1, 28, 28)
+
+
+def test_an_image_path_through_a_file_is_one_line(small_data):
+    first = read_csv_rows(small_data / "train.csv")[0]["id"]
+    with_csv(small_data, [(f"{first}.png/x", 1)])
+    with pytest.raises(UserError, match=rf"image '.*/{first}\.png/x\.png': cannot be read \(Not a directory\)"):
+        CsvImageDataLoader(small_data, batch_size=4, validation_split=0)
+
+
+@pytest.mark.parametrize("spell", [lambda d: f"0{d}", lambda d: f"{d}.50", lambda d: ("true", "false")[d % 2],
+                                   lambda d: f"+{d}"], ids=["zero-padded", "trailing-zero", "true-false", "signed"])
+def test_labels_reach_the_submission_as_the_csv_writes_them(small_data, tmp_path, spell):
+    from trainer.inference import class_names, row_ids, write_predictions
+
+    rows = relabelled(small_data, spell)
+    with_csv(small_data, rows, "test_labels.csv")
+    loader = CsvImageDataLoader(small_data, batch_size=4, training=False, validation_split=0.0,
+                                test_csv="test_labels.csv", test_images="train").evaluation_loader()
+    targets = loader.dataset.target_tensor
+    probabilities = torch.nn.functional.one_hot(targets).float()
+    write_predictions(tmp_path, row_ids(loader), probabilities, class_names(loader, probabilities.shape[1]),
+                      {"label_format": "name", "sample_submission": ""})
+    assert [(r["id"], r["label"]) for r in read_csv_rows(tmp_path / "predictions.csv")] == rows
+
+
+def test_classes_of_labels_that_are_all_numbers_sort_as_numbers_whatever_their_spelling(small_data):
+    relabelled(small_data, lambda d: f"0{d}" if d % 2 else str(d))
+    loader = CsvImageDataLoader(small_data, batch_size=4, validation_split=0)
+    digits = sorted({int(r["label"]) for r in read_csv_rows(DATA / "train.csv")[:20]})
+    assert loader.dataset.classes == [f"0{d}" if d % 2 else str(d) for d in digits]
+
+
+def test_classes_are_matched_to_the_labels_as_written(small_data):
+    """Classes given as the CSV writes them match, also with a class no row has; numbers for "07" are one line."""
+    rows = relabelled(small_data, lambda d: f"0{d}")
+    classes = [f"0{d}" for d in range(10)] + ["10"]
+    loader = CsvImageDataLoader(small_data, batch_size=4, classes=classes, validation_split=0)
+    assert [classes[t] for t in loader.dataset.targets] == [label for _, label in rows]
+    with pytest.raises(UserError) as caught:
+        CsvImageDataLoader(small_data, batch_size=4, classes=list(range(11)))
+    label = rows[0][1]
+    assert str(caught.value) == (f"{small_data / 'train.csv'}: line 2 has label {label!r}, not one of the 11 classes "
+                                 f"{list(range(10))}; classes are matched as written, and {label!r} is not "
+                                 f"'{int(label)}' (give it as {label!r} in data_loader.args.classes)")
+
+
+@pytest.mark.parametrize("classes, expected", [
+    ([], "data_loader.args.classes: expected a non-empty list of labels as the CSV writes them, got []"),
+    ("0123456789", "data_loader.args.classes: expected a non-empty list"),
+    ([0, 1, None], "data_loader.args.classes[2]: expected a label as the CSV writes it (text or a number), got null"),
+    ([0, [1]], "data_loader.args.classes[1]: expected a label"),
+    ([0, {"a": 1}], "data_loader.args.classes[1]: expected a label"),
+    ([False, True], "data_loader.args.classes[0]: expected a label"),
+    ([0, " "], "data_loader.args.classes[1]: expected a label"),
+    ([0, 1, "1"], 'data_loader.args.classes: "1" is listed twice (entries 1 and 2); each class once'),
+])
+def test_a_class_list_that_is_no_list_of_distinct_labels_is_one_line(small_data, classes, expected):
+    with pytest.raises(UserError) as caught:
+        CsvImageDataLoader(small_data, batch_size=4, classes=classes)
+    assert str(caught.value).startswith(expected)
+
+
+def test_a_test_csv_with_an_empty_label_column_is_unlabelled_and_a_gap_in_one_is_one_line(small_data):
+    ids = [r["id"] for r in read_csv_rows(small_data / "train.csv")]
+    path = with_csv(small_data, [(i, "") for i in ids], "test.csv")
+    loader = CsvImageDataLoader(small_data, batch_size=4, training=False, validation_split=0.0, test_images="train")
+    assert loader.dataset.targets is None
+    with_csv(small_data, [(i, 3 if n else "") for n, i in enumerate(ids)], "test.csv")
+    with pytest.raises(UserError, match=f"^{path}: line 2 has no value in column 'label'"):
+        CsvImageDataLoader(small_data, batch_size=4, training=False, validation_split=0.0, test_images="train")
+
+
+# --- loader settings ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, culprit", [
+    ("data_loader.args.validation_split=0.001", "data_loader.args.validation_split: 0.001 of 300 samples holds out "
+                                                "none"),
+    (f"data_loader.args.num_workers={4 * available_cpus() + 1}",  # one above the bound: a few, should it pass
+     f"data_loader.args.num_workers: {4 * available_cpus() + 1} worker processes"),
+    ("data_loader.args.classes=[0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "data_loader.args.classes: 1 is listed twice"),
+    ('data_loader.args.train_transforms=[{"type": "RandomCrop", "args": {"size": 64}}]',
+     "data_loader.args.train_transforms[0]: RandomCrop cannot take an image of shape [1, 28, 28]: Required crop size"),
+])
+def test_data_settings_that_cannot_work_stop_train_py_before_anything_is_written(config, tmp_path, capsys, override,
+                                                                                 culprit):
+    assert fails(config, tmp_path, capsys, "-o", override).startswith(f"error: {culprit}")
+
+
+@pytest.mark.parametrize("args, expected", [
+    ({"label_column": "id"}, "data_loader.args.label_column: 'id' is the id_column too"),
+    ({"group_column": "label"}, "data_loader.args.group_column: 'label' is the label_column"),
+    ({"extension": "/../../x.png"}, 'data_loader.args.extension: expected a file-name suffix such as ".png"'),
+    ({"extension": ".png\x00"}, 'data_loader.args.extension: expected a file-name suffix such as ".png"'),
+])
+def test_columns_and_extension_that_contradict_the_layout_are_one_line(small_data, args, expected):
+    with pytest.raises(UserError) as caught:
+        CsvImageDataLoader(small_data, batch_size=4, **args)
+    assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_more_than_four_workers_per_cpu_are_refused(small_data):
+    limit = 4 * available_cpus()
+    assert CsvImageDataLoader(small_data, batch_size=4, num_workers=limit).num_workers == limit  # not started yet
+    with pytest.raises(UserError, match=f"data_loader.args.num_workers: {limit + 1} worker processes for the "
+                                        f"{available_cpus()} CPUs this process may use; at most {limit}"):
+        CsvImageDataLoader(small_data, batch_size=4, num_workers=limit + 1)
+
+
+def test_trying_the_transforms_leaves_the_random_generators_as_they_were(small_data):
+    """The loader puts one image through its transforms when it is built; the model built next is initialised alike."""
+    import random
+
+    import numpy as np
+
+    draws = []
+    for transforms in ([], [{"type": "RandomRotation", "args": {"degrees": 30}}]):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        CsvImageDataLoader(small_data, batch_size=4, train_transforms=transforms, eval_transforms=transforms)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1]
+
+
+def test_a_group_split_with_too_few_groups_names_validation_split(small_data):
+    rows = read_csv_rows(small_data / "train.csv")
+    with_csv(small_data, [(r["id"], r["label"], n % 3) for n, r in enumerate(rows)], header="id,label,site")
+    with pytest.raises(UserError, match=r"^data_loader.args.validation_split: 0.1 with a group_column is one fold of "
+                                        r"10: 3 groups cannot fill 10 folds"):
+        CsvImageDataLoader(small_data, batch_size=4, group_column="site", validation_split=0.1)
+
+
+def test_an_empty_dataset_is_one_line():
+    with pytest.raises(UserError, match=r"^data_loader: the dataset \(list\) has no samples"):
+        BaseDataLoader([], batch_size=4, shuffle=False, validation_split=0, num_workers=0)
+
+
+@pytest.mark.parametrize("values", [[0.5, 0.5, 0.5], [0.5, 0.5]])
+def test_mean_and_std_for_another_channel_count_are_one_line(values):
+    transform = image_transform([], values, values, "eval_transforms")
+    with pytest.raises(UserError, match=f"data_loader.args.mean and data_loader.args.std: {len(values)} and "
+                                        f"{len(values)} values for 1-channel images"):
+        transform(torch.zeros(1, 4, 4, dtype=torch.uint8))
+    one_for_all = image_transform([], [0.5], [0.25], "eval_transforms")(torch.full((3, 2, 2), 255, dtype=torch.uint8))
+    assert torch.equal(one_for_all, torch.full((3, 2, 2), 2.0))
