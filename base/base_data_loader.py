@@ -151,7 +151,9 @@ class BaseDataLoader(DataLoader):
     validation never sees training augmentation. The split and every epoch's order derive from `seed` (the
     config's, passed by the program), so runs and resumes repeat exactly. `collate_fn` serves training batches
     only: validation, test and out-of-fold predictions are always collated plainly. `num_workers` is refused above
-    4 per available CPU: results do not depend on it, and thousands of worker processes exhaust the memory.
+    4 per available CPU: results do not depend on it, and thousands of worker processes exhaust the memory. A
+    training epoch never ends in a batch of one sample, on which batch norm cannot train: that sample is left to
+    the next epoch's order.
     """
 
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=collate,
@@ -190,8 +192,9 @@ class BaseDataLoader(DataLoader):
             train_targets = torch.as_tensor(np.asarray(targets)[self.train_indices])
             weights = 1.0 / torch.bincount(train_targets)[train_targets].double()
         finish = device_finisher(dataset)
-        super().__init__(SeededDataset(dataset, finish is not None),
-                         sampler=EpochSampler(self.train_indices, shuffle, self.seed, weights=weights),
+        sampler = EpochSampler(self.train_indices, shuffle, self.seed, weights=weights)
+        lone_last = len(sampler) > 1 and len(sampler) % batch_size == 1  # batch norm cannot train on one sample
+        super().__init__(SeededDataset(dataset, finish is not None), sampler=sampler, drop_last=lone_last,
                          **self.init_kwargs)
         self.finish = finish
 

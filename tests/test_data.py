@@ -515,3 +515,11 @@ def test_mean_and_std_for_another_channel_count_are_one_line(values):
         transform(torch.zeros(1, 4, 4, dtype=torch.uint8))
     one_for_all = image_transform([], [0.5], [0.25], "eval_transforms")(torch.full((3, 2, 2), 255, dtype=torch.uint8))
     assert torch.equal(one_for_all, torch.full((3, 2, 2), 2.0))
+
+
+@pytest.mark.parametrize("batch_size, sizes", [(19, [19]), (4, [4] * 5), (6, [6, 6, 6, 2])])
+def test_a_training_epoch_never_ends_in_a_batch_of_one_sample(small_data, batch_size, sizes):
+    """Batch norm cannot train on one sample: with 20 images and batches of 19, the epoch is one batch."""
+    loader = CsvImageDataLoader(small_data, batch_size=batch_size, validation_split=0.0)
+    assert [len(inputs) for inputs, _ in loader] == sizes
+    assert len(loader) == len(sizes)
