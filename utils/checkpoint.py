@@ -192,9 +192,10 @@ class OneOf(Rule):
             return None
         deepest = max(len(item.where) for item in found)
         near = [item for item in found if len(item.where) == deepest]
-        if len(near) == 1 or any(item.expected is None or item.got is None for item in near):
+        valued = [item for item in near if item.expected is not None and item.got is not None]
+        if not valued:  # a key missing or too many
             return near[0]
-        return Mismatch(near[0].where, " or ".join(dict.fromkeys(item.expected for item in near)), near[0].got)
+        return valued[0]._replace(expected=" or ".join(dict.fromkeys(item.expected for item in valued)))
 
 
 class MayLack(Rule):
