@@ -3,6 +3,7 @@ loaded checkpoint's fields against what this run would save."""
 import contextlib
 import math
 import pickle
+import sys
 import typing
 import warnings
 import zipfile
@@ -158,7 +159,7 @@ class Int(Rule):
 
     def mismatch(self, value, where):
         if isinstance(value, int) and not isinstance(value, bool) and (
-                self.minimum is None or value >= self.minimum) and value <= self.maximum:
+                -2**63 if self.minimum is None else self.minimum) <= value <= self.maximum:
             return None
         span = f"from {self.minimum} to {self.maximum}" if self.maximum < 2**63 - 1 else (
             f">= {self.minimum}" if self.minimum is not None else "")
@@ -166,15 +167,17 @@ class Int(Rule):
 
 
 class Number(Rule):
-    """An int or float, never NaN; `finite` also refuses infinities, `minimum` (inclusive) or `positive` bound it."""
+    """A float or an int within a float's range, never NaN; `finite` also refuses infinities, `minimum` (inclusive)
+    or `positive` bound it."""
 
     def __init__(self, minimum=None, finite=False, positive=False):
         self.minimum, self.finite, self.positive = minimum, finite, positive
 
     def mismatch(self, value, where):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) and (
-                math.isfinite(value) or not self.finite) and (self.minimum is None or value >= self.minimum) and (
-                value > 0 or not self.positive):
+        number = isinstance(value, float) and not math.isnan(value) or (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= sys.float_info.max)
+        if number and (math.isfinite(value) or not self.finite) and (
+                self.minimum is None or value >= self.minimum) and (value > 0 or not self.positive):
             return None
         bound = " > 0" if self.positive else f" >= {self.minimum}" if self.minimum is not None else ""
         return Mismatch(where, f"a {'finite ' if self.finite else ''}number{bound}", describe(value))
