@@ -2,7 +2,8 @@
 
 A section's `type` must resolve to an object of that section's kind before anything is built, whether the config
 comes from the user or from a checkpoint. Every wrongly typed, out-of-range or non-finite value, in the declared
-settings or in any argument of a class the config names, ends in exit code 2, one line, nothing written.
+settings or in any argument of a class the config names, ends in exit code 2, one line, nothing written. So does
+every crafted field of a checkpoint given to train.py or test.py, unless the run can resume it correctly.
 """
 import contextlib
 import copy
@@ -294,6 +295,7 @@ def first_key(state):
 
 @dataclasses.dataclass
 class Crafted:
+    """A saved state with one field changed, and the command given it."""
     id: str
     field: str  # what the error line must name
     change: typing.Callable
