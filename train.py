@@ -15,11 +15,17 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from base.base_trainer import TrainingStopped
+from base.base_trainer import STEP, TrainingStopped
 from logger.logger import add_log_file, setup_logging
 from trainer.trainer import Trainer
 from utils import dist
-from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
+from utils.checkpoint import (
+    best_checkpoint,
+    check_checkpoint,
+    checkpoint_config,
+    load_checkpoint,
+    load_model_weights,
+)
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, validate
 from utils.schedule import build_schedule
 from utils.util import (
@@ -215,9 +221,15 @@ def choose_run_dir(config, args, checkpoint):
     path = Path(args.resume)
     run_dir = path if path.is_dir() else path.parent
     last = run_dir / "checkpoint-last.pth"
-    if last.exists() and load_checkpoint(last)["global_step"] <= checkpoint["global_step"]:
+    if last.exists() and saved_step(load_checkpoint(last)) <= saved_step(checkpoint):
         return run_dir
     return new_run_dir(config["trainer"]["save_dir"], config["name"])
+
+
+def saved_step(checkpoint):
+    """A checkpoint's global_step, checked as resume checks it."""
+    check_checkpoint(checkpoint, {"global_step": STEP})
+    return checkpoint["global_step"]
 
 
 def save_run_config(config, run_dir, resumed_from):

@@ -8,10 +8,27 @@ import time
 
 from logger.visualization import TensorboardWriter
 from utils import dist
-from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
+from utils.checkpoint import (
+    ANYTHING,
+    UNREAD,
+    AtLeast,
+    Entries,
+    Equal,
+    Int,
+    ListOf,
+    MayLack,
+    Number,
+    OneOf,
+    check_checkpoint,
+    clean_state_dict,
+    load_model_weights,
+    restoring,
+    save_checkpoint,
+    stepped_state,
+    unwrap,
+)
 from utils.settings import TrainerSettings
 from utils.util import (
-    UserError,
     atomic_write,
     epoch_seed,
     get_rng_state,
@@ -20,6 +37,9 @@ from utils.util import (
     set_rng_state,
     write_text,
 )
+
+STEP = Int(0)  # global_step: train.py reads it to decide where a resumed run continues
+ANOTHER_RUN = " (saved with another optimizer or schedule? start a new run from its weights: -c config.json -r FILE)"
 
 
 class TrainingStopped(Exception):
@@ -197,21 +217,84 @@ class BaseTrainer:
         del self.top_k[self.cfg.save_top_k:]
         return any(e == epoch for _, e in self.top_k)
 
+    def checkpoint_fields(self, checkpoint):
+        """What resume accepts in each field of `checkpoint`: by default an example from this trainer's own fresh
+        state (the same keys, types, tensor shapes and dtypes), or a Rule where no fresh value shows what a saved one
+        may be. Subclasses add their own fields."""
+        fresh = self.state_dict(epoch=1)
+        mid_epoch = saved_mid_epoch(checkpoint)
+        return {
+            **fresh,
+            "epoch": Int(1, saved_epochs(checkpoint) or 2**63 - 1),
+            "batches_done": MayLack(Int(0)),
+            "epoch_lr": Number(0, finite=True) if mid_epoch else UNREAD,
+            "global_step": STEP,
+            "optimizer": self._optimizer_fields(fresh["optimizer"]),
+            "lr_scheduler": OneOf(None, fresh["lr_scheduler"]) if self.lr_schedule is not None else UNREAD,
+            "monitor_best": OneOf(None, Number()) if self.mnt_mode != "off" else UNREAD,
+            "not_improved_count": Int(0),
+            "top_k": MayLack(ListOf([Number(), Int(1)])),
+            "rng": rng_fields(fresh["rng"]),
+            "config": ANYTHING,  # checked as a config before the trainer is built
+        }
+
+    def _optimizer_fields(self, fresh):
+        """This optimizer's groups (every key they have, the same parameters) and, per parameter, the state a step
+        leaves; a group may carry keys of another schedule, which nothing reads."""
+        stepped = stepped_state(self.optimizer)
+        if stepped is None:
+            stepped = dict.fromkeys((i for group in fresh["param_groups"] for i in group["params"]), ANYTHING)
+        return {"state": Entries(stepped),
+                "param_groups": [AtLeast({**group, "params": Equal(group["params"])})
+                                 for group in fresh["param_groups"]]}
+
     def resume(self, checkpoint):
-        """Restore weights, optimizer, schedule, counters and random state from a loaded checkpoint."""
-        load_model_weights(self.model, checkpoint["state_dict"], checkpoint["path"])
-        try:
+        """Restore weights, optimizer, schedule, counters and random state from a loaded checkpoint once every field
+        has passed `checkpoint_fields`: a crafted or foreign file is one line naming the field, before anything is
+        restored or written."""
+        check_checkpoint(checkpoint, self.checkpoint_fields(checkpoint), {"optimizer": ANOTHER_RUN,
+                                                                          "lr_scheduler": ANOTHER_RUN})
+        with restoring(checkpoint, "state_dict"):
+            load_model_weights(self.model, checkpoint["state_dict"], checkpoint["path"])
+        with restoring(checkpoint, "optimizer"):
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            if self.lr_schedule is not None and checkpoint["lr_scheduler"] is not None:
-                self.lr_schedule.load_state_dict(checkpoint["lr_scheduler"], checkpoint["config"]["trainer"]["epochs"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"resume: the checkpoint's optimizer state does not fit this optimizer ({e})") from None
+        if self.lr_schedule is not None and checkpoint["lr_scheduler"] is not None:
+            with restoring(checkpoint, "lr_scheduler"):
+                self.lr_schedule.load_state_dict(checkpoint["lr_scheduler"],
+                                                 saved_epochs(checkpoint) or self.cfg.epochs)
         self.resume_batches = checkpoint.get("batches_done", 0)
         self.start_epoch = checkpoint["epoch"] + (0 if self.resume_batches else 1)
         if self.resume_batches:
             self.epoch_lr = checkpoint["epoch_lr"]
         self.global_step = checkpoint["global_step"]
-        self.mnt_best = checkpoint["monitor_best"]
+        if self.mnt_mode != "off" and checkpoint["monitor_best"] is not None:
+            self.mnt_best = checkpoint["monitor_best"]
         self.not_improved_count = checkpoint["not_improved_count"]
         self.top_k = [list(item) for item in checkpoint.get("top_k", [])]
-        set_rng_state(checkpoint["rng"])
+        with restoring(checkpoint, "rng"):
+            set_rng_state(checkpoint["rng"])
+
+
+def saved_mid_epoch(checkpoint):
+    """Whether `checkpoint` was saved inside an epoch (a valid `batches_done` above 0)."""
+    batches = checkpoint.get("batches_done", 0)
+    return type(batches) is int and batches > 0
+
+
+def saved_epochs(checkpoint):
+    """The number of epochs of the run that saved `checkpoint` (in its own config), or None where it does not say."""
+    trainer = checkpoint["config"].get("trainer")
+    epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
+    return epochs if type(epochs) is int else None
+
+
+def rng_fields(fresh):
+    """What set_rng_state accepts: the layout get_rng_state writes, numpy's position within its key, Python's cached
+    Gaussian (None or a number), and CUDA states for any number of devices (unread on a machine without CUDA)."""
+    version, key, _ = fresh["python"]
+    name, keys, _, _, _ = fresh["numpy"]
+    cuda = ListOf(fresh["cuda"][0]) if fresh.get("cuda") else ANYTHING
+    return {"python": [version, key, OneOf(None, Number())],
+            "numpy": [name, keys, Int(0, len(keys)), Int(0, 1), Number()],
+            "torch": fresh["torch"],
+            "cuda": MayLack(cuda)}

@@ -2,9 +2,11 @@
 
 A section's `type` must resolve to an object of that section's kind before anything is built, whether the config
 comes from the user or from a checkpoint. Every wrongly typed, out-of-range or non-finite value, in the declared
-settings or in any argument of a class the config names, ends in exit code 2, one line, nothing written.
+settings or in any argument of a class the config names, ends in exit code 2, one line, nothing written. So does
+every crafted field of a checkpoint given to train.py or test.py, unless the run can resume it correctly.
 """
 import contextlib
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -21,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import train
-from tests.helpers import evaluate, make_config, write_config
+from tests.helpers import error_line, evaluate, make_config, write_config
 from utils.config import resolve
 from utils.settings import RunSettings, TrainerSettings
 from utils.util import UserError
@@ -249,3 +251,184 @@ def test_a_metric_function_is_refused_at_the_check(data_slice, tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: metrics[0].type: 'accuracy' is not a metric"), err
     assert not (tmp_path / "saved").exists()
+
+
+# --- a checkpoint from elsewhere: every field crafted -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_states(data_slice, tmp_path_factory):
+    """A short real run (EMA, top-k, a checkpoint every epoch and every 2 steps): the end of epoch 1 of 2, and a
+    mid-epoch checkpoint of epoch 1, kept aside as it is written."""
+    import base.base_trainer
+
+    base_dir = tmp_path_factory.mktemp("saved_states")
+    config = make_config(data_slice, base_dir / "saved", epochs=2, save_period=1, save_every_n_steps=2,
+                         limit_train_batches=3, limit_val_batches=1, ema_decay=0.9, save_top_k=1)
+    mid_epoch = base_dir / "mid-epoch.pth"
+    save = base.base_trainer.save_checkpoint
+
+    def keep_mid_epoch(state, path):
+        if state["batches_done"] and not mid_epoch.exists():
+            save(state, mid_epoch)
+        save(state, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base.base_trainer, "save_checkpoint", keep_mid_epoch)
+        assert train.main(["-c", str(write_config(config, base_dir / "config.json"))]) == 0
+    (run,) = (base_dir / "saved" / "tiny").iterdir()
+    return {"end": torch.load(run / "checkpoint-epoch1.pth", weights_only=True),
+            "mid": torch.load(mid_epoch, weights_only=True), "config": config}
+
+
+def crafted(states, source, change, path):
+    """A copy of a saved state whose runs go under path's folder, changed by `change`, saved to `path`."""
+    state = copy.deepcopy(states[source])
+    state["config"]["trainer"]["save_dir"] = str(path.parent / "saved")
+    change(state)
+    torch.save(state, path)
+    return path
+
+
+def first_key(state):
+    return next(iter(state))
+
+
+@dataclasses.dataclass
+class Crafted:
+    """A saved state with one field changed, and the command given it."""
+    id: str
+    field: str  # what the error line must name
+    change: typing.Callable
+    source: str = "end"  # "end": the end of epoch 1; "mid": inside epoch 1 after 2 batches
+    command: str = "resume"  # resume, fine-tune, test, test-ema, resume-in-run-folder
+
+
+def set_field(**fields):
+    return lambda state: state.update(fields)
+
+
+def set_in(*keys, value):
+    """Set the value at a path of keys; a callable key is given the container it indexes (e.g. `first_key`)."""
+    def change(state):
+        for key in keys[:-1]:
+            state = state[key(state) if callable(key) else key]
+        state[keys[-1](state) if callable(keys[-1]) else keys[-1]] = value
+    return change
+
+
+CRAFTED = [
+    Crafted("epoch-negative", "epoch", set_field(epoch=-5)),
+    Crafted("epoch-a-string", "epoch", set_field(epoch="1")),
+    Crafted("epoch-past-its-run", "epoch", set_field(epoch=3)),
+    Crafted("global-step-a-string", "global_step", set_field(global_step="6")),
+    Crafted("global-step-negative", "global_step", set_field(global_step=-1)),
+    Crafted("batches-done-negative", "batches_done", set_field(batches_done=-1), "mid"),
+    Crafted("batches-done-past-the-epoch", "batches_done", set_field(batches_done=3), "mid"),
+    Crafted("batches-done-a-bool", "batches_done", set_field(batches_done=True), "mid"),
+    Crafted("epoch-lr-a-string", "epoch_lr", set_field(epoch_lr="0.001"), "mid"),
+    Crafted("rng-a-list", "rng", set_field(rng=[1, 2])),
+    Crafted("rng-python-short", "rng.python", set_in("rng", "python", value=(3, (1, 2), None))),
+    Crafted("rng-numpy-position", "rng.numpy", set_in("rng", "numpy", 2, value=-1)),
+    Crafted("rng-torch-wrong-size", "rng.torch", set_in("rng", "torch", value=torch.zeros(10, dtype=torch.uint8))),
+    Crafted("train-metrics-floats", "train_metrics", set_field(train_metrics={"loss_sum": 1.0, "count": 64,
+                                                                              "totals": {}}), "mid"),
+    Crafted("train-metrics-wrong-shape", "train_metrics.totals.accuracy",
+            set_in("train_metrics", "totals", "accuracy", value=torch.zeros(1, dtype=torch.int64)), "mid"),
+    Crafted("monitor-best-a-string", "monitor_best", set_field(monitor_best="0.5")),
+    Crafted("monitor-best-nan", "monitor_best", set_field(monitor_best=math.nan)),
+    Crafted("not-improved-count-a-float", "not_improved_count", set_field(not_improved_count=1.5)),
+    Crafted("top-k-short-entry", "top_k", set_field(top_k=[[0.5]])),
+    Crafted("optimizer-state-wrong-shape", "optimizer.state.0.exp_avg",
+            set_in("optimizer", "state", 0, "exp_avg", value=torch.zeros(3))),
+    Crafted("optimizer-lr-a-string", "optimizer.param_groups[0].lr",
+            set_in("optimizer", "param_groups", 0, "lr", value="fast")),
+    Crafted("optimizer-a-number", "optimizer", set_field(optimizer=5)),
+    Crafted("lr-scheduler-a-list", "lr_scheduler", set_field(lr_scheduler=[1])),
+    Crafted("lr-scheduler-step-a-string", "lr_scheduler.last_epoch", set_in("lr_scheduler", "last_epoch", value="3")),
+    Crafted("lr-scheduler-extra-attribute", "lr_scheduler.optimizer", set_in("lr_scheduler", "optimizer", value=1)),
+    Crafted("scaler-a-string", "scaler", set_field(scaler="on")),
+    Crafted("ema-wrong-shape", "ema_state_dict", set_in("ema_state_dict", first_key, value=torch.zeros(2))),
+    Crafted("ema-not-tensors", "ema_state_dict", set_in("ema_state_dict", first_key, value="w")),
+    Crafted("weights-not-tensors", "state_dict", set_in("state_dict", first_key, value=1.0)),
+    Crafted("weights-a-list", "state_dict", set_field(state_dict=[1])),
+    Crafted("fine-tune-weights-not-tensors", "state_dict", set_in("state_dict", first_key, value=1.0),
+            command="fine-tune"),
+    Crafted("test-weights-not-tensors", "state_dict", set_in("state_dict", first_key, value="w"), command="test"),
+    Crafted("test-ema-not-a-dict", "ema_state_dict", set_field(ema_state_dict="w"), command="test-ema"),
+    Crafted("test-ema-not-tensors", "ema_state_dict", set_in("ema_state_dict", first_key, value=[1.0]),
+            command="test-ema"),
+    Crafted("last-global-step-a-string", "global_step", set_field(global_step="6"), command="resume-in-run-folder"),
+]
+
+
+def prepare(case, states, folder):
+    """The case's crafted files in `folder`: (the script's main, its arguments, the file the error must name)."""
+    if case.command == "resume-in-run-folder":  # the run's checkpoint-last.pth is crafted; its best one resumed
+        (folder / "run").mkdir()
+        last = crafted(states, case.source, case.change, folder / "run" / "checkpoint-last.pth")
+        best = crafted(states, "end", lambda state: None, folder / "run" / "model_best.pth")
+        return train.main, ["-r", str(best)], last
+    path = crafted(states, case.source, case.change, folder / "crafted.pth")
+    if case.command == "fine-tune":
+        config = make_config(states["config"]["data_loader"]["args"]["data_dir"], folder / "saved")
+        return train.main, ["-r", str(path), "-c", str(write_config(config, folder / "config.json"))], path
+    if case.command.startswith("test"):
+        return evaluate, ["-r", path, *(["--ema"] if case.command == "test-ema" else [])], path
+    return train.main, ["-r", str(path)], path
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", CRAFTED, ids=[case.id for case in CRAFTED])
+def test_a_crafted_checkpoint_field_is_one_line_naming_it(case, saved_states, tmp_path, capsys):
+    main, argv, path = prepare(case, saved_states, tmp_path)
+    before = files_under(tmp_path)
+    code = main(argv)
+    line = error_line(capsys)
+    assert code == 2 and str(path) in line and case.field in line, line
+    assert files_under(tmp_path) == before
+
+
+
+def test_ema_turned_on_at_resume_starts_at_the_checkpoints_weights(saved_states, tmp_path):
+    """A checkpoint without EMA weights, resumed with EMA on: the average starts at the weights resumed (with a
+    decay this close to 1 it stays there), not at the freshly built model's."""
+    path = crafted(saved_states, "end", set_field(ema_state_dict=None), tmp_path / "without-ema.pth")
+    assert train.main(["-r", str(path), "-o", "trainer.ema_decay=0.999999"]) == 0
+    (run,) = (tmp_path / "saved" / "tiny").iterdir()
+    ema = torch.load(run / "checkpoint-last.pth", weights_only=True)["ema_state_dict"]
+    resumed = {k: v for k, v in saved_states["end"]["state_dict"].items() if v.is_floating_point()}
+    assert all(torch.allclose(ema[name], weights, atol=1e-4) for name, weights in resumed.items())
+
+REMOVED = object()  # stands for a field taken out of the checkpoint
+PLAIN_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.floats(), st.text(max_size=4),
+    st.lists(st.one_of(st.integers(-3, 3), st.floats()), max_size=3),
+    st.dictionaries(st.sampled_from(["lr", "state", "python", "loss_sum"]), st.integers(-3, 3), max_size=2),
+    st.builds(torch.zeros, st.integers(0, 3)), st.just(REMOVED))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), value=PLAIN_VALUES)
+def test_any_field_of_a_checkpoint_replaced_resumes_correctly_or_is_one_line(saved_states, data, value):
+    """A mid-epoch checkpoint with one field replaced by a plain value (or removed): either refused with one line
+    naming the file and the field, nothing written, or resumed to the end of the run."""
+    field = data.draw(st.sampled_from(sorted(set(saved_states["mid"]) - {"config"})), label="field")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        change = (lambda state: state.pop(field)) if value is REMOVED else set_field(**{field: value})
+        path = crafted(saved_states, "mid", change, folder / "crafted.pth")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = train.main(["-r", str(path)])
+        if code == 2:
+            lines = err.getvalue().strip().splitlines()
+            assert len(lines) == 1 and str(path) in lines[0] and field in lines[0], err.getvalue()
+            assert files_under(folder) == ["crafted.pth"]
+        else:
+            assert code == 0 and "Traceback" not in err.getvalue(), err.getvalue()
+            (run,) = (folder / "saved" / "tiny").iterdir()
+            last = torch.load(run / "checkpoint-last.pth", weights_only=True)
+            assert (last["epoch"], last["batches_done"]) == (2, 0)

@@ -1,5 +1,6 @@
 import contextlib
 import itertools
+import math
 import sys
 import warnings
 
@@ -8,11 +9,21 @@ from tqdm import tqdm
 
 from base import BaseTrainer
 from base.base_data_loader import inputs_to
-from base.base_trainer import TrainingStopped
+from base.base_trainer import TrainingStopped, saved_mid_epoch
 from model.metric import EpochMetrics
 from trainer.ema import ModelEma
 from utils import dist
-from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
+from utils.checkpoint import (
+    UNREAD,
+    Int,
+    MayLack,
+    Number,
+    OneOf,
+    clean_state_dict,
+    load_model_weights,
+    restoring,
+    unwrap,
+)
 from utils.util import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -296,14 +307,75 @@ class Trainer(BaseTrainer):
             "scaler": self.scaler.state_dict(),
         }
 
+    def checkpoint_fields(self, checkpoint):
+        """The generic fields, a mid-epoch position within this run's epoch, and the trainer's own: the metric sums
+        so far (those one batch leaves, or none yet), the EMA weights (or none) and the fp16 scaler's state (or the
+        empty one of a run without it)."""
+        scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()
+        return {
+            **super().checkpoint_fields(checkpoint),
+            "batches_done": MayLack(Int(0, max(self._epoch_batches() - 1, 0), "(a batch within an epoch of this run)")),
+            "train_metrics": OneOf(EpochMetrics(self.train_metrics.metrics).state_dict(),
+                                   {**self._metric_sums_of_one_batch(), "count": Int(1)})
+            if saved_mid_epoch(checkpoint) else UNREAD,
+            "ema_state_dict": MayLack(OneOf(None, clean_state_dict(self.ema.module.state_dict())))
+            if self.ema else UNREAD,
+            "scaler": MayLack(OneOf({}, {**scaler, "scale": Number(finite=True, positive=True)})),
+        }
+
+    @torch.no_grad()
+    def _metric_sums_of_one_batch(self):
+        """The metric sums after one evaluation batch of two samples: what a mid-epoch checkpoint's sums look like."""
+        loader = self.valid_data_loader or self.data_loader
+        data, target = next(iter(loader))
+        data, target = self._to_device(data[:2], target[:2], loader)
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with self._autocast():
+                output = model(data)
+                loss = self.criterion(output, target)
+        finally:
+            model.train(was_training)
+        sums = EpochMetrics(self.train_metrics.metrics)
+        sums.update(loss, output, target)
+        return sums.state_dict()
+
+    def _epoch_batches(self):
+        return batches_per_epoch(len(self.data_loader), self.cfg.limit_train_batches)
+
     def resume(self, checkpoint):
         super().resume(checkpoint)
-        if self.ema and checkpoint.get("ema_state_dict"):
-            load_model_weights(self.ema.module, checkpoint["ema_state_dict"], checkpoint["path"])
+        self._check_schedule_room(checkpoint)
+        if self.ema:  # a checkpoint without EMA weights starts the average at its own weights
+            saved = checkpoint.get("ema_state_dict")
+            with restoring(checkpoint, "ema_state_dict"):
+                load_model_weights(self.ema.module, clean_state_dict(unwrap(self.model).state_dict())
+                                   if saved is None else saved, checkpoint["path"])
         if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
+            with restoring(checkpoint, "scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
         if self.resume_batches:
-            self.train_metrics.load_state_dict(checkpoint["train_metrics"], self.device)
+            saved = checkpoint["train_metrics"]
+            with restoring(checkpoint, "train_metrics"):
+                if saved["count"] is None:  # every batch so far was skipped as non-finite
+                    self.train_metrics.reset()
+                else:
+                    self.train_metrics.load_state_dict(saved, self.device)
+
+    def _check_schedule_room(self, checkpoint):
+        """A fixed-length schedule (OneCycleLR) restored from `checkpoint` must have room for the steps left in this
+        run: stepped past its end, it would stop the run there."""
+        scheduler = getattr(self.lr_schedule, "scheduler", None)
+        if not hasattr(scheduler, "total_steps") or self.start_epoch > self.cfg.epochs:
+            return
+        epochs_left, accumulation = self.cfg.epochs - self.start_epoch + 1, self.cfg.accumulation_steps
+        left = epochs_left * math.ceil(self._epoch_batches() / accumulation) - self.resume_batches // accumulation
+        left = left if self.lr_schedule.per_batch else epochs_left
+        if scheduler.last_epoch + left > scheduler.total_steps:
+            raise UserError(f"checkpoint {checkpoint['path']!r}: lr_scheduler: {type(scheduler).__name__} is at step "
+                            f"{scheduler.last_epoch} of {scheduler.total_steps}, with {left} steps of this run left")
 
 
 def first_line(error):
