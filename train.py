@@ -79,6 +79,9 @@ def main(argv=None):
     quiet_handover_errors()
     steady_allocator()
     try:
+        if args.folds and args.resume:
+            raise UserError("--folds all trains every fold from the start and cannot take -r; resume one fold with "
+                            "python train.py -r <run group>/fold<K>")
         rank, world_size, local_rank = dist.init_distributed()
         checkpoint = load_checkpoint(args.resume) if args.resume else None
         overrides = command_line_overrides(args) + (FAST_DEV_RUN if args.fast_dev_run else [])

@@ -328,6 +328,13 @@ def test_weights_that_cannot_be_downloaded_leave_no_folder_behind(config, tmp_pa
     assert not (tmp_path / "torch-home").exists()
 
 
+def test_folds_all_with_a_checkpoint_is_refused(config, tmp_path, capsys):
+    """--folds all would silently train every fold from scratch, ignoring -r."""
+    config["data_loader"]["args"]["n_folds"] = 2
+    line = fails(config, tmp_path, capsys, "--folds", "all", "-r", str(tmp_path / "model_best.pth"))
+    assert line.startswith("error: --folds all trains every fold from the start and cannot take -r")
+
+
 # --- overrides ----------------------------------------------------------------------------------------------------
 
 def test_override_sets_an_integer(config, tmp_path):
