@@ -19,13 +19,8 @@ from base.base_trainer import STEP, TrainingStopped
 from logger.logger import add_log_file, setup_logging
 from trainer.trainer import Trainer
 from utils import dist
-from utils.checkpoint import (
-    best_checkpoint,
-    check_checkpoint,
-    checkpoint_config,
-    load_checkpoint,
-    load_model_weights,
-)
+from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
+from utils.checkpoint_rules import check_checkpoint
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, validate
 from utils.schedule import build_schedule
 from utils.util import (

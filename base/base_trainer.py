@@ -8,7 +8,8 @@ import time
 
 from logger.visualization import TensorboardWriter
 from utils import dist
-from utils.checkpoint import (
+from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
+from utils.checkpoint_rules import (
     ANYTHING,
     UNREAD,
     AtLeast,
@@ -20,12 +21,8 @@ from utils.checkpoint import (
     Number,
     OneOf,
     check_checkpoint,
-    clean_state_dict,
-    load_model_weights,
     restoring,
-    save_checkpoint,
     stepped_state,
-    unwrap,
 )
 from utils.settings import TrainerSettings
 from utils.util import (

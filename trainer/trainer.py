@@ -13,17 +13,8 @@ from base.base_trainer import TrainingStopped, saved_mid_epoch
 from model.metric import EpochMetrics
 from trainer.ema import ModelEma
 from utils import dist
-from utils.checkpoint import (
-    UNREAD,
-    Int,
-    MayLack,
-    Number,
-    OneOf,
-    clean_state_dict,
-    load_model_weights,
-    restoring,
-    unwrap,
-)
+from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
+from utils.checkpoint_rules import UNREAD, Int, MayLack, Number, OneOf, restoring
 from utils.util import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
