@@ -18,17 +18,11 @@ from logger.logger import setup_logging
 from trainer.inference import (
     blend,
     check_class_order,
-    check_finite,
-    check_model,
-    check_scoring,
     class_names,
-    data_classes,
-    load_model,
-    predict,
-    probe_batch,
+    predict_ensemble,
     row_ids,
     score,
-    tta_views,
+    try_one_batch,
     write_predictions,
 )
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
@@ -65,22 +59,30 @@ def check_arguments(args):
         raise UserError(f"--bs: expected an integer >= 1, got {args.bs}")
     if args.out == "":
         raise UserError("--out: expected a folder, got an empty path")
-    if not args.blend:
-        if args.weights:
-            raise UserError("--weights: only for --blend (the models of an ensemble count equally)")
-        for key in overridden_keys(args.override):
-            if key.split(".")[0] in UNUSED_SECTIONS:
-                raise UserError(f"-o {key}: not used by test.py (it builds each model from its checkpoint and reads "
-                                f"only {', '.join(USED_SECTIONS)})")
-            if key in SET_BY_TEST or key == "data_loader.args.validation_split" and args.split != "valid":
-                raise UserError(f"-o {key}: not used by test.py (it reads the data in order, every sample once)")
-            if key == "inference.sample_submission" and args.split == "valid":
-                raise UserError(f"-o {key}: not used with --split valid (the validation rows follow no sample "
-                                f"submission)")
-        return
-    given = {"-r": args.resume, "--ema": args.ema, "--split": args.split, "--bs": args.bs is not None,
-             "-d": args.device}
-    for flag in (flag for flag, value in given.items() if value):
+    (check_blend_arguments if args.blend else check_evaluation_arguments)(args)
+
+
+def check_evaluation_arguments(args):
+    """With -r: no blend weights, and no -o key that test.py would not read."""
+    if args.weights:
+        raise UserError("--weights: only for --blend (the models of an ensemble count equally)")
+    for key in overridden_keys(args.override):
+        if key.split(".")[0] in UNUSED_SECTIONS:
+            raise UserError(f"-o {key}: not used by test.py (it builds each model from its checkpoint and reads "
+                            f"only {', '.join(USED_SECTIONS)})")
+        if key in SET_BY_TEST or key == "data_loader.args.validation_split" and args.split != "valid":
+            raise UserError(f"-o {key}: not used by test.py (it reads the data in order, every sample once)")
+        if key == "inference.sample_submission" and args.split == "valid":
+            raise UserError(f"-o {key}: not used with --split valid (the validation rows follow no sample "
+                            f"submission)")
+
+
+def check_blend_arguments(args):
+    """With --blend: an output folder, and none of the flags or -o keys that only matter when models run."""
+    model_flags = {"-r": args.resume, "--ema": args.ema, "--split": args.split, "--bs": args.bs is not None,
+                   "-d": args.device}
+    flag = next((flag for flag, given in model_flags.items() if given), None)
+    if flag:
         raise UserError(f"{flag}: not used with --blend (it averages saved probabilities; no model runs)")
     for key in overridden_keys(args.override):
         if key not in BLEND_SETTINGS:
@@ -129,6 +131,20 @@ def build_eval_loader(config, split):
     return loader
 
 
+def load_members(paths, overrides, batch_size, use_ema):
+    """The config test.py works with (the first checkpoint's, with the overrides), and every checkpoint as (path,
+    checkpoint memory-mapped, its own validated config), all read and checked before any data is loaded."""
+    checkpoints = [load_checkpoint(path, mmap=True) for path in paths]
+    overrides = overrides + ([f"data_loader.args.batch_size={batch_size}"] if batch_size else [])
+    config = validate(apply_overrides(checkpoint_config(checkpoints[0]), overrides))
+    members = [(path, checkpoint, validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]}))
+               for path, checkpoint in zip(paths, checkpoints)]
+    for path, checkpoint, _ in members:
+        if use_ema and checkpoint.get("ema_state_dict") is None:
+            raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
+    return config, members
+
+
 def default_out(paths, split, ema):
     suffix = "-ema" if ema else ""
     if len(paths) == 1:
@@ -152,39 +168,17 @@ def evaluate(args, logger):
     paths = checkpoint_paths(args.resume)
     out = Path(args.out) if args.out else default_out(paths, split, args.ema)
     check_out(out, bool(args.out))
-    checkpoints = [load_checkpoint(path, mmap=True) for path in paths]  # memory-mapped: tensors stay in the files
-    overrides = args.override + ([f"data_loader.args.batch_size={args.bs}"] if args.bs else [])
-    config = validate(apply_overrides(checkpoint_config(checkpoints[0]), overrides))
-    configs = [validate({**checkpoint_config(c), "import_roots": config["import_roots"]}) for c in checkpoints]
-    for path, checkpoint in zip(paths, checkpoints):
-        if args.ema and checkpoint.get("ema_state_dict") is None:
-            raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
+    config, members = load_members(paths, args.override, args.bs, args.ema)
     if split == "valid":  # the validation rows are no test set: no sample submission to follow
         config["inference"]["sample_submission"] = ""
     device = resolve_device(args.device, config["n_gpu"], logger)
     tta = [t.to(device) if hasattr(t, "to") else t for t in build_transforms(config["inference"]["tta"],
                                                                             "inference.tta")]
     data_loader = build_eval_loader(config, split)
-    check_class_order(paths, configs, config, data_loader)
-    probe, probe_targets = probe_batch(data_loader, device)
-    views, n_classes = tta_views(probe, tta), len(data_classes(data_loader) or []) or None
-    for path, checkpoint, model_config in zip(paths, checkpoints, configs):  # one model in memory at a time
-        model = load_model(path, checkpoint, model_config, args.ema, device)
-        probe_probabilities = check_model(model, path, probe, views, n_classes)
-        n_classes = probe_probabilities.shape[1]
-        del model
+    check_class_order(members, config, data_loader)
+    n_classes = try_one_batch(members, config, data_loader, tta, args.ema, device)
+    probabilities, targets = predict_ensemble(members, data_loader, tta, args.ema, device)
     labelled = getattr(data_loader.dataset, "targets", None) is not None
-    if labelled:
-        check_scoring(config, probe_probabilities, probe_targets)
-
-    probabilities = targets = None
-    for path, checkpoint, model_config in zip(paths, checkpoints, configs):
-        model = load_model(path, checkpoint, model_config, args.ema, device)
-        model_probabilities, targets = predict(model, data_loader, device, tta)
-        check_finite(model_probabilities, path, model)
-        probabilities = model_probabilities if probabilities is None else probabilities + model_probabilities
-        del model
-    probabilities /= len(paths)
     metrics = score(config, probabilities, targets) if labelled else None
     summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
                "n_samples": len(targets), **metrics} if labelled else None

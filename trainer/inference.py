@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data_loader.data_loaders import CsvImageDataLoader
+from data_loader.datasets import read_csv
 from model.metric import EpochMetrics
 from utils.checkpoint import load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, resolve
@@ -70,8 +72,6 @@ def class_source(config):
     """Where a config's CsvImageDataLoader takes its classes from: `("classes", names)` when the config lists them,
     else `("csv", path, id column, label column)` (the sorted labels of the training CSV); None for other loaders,
     whose classes cannot be known without building them."""
-    from data_loader.data_loaders import CsvImageDataLoader
-
     spec = config["data_loader"]
     target = resolve("data_loader", spec["type"], config["import_roots"])
     if getattr(target, "__init__", None) is not CsvImageDataLoader.__init__:
@@ -86,15 +86,14 @@ def class_source(config):
 def read_classes(source, path):
     """The class names a source gives, as CsvImageDataLoader finds them; None (with a note) when its training CSV
     cannot be read any more."""
-    from data_loader.datasets import read_csv
-
     if source[0] == "classes":
         return list(source[1])
     _, csv_file, id_column, label_column = source
     try:
         return [str(c) for c in sorted(set(read_csv(csv_file, id_column, required=(label_column,))[label_column]))]
     except UserError as e:
-        logging.getLogger("template").warning("could not check which classes %s scores: %s", path, e)
+        logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
+                                              path, e)
         return None
 
 
@@ -105,16 +104,17 @@ def first_difference(a, b):
     return shown[0]
 
 
-def check_class_order(paths, configs, data_config, data_loader):
+def check_class_order(members, data_config, data_loader):
     """Refuse checkpoints trained on other classes, or on the same ones in another order, than the data's class list:
-    an ensemble averages probabilities, and the output files name them, column by column."""
+    an ensemble averages probabilities, and the output files name them, column by column. `members` are (path,
+    checkpoint, its config)."""
     names = data_classes(data_loader)
     if names is None:
         return
     data_source = class_source(data_config)
     known = {data_source: names} if data_source else {}
-    trained = []
-    for path, config in zip(paths, configs):
+    paths, trained = [path for path, _, _ in members], []
+    for path, _, config in members:
         source = class_source(config)
         if source is not None and source not in known:
             known[source] = read_classes(source, path)
@@ -130,6 +130,33 @@ def check_class_order(paths, configs, data_config, data_loader):
         raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data's "
                         f"(data_loader.args.classes, else the sorted labels of the training CSV): class {i}: {ours} "
                         f"for the checkpoint, {theirs} for the data")
+
+
+def try_one_batch(members, config, data_loader, tta, use_ema, device):
+    """Every TTA transform, every model on every view, then the loss and metrics, on a few samples of the data, so
+    that any of them failing is one line before anything is predicted. Returns the number of classes."""
+    probe, targets = probe_batch(data_loader, device)
+    views, n_classes = tta_views(probe, tta), len(data_classes(data_loader) or []) or None
+    for path, checkpoint, model_config in members:  # one model in memory at a time
+        model = load_model(path, checkpoint, model_config, use_ema, device)
+        probabilities = check_model(model, path, probe, views, n_classes)
+        n_classes = probabilities.shape[1]
+        del model
+    if getattr(data_loader.dataset, "targets", None) is not None:
+        check_scoring(config, probabilities, targets)
+    return n_classes
+
+
+def predict_ensemble(members, data_loader, tta, use_ema, device):
+    """The members' probabilities averaged, and the targets; a model giving NaN or infinite ones is refused."""
+    total = targets = None
+    for path, checkpoint, model_config in members:  # one model in memory at a time
+        model = load_model(path, checkpoint, model_config, use_ema, device)
+        probabilities, targets = predict(model, data_loader, device, tta)
+        check_finite(probabilities, path, model)
+        total = probabilities if total is None else total + probabilities
+        del model
+    return total / len(members), targets
 
 
 def first_line(error):
