@@ -9,15 +9,31 @@ Models and data are rebuilt from the checkpoints' own configs (the first one's d
 -o). Writes metrics.json (when the data has labels), predictions.csv (the submission) and probabilities.csv to
 DIR, by default `<run folder>/<split>-<checkpoint name>/`.
 """
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from logger.logger import setup_logging
-from trainer.inference import blend, class_names, load_model, predict, row_ids, score, write_predictions
+from trainer.inference import (
+    blend,
+    check_class_order,
+    class_names,
+    predict_ensemble,
+    row_ids,
+    score,
+    try_one_batch,
+    write_predictions,
+)
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, validate, validate_inference
+from utils.settings import RunSettings
 from utils.util import ArgumentParser, UserError, error_line, resolve_device, write_json
+
+USED_SECTIONS = ("n_gpu", "seed", "import_roots", "data_loader", "loss", "metrics", "inference")
+UNUSED_SECTIONS = tuple(f.name for f in dataclasses.fields(RunSettings) if f.name not in USED_SECTIONS)
+BLEND_SETTINGS = ("inference.sample_submission", "inference.label_format")
+SET_BY_TEST = ("data_loader.args.shuffle",)  # test.py never shuffles; validation_split is its own for --split test
 
 
 def parse_args(argv):
@@ -26,7 +42,7 @@ def parse_args(argv):
                         help="checkpoint, or run-group folder of a --folds run; repeat for an ensemble")
     parser.add_argument("--out", help="folder for metrics.json, predictions.csv and probabilities.csv")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:N or a GPU index (default: from n_gpu)")
-    parser.add_argument("--split", choices=("test", "valid"), default="test",
+    parser.add_argument("--split", choices=("test", "valid"),
                         help="the test data, or the validation part of the training data (default: test)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoints' EMA weights (trainer.ema_decay)")
     parser.add_argument("--bs", type=int, help="batch size for inference (default: the training batch size)")
@@ -35,6 +51,63 @@ def parse_args(argv):
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="change the (first) checkpoint's config, e.g. -o data_loader.args.test_csv=test.csv")
     return parser.parse_args(argv)
+
+
+def check_arguments(args):
+    """Refuse values that make no sense and inputs the chosen mode would silently ignore, before any work."""
+    if args.bs is not None and args.bs < 1:
+        raise UserError(f"--bs: expected an integer >= 1, got {args.bs}")
+    if args.out == "":
+        raise UserError("--out: expected a folder, got an empty path")
+    (check_blend_arguments if args.blend else check_evaluation_arguments)(args)
+
+
+def check_evaluation_arguments(args):
+    """With -r: no blend weights, and no -o key that test.py would not read."""
+    if args.weights:
+        raise UserError("--weights: only for --blend (the models of an ensemble count equally)")
+    for key in overridden_keys(args.override):
+        if key.split(".")[0] in UNUSED_SECTIONS:
+            raise UserError(f"-o {key}: not used by test.py (it builds each model from its checkpoint and reads "
+                            f"only {', '.join(USED_SECTIONS)})")
+        if key in SET_BY_TEST or key == "data_loader.args.validation_split" and args.split != "valid":
+            raise UserError(f"-o {key}: not used by test.py (it reads the data in order, every sample once)")
+        if key == "inference.sample_submission" and args.split == "valid":
+            raise UserError(f"-o {key}: not used with --split valid (the validation rows follow no sample "
+                            f"submission)")
+
+
+def check_blend_arguments(args):
+    """With --blend: an output folder, and none of the flags or -o keys that only matter when models run."""
+    model_flags = {"-r": args.resume, "--ema": args.ema, "--split": args.split, "--bs": args.bs is not None,
+                   "-d": args.device}
+    flag = next((flag for flag, given in model_flags.items() if given), None)
+    if flag:
+        raise UserError(f"{flag}: not used with --blend (it averages saved probabilities; no model runs)")
+    for key in overridden_keys(args.override):
+        if key not in BLEND_SETTINGS:
+            raise UserError(f"-o {key}: not used with --blend (it reads only {' and '.join(BLEND_SETTINGS)})")
+    if not args.out:
+        raise UserError("--blend: give --out DIR for the blended submission")
+
+
+def overridden_keys(overrides):
+    """The dotted keys that `-o` overrides set, down to their leaves (`-o inference={...}` sets each key inside)."""
+    def leaves(node, prefix):
+        if not isinstance(node, dict) or not node:
+            return [prefix]
+        return [key for name, child in node.items() for key in leaves(child, f"{prefix}.{name}" if prefix else name)]
+    return leaves(apply_overrides({}, overrides), "") if overrides else []
+
+
+def check_out(out, given):
+    """Refuse an output folder that is a file, or lies under one, before any work."""
+    for path in (out, *out.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            where = "--out" if given else "output folder"
+            raise UserError(f"{where} {str(out)!r}: {str(path)!r} is a file, not a folder")
 
 
 def checkpoint_paths(given):
@@ -58,6 +131,20 @@ def build_eval_loader(config, split):
     return loader
 
 
+def load_members(paths, overrides, batch_size, use_ema):
+    """The config test.py works with (the first checkpoint's, with the overrides), and every checkpoint as (path,
+    checkpoint memory-mapped, its own validated config), all read and checked before any data is loaded."""
+    checkpoints = [load_checkpoint(path, mmap=True) for path in paths]
+    overrides = overrides + ([f"data_loader.args.batch_size={batch_size}"] if batch_size else [])
+    config = validate(apply_overrides(checkpoint_config(checkpoints[0]), overrides))
+    members = [(path, checkpoint, validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]}))
+               for path, checkpoint in zip(paths, checkpoints)]
+    for path, checkpoint, _ in members:
+        if use_ema and checkpoint.get("ema_state_dict") is None:
+            raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
+    return config, members
+
+
 def default_out(paths, split, ema):
     suffix = "-ema" if ema else ""
     if len(paths) == 1:
@@ -65,56 +152,67 @@ def default_out(paths, split, ema):
     return Path(os.path.commonpath([p.parent for p in paths])) / f"{split}-ensemble{suffix}"
 
 
+def run_blend(args, logger):
+    """Blend saved probability files into --out."""
+    check_out(Path(args.out), given=True)
+    inference = validate_inference(apply_overrides({"inference": {}}, args.override)["inference"])
+    ids, probabilities, classes = blend(args.blend, args.weights)
+    write_outputs(Path(args.out), ids, probabilities, classes, inference)
+    logger.info("blended %d files into %s", len(args.blend), args.out)
+
+
+def evaluate(args, logger):
+    """Predict with the checkpoints (averaged), score when the data has labels, and write the outputs. Everything a
+    user gives is checked first, and every model and TTA view is tried on one batch before predicting."""
+    split = args.split or "test"
+    paths = checkpoint_paths(args.resume)
+    out = Path(args.out) if args.out else default_out(paths, split, args.ema)
+    check_out(out, bool(args.out))
+    config, members = load_members(paths, args.override, args.bs, args.ema)
+    if split == "valid":  # the validation rows are no test set: no sample submission to follow
+        config["inference"]["sample_submission"] = ""
+    device = resolve_device(args.device, config["n_gpu"], logger)
+    tta = [t.to(device) if hasattr(t, "to") else t for t in build_transforms(config["inference"]["tta"],
+                                                                            "inference.tta")]
+    data_loader = build_eval_loader(config, split)
+    check_class_order(members, config, data_loader)
+    n_classes = try_one_batch(members, config, data_loader, tta, args.ema, device)
+    probabilities, targets = predict_ensemble(members, data_loader, tta, args.ema, device)
+    labelled = getattr(data_loader.dataset, "targets", None) is not None
+    metrics = score(config, probabilities, targets) if labelled else None
+    summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
+               "n_samples": len(targets), **metrics} if labelled else None
+    write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), config["inference"],
+                  summary)
+    if metrics:
+        logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    else:
+        logger.info("the data has no labels: wrote predictions only")
+    logger.info("wrote %s", out)
+
+
+def write_outputs(out, ids, probabilities, classes, inference, metrics=None):
+    """probabilities.csv, the submission and metrics.json (when given) into `out`; a folder that cannot be written is
+    one line."""
+    try:
+        write_predictions(out, ids, probabilities, classes, inference)
+        if metrics:
+            write_json(metrics, out / "metrics.json")
+    except OSError as e:
+        raise UserError(f"--out {str(out)!r}: cannot write there ({e.strerror or e})") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     logger = setup_logging(1)
     try:
+        check_arguments(args)
         if args.blend:
-            if not args.out:
-                raise UserError("--blend: give --out DIR for the blended submission")
-            ids, probabilities, classes = blend(args.blend, args.weights)
-            inference = validate_inference(apply_overrides({"inference": {}}, args.override)["inference"])
-            write_predictions(Path(args.out), ids, probabilities, classes, inference)
-            logger.info("blended %d files into %s", len(args.blend), args.out)
-            return 0
-        if not args.resume:
-            raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
-        paths = checkpoint_paths(args.resume)
-        overrides = args.override + ([f"data_loader.args.batch_size={args.bs}"] if args.bs else [])
-        config = validate(apply_overrides(checkpoint_config(load_checkpoint(paths[0], mmap=True)), overrides))
-        if args.split == "valid":  # the validation rows are no test set: no sample submission to follow
-            config["inference"]["sample_submission"] = ""
-        device = resolve_device(args.device, config["n_gpu"], logger)
-        data_loader = build_eval_loader(config, args.split)
-        tta = [t.to(device) if hasattr(t, "to") else t for t in build_transforms(config["inference"]["tta"],
-                                                                                "inference.tta")]
-        for path in paths:  # memory-mapped: checked without reading their tensors
-            if args.ema and load_checkpoint(path, mmap=True).get("ema_state_dict") is None:
-                raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
-        probabilities = targets = None
-        for path in paths:  # one model in memory at a time, its weights only
-            model = load_model(path, load_checkpoint(path, mmap=True), args.ema, device)
-            model_probabilities, targets = predict(model, data_loader, device, tta)
-            if probabilities is not None and model_probabilities.shape != probabilities.shape:
-                raise UserError(f"-r: {path} predicts {model_probabilities.shape[1]} classes, {paths[0]} "
-                                f"{probabilities.shape[1]}: an ensemble needs models of the same task")
-            probabilities = model_probabilities if probabilities is None else probabilities + model_probabilities
-            del model
-        probabilities /= len(paths)
-
-        out = Path(args.out) if args.out else default_out(paths, args.split, args.ema)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {str(out)!r}: is a file; expected a folder")
-        write_predictions(out, row_ids(data_loader), probabilities, class_names(data_loader, probabilities.shape[1]),
-                          config["inference"])
-        if getattr(data_loader.dataset, "targets", None) is not None:
-            metrics = score(config, probabilities, targets)
-            write_json({"checkpoints": [str(p) for p in paths], "split": args.split, "ema": args.ema,
-                        "tta_views": len(tta), "n_samples": len(targets), **metrics}, out / "metrics.json")
-            logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            run_blend(args, logger)
+        elif args.resume:
+            evaluate(args, logger)
         else:
-            logger.info("the data has no labels: wrote predictions only")
-        logger.info("wrote %s", out)
+            raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 2

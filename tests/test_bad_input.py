@@ -194,6 +194,42 @@ def evaluating_best(*overrides):
     return make
 
 
+def changed_checkpoint(name, change):
+    """A copy of the finished run's model_best.pth, changed by `change(checkpoint)`, as ctx.dir/name."""
+    def make(ctx):
+        checkpoint = torch.load(ctx.run / "model_best.pth", weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, ctx.dir / name)
+        return ctx.dir / name
+    return make
+
+
+def classes_reversed(checkpoint):
+    checkpoint["config"]["data_loader"]["args"]["classes"] = list(range(9, -1, -1))
+
+
+def nan_weights(checkpoint):
+    weights = next(v for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    weights.fill_(float("nan"))
+
+
+def ensemble_with(name, change):
+    """A test.py case ensembling the finished run's model_best.pth with a changed copy of it into ctx.dir/out."""
+    def make(ctx):
+        return ["-r", ctx.run / "model_best.pth", "-r", changed_checkpoint(name, change)(ctx), "--out", ctx.dir / "out"]
+    return make
+
+
+def out_under_a_file(ctx):
+    (ctx.dir / "notes.txt").write_text("a file\n")
+    return ["-r", ctx.run / "model_best.pth", "--out", ctx.dir / "notes.txt" / "sub"]
+
+
+def blend_a_predictions_file(ctx):
+    (ctx.dir / "predictions.csv").write_text("id,label\n00002,1\n00005,1\n")
+    return ["--blend", ctx.dir / "predictions.csv", "--out", ctx.dir / "blended"]
+
+
 def sample_submission_of_other_ids(ctx):
     (ctx.dir / "sample.csv").write_text("id,label\nx1,0\nx2,0\n")
     return ["-r", ctx.run / "model_best.pth", "-o", f"inference.sample_submission={ctx.dir / 'sample.csv'}",
@@ -254,11 +290,21 @@ CASES = [
          ("inference.sample_submission", "/nonexistent/sample.csv"), script="test.py"),
     Case("test-sample-submission-other-ids", sample_submission_of_other_ids,
          ("inference.sample_submission", "sample.csv", "'x1'"), script="test.py"),
+    Case("test-ensemble-other-class-order", ensemble_with("reordered.pth", classes_reversed),
+         ("model_best.pth", "reordered.pth", "class 0"), script="test.py", must_not_exist=("out",)),
+    Case("test-nan-weights", ensemble_with("nan.pth", nan_weights), ("nan.pth", "NaN"), script="test.py",
+         must_not_exist=("out",)),
+    Case("test-tta-crop-larger-than-images",
+         evaluating_best('inference.tta=[{"type": "Identity"}, {"type": "RandomCrop", "args": {"size": 64}}]'),
+         ("inference.tta[1]", "RandomCrop"), script="test.py", must_not_exist=("out",)),
+    Case("test-out-under-a-file", out_under_a_file, ("--out", "notes.txt", "not a folder"), script="test.py"),
     Case("test-blend-mismatch", blend_mismatch, ("--blend", "b.csv", "a.csv"), script="test.py",
          must_not_exist=("blended",)),
     Case("test-blend-missing-file", blend_missing, ("--blend", "gone.csv"), script="test.py",
          must_not_exist=("blended",)),
     Case("test-blend-without-id-column", blend_without_ids, ("--blend", "b.csv"), script="test.py",
+         must_not_exist=("blended",)),
+    Case("test-blend-a-predictions-file", blend_a_predictions_file, ("--blend", "predictions.csv"), script="test.py",
          must_not_exist=("blended",)),
 ]
 
@@ -266,7 +312,8 @@ CASES = [
 def test_the_table_covers_at_least_thirty_distinct_cases():
     """Thirty distinct situations with files and processes: a config file that is a folder or empty; missing data
     folders, CSV files and images, CSVs and images that cannot be read; a save_dir that is a file; damaged, foreign
-    and missing checkpoints and run folders; test.py's own files (test CSV, sample submission, blended CSVs)."""
+    and missing checkpoints and run folders; test.py's own files (test CSV, sample submission, blended CSVs, an
+    output path through a file), ensembles of models trained on other class orders, NaN weights, failing TTA."""
     assert len(CASES) >= 30
     assert len({case.id for case in CASES}) == len(CASES)
     assert all(case.culprit for case in CASES)

@@ -23,6 +23,7 @@ from tests.helpers import (
     N_TEST,
     N_TRAIN,
     REPO,
+    error_line,
     evaluate,
     fails,
     load,
@@ -355,18 +356,126 @@ def test_label_format_name_or_index(words_run, tmp_path):
 
 def test_blend_is_the_weighted_mean(tmp_path):
     classes = ["cat", "dog", "eel"]
-    a = {"a1": [0.7, 0.2, 0.1], "a2": [0.1, 0.1, 0.8], "a3": [0.3, 0.4, 0.3]}
-    b = {"a1": [0.1, 0.1, 0.8], "a2": [0.1, 0.6, 0.3], "a3": [0.3, 0.3, 0.4]}
+    a = {"a1": [0.7, 0.2, 0.1], "a2": [0.1, 0.1, 0.8], "NA": [0.3, 0.4, 0.3]}  # NA: an id, not a missing value
+    b = {"a1": [0.1, 0.1, 0.8], "a2": [0.1, 0.6, 0.3], "NA": [0.3, 0.3, 0.4]}
     write_csv(tmp_path / "a.csv", ["id", *classes], [(i, *p) for i, p in a.items()])
-    write_csv(tmp_path / "b.csv", ["id", *classes], [(i, *b[i]) for i in ("a3", "a1", "a2")])  # another row order
+    write_csv(tmp_path / "b.csv", ["id", *classes], [(i, *b[i]) for i in ("NA", "a1", "a2")])  # another row order
     out = tmp_path / "blend"
     assert evaluate(["--blend", tmp_path / "a.csv", tmp_path / "b.csv", "--weights", "3", "1", "--out", out]) == 0
     blended, blended_classes = read_table(out / "probabilities.csv")
-    assert blended_classes == classes and list(blended) == ["a1", "a2", "a3"]
+    assert blended_classes == classes and list(blended) == ["a1", "a2", "NA"]
     for i in a:
         assert blended[i] == pytest.approx([(3 * p + q) / 4 for p, q in zip(a[i], b[i])], abs=1e-6)
     assert [(r["id"], r["label"]) for r in read_csv_rows(out / "predictions.csv")] == [
-        ("a1", "cat"), ("a2", "eel"), ("a3", "dog")]  # a1: .55/.175/.275; a2: .1/.225/.675; a3: .3/.375/.325
+        ("a1", "cat"), ("a2", "eel"), ("NA", "dog")]  # a1: .55/.175/.275; a2: .1/.225/.675; NA: .3/.375/.325
+
+
+def test_blend_of_a_saved_probabilities_file_gives_its_predictions(folds_run, tmp_path):
+    """The rows of a probabilities.csv as test.py writes it (float32 as text) sum to 1 closely enough for --blend."""
+    best = folds_run.group / "fold0" / "model_best.pth"
+    assert evaluate(["-r", best, "--out", tmp_path / "one"]) == 0
+    assert evaluate(["--blend", tmp_path / "one" / "probabilities.csv", "--out", tmp_path / "blend"]) == 0
+    assert read_csv_rows(tmp_path / "blend" / "predictions.csv") == read_csv_rows(tmp_path / "one" / "predictions.csv")
+
+
+def test_a_model_from_an_import_roots_package_is_evaluated_with_o_import_roots(data_slice, tmp_path, monkeypatch):
+    """A checkpoint's own import_roots are dropped; the ones given with -o reach its model as well as its data."""
+    (tmp_path / "extra_models").mkdir()
+    (tmp_path / "extra_models" / "__init__.py").write_text("from model.model import ConvNet as Net\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(data_slice, tmp_path / "saved")
+    config.update(import_roots=["extra_models"], arch={**config["arch"], "type": "extra_models.Net"})
+    torch.save({"state_dict": build(validate(config), "arch").state_dict(), "config": config}, tmp_path / "model.pth")
+    roots = 'import_roots=["extra_models"]'
+    assert evaluate(["-r", tmp_path / "model.pth", "-o", roots, "--out", tmp_path / "out"]) == 0
+    assert len(read_csv_rows(tmp_path / "out" / "predictions.csv")) == N_TEST
+
+
+# --- test.py: mistakes are one line, before anything is predicted or written ---------------------------------------
+
+def tta(*specs):
+    return ["-o", f"inference.tta={json.dumps(list(specs))}"]
+
+
+def eval_transforms(*specs):
+    return ["-o", f"data_loader.args.eval_transforms={json.dumps(list(specs))}"]
+
+
+RESIZE_7 = {"type": "Resize", "args": {"size": 7}}
+REFUSED_EVALUATIONS = {
+    # TTA transforms that fail on a batch of images, or whose views the model cannot take
+    "tta-lambda": (tta({"type": "Lambda", "args": {"lambd": "x"}}), ("inference.tta[0]", "Lambda")),
+    "tta-to-pil-image": (tta({"type": "Identity"}, {"type": "ToPILImage"}), ("inference.tta[1]", "ToPILImage")),
+    "tta-five-crop": (tta({"type": "FiveCrop", "args": {"size": 20}}), ("inference.tta[0]", "FiveCrop", "tuple")),
+    "tta-too-small-for-the-model": (tta(RESIZE_7), ("inference.tta[0]", "ConvNet", "[4, 1, 7, 7]")),
+    # data the model cannot take, classes in another order than the model's, a loss that cannot take probabilities
+    "eval-transforms-too-small": (eval_transforms(RESIZE_7), ("model_best.pth", "ConvNet", "[4, 1, 7, 7]")),
+    "eval-transforms-failing": (eval_transforms({"type": "RandomCrop", "args": {"size": 64}}), ("data_loader", "crop")),
+    "classes-reordered": (["-o", "data_loader.args.classes=[1, 0, 2, 3, 4, 5, 6, 7, 8, 9]"], ("model_best.pth",
+                                                                                             "class 0")),
+    "loss-of-other-shapes": (["-o", 'loss={"type": "BCELoss"}'], ("loss:",)),
+    # flags and overrides that make no sense or would be ignored
+    "batch-size-0": (["--bs", "0"], ("--bs", ">= 1")),
+    "empty-out": (["--out", ""], ("--out", "empty")),
+    "weights-without-blend": (["--weights", "1"], ("--weights", "--blend")),
+    "override-of-the-model": (["-o", "arch.args.num_classes=5"], ("-o arch.args.num_classes", "not used")),
+    "override-of-shuffle": (["-o", "data_loader.args.shuffle=true"], ("-o data_loader.args.shuffle", "not used")),
+    "sample-submission-with-split-valid": (["--split", "valid", "-o", "inference.sample_submission=s.csv"],
+                                           ("inference.sample_submission", "--split valid")),
+}
+
+
+@pytest.mark.parametrize("extra, culprit", REFUSED_EVALUATIONS.values(), ids=REFUSED_EVALUATIONS.keys())
+def test_evaluation_mistakes_are_refused_before_anything_is_written(extra, culprit, folds_run, tmp_path, capsys):
+    best = folds_run.group / "fold0" / "model_best.pth"
+    before = sorted(best.parent.iterdir())
+    assert evaluate(["-r", best, "--out", tmp_path / "out", *extra]) == 2
+    line = error_line(capsys)
+    assert all(text in line for text in culprit), line
+    assert not (tmp_path / "out").exists() and sorted(best.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("content, culprit", [
+    (lambda ids: "id,label\n" + "".join(f"{i},0\n" for i in ids[:-1] + ids[:1]), "more than once"),
+    (lambda ids: bytes(range(128, 256)), "cannot read"),
+], ids=["repeated-id", "not-text"])
+def test_a_sample_submission_that_cannot_be_followed_is_refused(content, culprit, folds_run, tmp_path, capsys,
+                                                                 shuffled_ids):
+    sample = tmp_path / "sample.csv"
+    text = content(shuffled_ids)
+    sample.write_bytes(text if isinstance(text, bytes) else text.encode())
+    best = folds_run.group / "fold0" / "model_best.pth"
+    assert evaluate(["-r", best, "-o", f"inference.sample_submission={sample}", "--out", tmp_path / "out"]) == 2
+    line = error_line(capsys)
+    assert "inference.sample_submission" in line and culprit in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, culprit", [
+    ("id,cat,dog\na1,-0.5,1.5\n", "in [0, 1]"),
+    ("id,cat,dog\na1,0.5,0.6\n", "sum to 1.1"),
+    ("id,cat,cat\na1,0.5,0.5\n", "'cat' more than once"),
+], ids=["negative", "not-summing-to-one", "repeated-class"])
+def test_blend_refuses_a_file_that_is_not_probabilities(content, culprit, tmp_path, capsys):
+    (tmp_path / "scores.csv").write_text(content)
+    assert evaluate(["--blend", tmp_path / "scores.csv", "--out", tmp_path / "out"]) == 2
+    line = error_line(capsys)
+    assert "scores.csv" in line and culprit in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--ema"], "--ema"), (["--split", "valid"], "--split"), (["--bs", "8"], "--bs"), (["-d", "cpu"], "-d"),
+    (["-r", "model.pth"], "-r"), (["-o", "inference.tta=[]"], "-o inference.tta"), (["-o", "seed=1"], "-o seed"),
+    (["--out", "{tmp}/notes.txt"], "notes.txt"),
+], ids=["ema", "split", "bs", "device", "checkpoint", "tta", "seed", "out-is-a-file"])
+def test_blend_refuses_what_it_would_ignore_or_cannot_write(extra, culprit, tmp_path, capsys):
+    write_csv(tmp_path / "a.csv", ["id", "cat", "dog"], [("a1", 0.25, 0.75)])
+    (tmp_path / "notes.txt").write_text("a file\n")
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    assert evaluate(["--blend", tmp_path / "a.csv", "--out", tmp_path / "out", *extra]) == 2
+    assert culprit in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "notes.txt"]
 
 
 # --- losses --------------------------------------------------------------------------------------------------------

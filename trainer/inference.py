@@ -3,19 +3,28 @@
 Probabilities are the common currency: models are averaged as probabilities, metrics are computed from them
 (their log is a valid input to cross-entropy and NLL alike), and probability CSVs can be blended later.
 """
+import inspect
+import itertools
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from base.base_data_loader import inputs_to
+from data_loader.data_loaders import CsvImageDataLoader
+from data_loader.datasets import read_csv
 from model.metric import EpochMetrics
-from utils.checkpoint import checkpoint_config, load_model_weights, unwrap
-from utils.config import build, build_loss, build_metrics, validate
-from utils.util import UserError, write_json
+from utils.checkpoint import load_model_weights, unwrap
+from utils.config import build, build_loss, build_metrics, resolve
+from utils.util import UserError, worker_died, write_json
 
 CHUNK = 4096
+PROBE = 4  # samples of the first batch that every model and TTA view is tried on before predicting
+SUM_TOLERANCE = 1e-3  # how far a saved row of probabilities may sum from 1 (float32 values written as text)
+MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
 @torch.no_grad()
@@ -47,9 +56,206 @@ def row_ids(data_loader):
     return [dataset.ids[i] for i in rows] if hasattr(dataset, "ids") else rows
 
 
+def data_classes(data_loader):
+    """The data's class names in index order, when its dataset names them (the competition layout), else None."""
+    dataset = data_loader.dataset
+    classes = getattr(dataset, "classes", None) if hasattr(dataset, "ids") else None
+    return None if classes is None else [str(c) for c in classes]
+
+
 def class_names(data_loader, n_classes):
-    classes = getattr(data_loader.dataset, "classes", None) if hasattr(data_loader.dataset, "ids") else None
-    return [str(c) for c in classes] if classes is not None else [str(i) for i in range(n_classes)]
+    return data_classes(data_loader) or [str(i) for i in range(n_classes)]
+
+
+# --- checks before predicting: class lists, one probe batch through every model and TTA view -----------------------
+
+def class_source(config):
+    """Where a config's CsvImageDataLoader takes its classes from: `("classes", names)` when the config lists them,
+    else `("csv", path, id column, label column)` (the sorted labels of the training CSV); None for other loaders,
+    whose classes cannot be known without building them."""
+    spec = config["data_loader"]
+    target = resolve("data_loader", spec["type"], config["import_roots"])
+    if getattr(target, "__init__", None) is not CsvImageDataLoader.__init__:
+        return None
+    params = inspect.signature(CsvImageDataLoader).parameters
+    args = {**{name: param.default for name, param in params.items()}, **spec["args"]}
+    if args["classes"] is not None:
+        return ("classes", tuple(str(c) for c in args["classes"]))
+    return ("csv", Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], args["label_column"])
+
+
+def read_classes(source, path):
+    """The class names a source gives, as CsvImageDataLoader finds them; None (with a note) when its training CSV
+    cannot be read any more."""
+    if source[0] == "classes":
+        return list(source[1])
+    _, csv_file, id_column, label_column = source
+    try:
+        return [str(c) for c in sorted(set(read_csv(csv_file, id_column, required=(label_column,))[label_column]))]
+    except UserError as e:
+        logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
+                                              path, e)
+        return None
+
+
+def first_difference(a, b):
+    """(position, item of a, item of b) where two lists first differ; "none" past the end of the shorter."""
+    shown = [(i, *("none" if x is None else repr(x) for x in pair))
+             for i, pair in enumerate(itertools.zip_longest(a, b)) if pair[0] != pair[1]]
+    return shown[0]
+
+
+def check_class_order(members, data_config, data_loader):
+    """Refuse checkpoints trained on other classes, or on the same ones in another order, than the data's class list:
+    an ensemble averages probabilities, and the output files name them, column by column. `members` are (path,
+    checkpoint, its config)."""
+    names = data_classes(data_loader)
+    if names is None:
+        return
+    data_source = class_source(data_config)
+    known = {data_source: names} if data_source else {}
+    paths, trained = [path for path, _, _ in members], []
+    for path, _, config in members:
+        source = class_source(config)
+        if source is not None and source not in known:
+            known[source] = read_classes(source, path)
+        trained.append(known.get(source))
+    for k, (path, classes) in enumerate(zip(paths, trained)):
+        if classes is None or classes == names:
+            continue
+        i, ours, theirs = first_difference(classes, names)
+        if k and trained[0] == names:
+            raise UserError(f"-r: checkpoints {str(paths[0])!r} and {str(path)!r} were trained on different class "
+                            f"lists (class {i}: {theirs} in the first, {ours} in the second); an ensemble averages "
+                            f"probabilities class by class")
+        raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data's "
+                        f"(data_loader.args.classes, else the sorted labels of the training CSV): class {i}: {ours} "
+                        f"for the checkpoint, {theirs} for the data")
+
+
+def try_one_batch(members, config, data_loader, tta, use_ema, device):
+    """Every TTA transform, every model on every view, then the loss and metrics, on a few samples of the data, so
+    that any of them failing is one line before anything is predicted. Returns the number of classes."""
+    probe, targets = probe_batch(data_loader, device)
+    views, n_classes = tta_views(probe, tta), len(data_classes(data_loader) or []) or None
+    for path, checkpoint, model_config in members:  # one model in memory at a time
+        model = load_model(path, checkpoint, model_config, use_ema, device)
+        probabilities = check_model(model, path, probe, views, n_classes)
+        n_classes = probabilities.shape[1]
+        del model
+    if getattr(data_loader.dataset, "targets", None) is not None:
+        check_scoring(config, probabilities, targets)
+    return n_classes
+
+
+def predict_ensemble(members, data_loader, tta, use_ema, device):
+    """The members' probabilities averaged, and the targets; a model giving NaN or infinite ones is refused."""
+    total = targets = None
+    for path, checkpoint, model_config in members:  # one model in memory at a time
+        model = load_model(path, checkpoint, model_config, use_ema, device)
+        probabilities, targets = predict(model, data_loader, device, tta)
+        check_finite(probabilities, path, model)
+        total = probabilities if total is None else total + probabilities
+        del model
+    return total / len(members), targets
+
+
+def first_line(error):
+    """An exception as one line: its type and first line, or the original last line of one raised in a worker."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1]
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def probe_batch(data_loader, device):
+    """The first few samples of the data (inputs on `device`, targets), for trying every model and TTA view on before
+    anything is predicted."""
+    try:
+        data, target = next(iter(data_loader))
+    except StopIteration:
+        raise UserError("data: no samples to predict") from None
+    except MODEL_ERRORS as e:
+        if worker_died(e):
+            raise
+        raise UserError(f"data_loader: cannot load a batch of the data: {first_line(e)}") from None
+    return data[:PROBE].to(device), target[:PROBE]
+
+
+def tta_views(probe, tta):
+    """Every TTA transform applied to the probe batch, named by its place in `inference.tta`; one that fails, or that
+    gives anything but a batch of as many images, is refused in one line."""
+    views = []
+    for i, transform in enumerate(tta):
+        where = f"inference.tta[{i}]: {type(transform).__name__}"
+        with torch.random.fork_rng(devices=[]):  # random TTA draws as if the probe had not run
+            try:
+                view = transform(probe)
+            except Exception as e:  # noqa: BLE001  torchvision's own code: any failure is this transform's misuse
+                raise UserError(f"{where} fails on a batch of the data (shape {list(probe.shape)}): "
+                                f"{first_line(e)}") from None
+        if not isinstance(view, torch.Tensor) or view.dim() != probe.dim() or len(view) != len(probe):
+            got = list(view.shape) if isinstance(view, torch.Tensor) else f"a {type(view).__name__}"
+            raise UserError(f"{where} turns a batch of shape {list(probe.shape)} into {got}; a TTA transform must "
+                            f"give a batch of as many images")
+        views.append((f"inference.tta[{i}]", view))
+    return views
+
+
+@torch.no_grad()
+def check_model(model, path, probe, views, n_classes=None):
+    """Run the model on the probe batch and on each TTA view of it: each must give finite scores of shape
+    [samples, classes] (`n_classes` when known). Returns the probe's probabilities, averaged over the views."""
+    name, n = type(unwrap(model)).__name__, len(probe)
+    probabilities = []
+    for where, view in [(None, probe), *views]:
+        prefix = f"{where}: checkpoint {str(path)!r}:" if where else f"checkpoint {str(path)!r}:"
+        try:
+            output = model(view)
+        except MODEL_ERRORS as e:
+            raise UserError(f"{prefix} {name} cannot take {'the view it makes' if where else 'a batch of the data'} "
+                            f"(shape {list(view.shape)}): {first_line(e)}") from None
+        if n_classes is None and isinstance(output, torch.Tensor) and output.dim() == 2:
+            n_classes = output.shape[1]
+        if not isinstance(output, torch.Tensor) or list(output.shape) != [n, n_classes]:
+            got = list(output.shape) if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
+            raise UserError(f"{prefix} {name} returns {got} for {n} samples; expected [{n}, {n_classes or 'classes'}], "
+                            f"one score per class of the data")
+        probabilities.append(output.float().softmax(dim=1).cpu())
+        check_finite(probabilities[-1], path, model)
+    return torch.stack(probabilities).mean(dim=0)
+
+
+def check_finite(probabilities, path, model):
+    """Refuse NaN or infinite probabilities, naming the checkpoint (and a weight that holds such values)."""
+    bad = int((~torch.isfinite(probabilities)).any(dim=1).sum())
+    if not bad:
+        return
+    weight = next((key for key, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    cause = f": its weight {weight!r} holds NaN or infinite values" if weight else ""
+    raise UserError(f"checkpoint {str(path)!r}: the model gives NaN or infinite scores for {bad} of "
+                    f"{len(probabilities)} samples{cause}")
+
+
+def check_scoring(config, probabilities, targets):
+    """Score the probe's probabilities with the config's loss and metrics, so that a loss or metric that cannot take
+    them is one line before anything is predicted."""
+    criterion, tracker = build_loss(config), EpochMetrics(build_metrics(config))
+    log_p = probabilities.clamp_min(1e-12).log()
+    try:
+        loss = criterion(log_p, targets)
+    except MODEL_ERRORS as e:
+        raise UserError(f"loss: cannot take log-probabilities of shape {list(log_p.shape)} and targets of shape "
+                        f"{list(targets.shape)}: {first_line(e)}") from None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
+                        f"(a reduction of \"mean\" or \"sum\", not \"none\")")
+    try:
+        tracker.update(loss, log_p, targets)
+        tracker.result()
+    except MODEL_ERRORS as e:
+        raise UserError(f"metrics: cannot score probabilities of shape {list(log_p.shape)}: {first_line(e)}") from None
 
 
 def write_out_of_fold(trainer, checkpoint, path):
@@ -76,10 +282,10 @@ def combine_out_of_fold(config, paths, group_dir):
     return metrics
 
 
-def load_model(path, checkpoint, use_ema, device):
-    """The model of a loaded checkpoint, rebuilt from its own config, with its (EMA) weights, on `device`, in eval
-    mode."""
-    model = build(validate(checkpoint_config(checkpoint)), "arch")
+def load_model(path, checkpoint, config, use_ema, device):
+    """The model of a loaded checkpoint, built from its own (validated) `config`, with its (EMA) weights, on `device`,
+    in eval mode."""
+    model = build(config, "arch")
     load_model_weights(model, checkpoint["ema_state_dict" if use_ema else "state_dict"], path)
     return model.to(device).eval()
 
@@ -103,10 +309,13 @@ def write_predictions(out, ids, probabilities, classes, inference):
 
 def match_sample_submission(submission, table, sample_path):
     try:
-        sample = pd.read_csv(sample_path, dtype=str)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"inference.sample_submission: cannot read {sample_path!r} ({e})") from None
+        sample = pd.read_csv(sample_path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"inference.sample_submission: cannot read {sample_path!r} ({first_line(e)})") from None
     id_column, value_columns = sample.columns[0], list(sample.columns[1:])
+    if sample[id_column].duplicated().any():
+        raise UserError(f"inference.sample_submission: {sample_path} lists id "
+                        f"{sample[id_column][sample[id_column].duplicated()].iloc[0]!r} more than once")
     missing = set(sample[id_column]) - set(submission["id"])
     if missing or len(sample) != len(submission):
         raise UserError(f"inference.sample_submission: {sample_path} lists {len(sample)} ids, the predictions "
@@ -130,23 +339,48 @@ def blend(paths, weights):
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"--weights: expected finite numbers >= 0 with a positive sum, got "
                         f"{' '.join(map(str, weights))}")
-    tables = []
-    for path in paths:
-        try:
-            tables.append(pd.read_csv(path, dtype={"id": str}).set_index("id"))
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as e:
-            raise UserError(f"--blend: cannot read {str(path)!r} as a probabilities.csv ({e})") from None
-        table = tables[-1]
-        if table.index.duplicated().any():
-            raise UserError(f"--blend: {path} lists id {table.index[table.index.duplicated()][0]!r} more than once")
-        numeric = table.apply(pd.to_numeric, errors="coerce")
-        if table.empty or numeric.isna().any().any() or not np.isfinite(numeric.to_numpy()).all():
-            raise UserError(f"--blend: {path} has cells that are not finite numbers (expected id and one "
-                            f"probability column per class)")
-        tables[-1] = numeric
+    tables = [read_probabilities(path) for path in paths]
     first = tables[0]
     for path, table in zip(paths[1:], tables[1:]):
-        if set(table.index) != set(first.index) or list(table.columns) != list(first.columns):
-            raise UserError(f"--blend: {path} has other ids or classes than {paths[0]}")
+        if list(table.columns) != list(first.columns):
+            i, ours, theirs = first_difference(list(table.columns), list(first.columns))
+            raise UserError(f"--blend: {path} and {paths[0]} have other class columns (column {i + 2}: {ours} in "
+                            f"the first, {theirs} in the second)")
+        other = sorted(set(table.index) ^ set(first.index))
+        if other:
+            raise UserError(f"--blend: {path} and {paths[0]} list other ids: {other[0]!r} is in one only")
     total = sum(w * t.loc[first.index].to_numpy() for w, t in zip(weights, tables)) / sum(weights)
     return list(first.index), torch.tensor(total, dtype=torch.float32), list(first.columns)
+
+
+def read_probabilities(path):
+    """A probabilities.csv as numbers indexed by id. Anything else (a predictions.csv, scores or logits, a damaged
+    file) is refused in one line naming the file: every value must lie in [0, 1] and every row sum to 1."""
+    try:
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).fillna("")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--blend: cannot read {str(path)!r} as a probabilities.csv ({first_line(e)})") from None
+    header, body = list(raw.iloc[0]) if len(raw) else [], raw.iloc[1:]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(f"--blend: {path} names column {repeated[0]!r} more than once")
+    if "id" not in header or len(header) < 3 or body.empty:
+        raise UserError(f"--blend: {path} has columns {', '.join(header) or 'none'} and {len(body)} rows; expected an "
+                        f"id column and one probability column per class (a probabilities.csv, not a predictions.csv)")
+    table = body.set_axis(header, axis=1).set_index("id")
+    if "" in table.index or table.index.duplicated().any():
+        issue = "a row without an id" if "" in table.index else f"id {table.index[table.index.duplicated()][0]!r} twice"
+        raise UserError(f"--blend: {path} lists {issue}")
+    numbers = table.apply(pd.to_numeric, errors="coerce").astype(float)
+    values = numbers.to_numpy()
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1 + SUM_TOLERANCE)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise UserError(f"--blend: {path}: id {table.index[row]!r} has {table.iat[row, column]!r} in column "
+                        f"{table.columns[column]!r}; expected probabilities in [0, 1]")
+    sums = values.sum(axis=1)
+    off = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
+    if len(off):
+        raise UserError(f"--blend: {path}: the probabilities of id {table.index[off[0]]!r} sum to {sums[off[0]]:.6g}, "
+                        f"not 1")
+    return numbers
