@@ -19,7 +19,7 @@ from data_loader.datasets import read_csv
 from model.metric import EpochMetrics
 from utils.checkpoint import load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, resolve
-from utils.util import UserError, worker_died, write_json
+from utils.util import UserError, first_line, worker_died, write_json
 
 CHUNK = 4096
 PROBE = 4  # samples of the first batch that every model and TTA view is tried on before predicting
@@ -160,14 +160,6 @@ def predict_ensemble(members, data_loader, tta, use_ema, device):
     return total / len(members), targets
 
 
-def first_line(error):
-    """An exception as one line: its type and first line, or the original last line of one raised in a worker."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        return text.splitlines()[-1]
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 def probe_batch(data_loader, device):
     """The first few samples of the data (inputs on `device`, targets), for trying every model and TTA view on before
     anything is predicted."""
@@ -179,7 +171,7 @@ def probe_batch(data_loader, device):
         if worker_died(e):
             raise
         raise UserError(f"data_loader: cannot load a batch of the data: {first_line(e)}") from None
-    return data[:PROBE].to(device), target[:PROBE]
+    return inputs_to(device, data[:PROBE], data_loader), target[:PROBE]
 
 
 def tta_views(probe, tta):

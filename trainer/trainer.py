@@ -15,7 +15,7 @@ from trainer.ema import ModelEma
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
 from utils.checkpoint_rules import UNREAD, Int, MayLack, Number, OneOf, restoring
-from utils.util import UserError
+from utils.util import UserError, first_line
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -367,11 +367,6 @@ class Trainer(BaseTrainer):
         if scheduler.last_epoch + left > scheduler.total_steps:
             raise UserError(f"checkpoint {checkpoint['path']!r}: lr_scheduler: {type(scheduler).__name__} is at step "
                             f"{scheduler.last_epoch} of {scheduler.total_steps}, with {left} steps of this run left")
-
-
-def first_line(error):
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
 
 
 def grads_finite(model):

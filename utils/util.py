@@ -65,6 +65,14 @@ def error_line(error):
     return "error: " + " ".join(text.split())
 
 
+def first_line(error):
+    """An exception as one line: its type and first line, or the original last line of one raised in a worker."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1]
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def did_you_mean(name, candidates):
     """"; did you mean 'x'?" for close matches of a misspelt name, else ""."""
     close = difflib.get_close_matches(str(name), list(candidates), n=3, cutoff=0.6)
