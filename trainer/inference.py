@@ -17,6 +17,7 @@ from base.base_data_loader import inputs_to
 from data_loader.data_loaders import CsvImageDataLoader
 from data_loader.datasets import read_csv
 from model.metric import EpochMetrics
+from trainer.trainer import checked_loss_and_metrics
 from utils.checkpoint import load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, resolve
 from utils.util import UserError, first_line, worker_died, write_json
@@ -234,20 +235,7 @@ def check_scoring(config, probabilities, targets):
     """Score the probe's probabilities with the config's loss and metrics, so that a loss or metric that cannot take
     them is one line before anything is predicted."""
     criterion, tracker = build_loss(config), EpochMetrics(build_metrics(config))
-    log_p = probabilities.clamp_min(1e-12).log()
-    try:
-        loss = criterion(log_p, targets)
-    except MODEL_ERRORS as e:
-        raise UserError(f"loss: cannot take log-probabilities of shape {list(log_p.shape)} and targets of shape "
-                        f"{list(targets.shape)}: {first_line(e)}") from None
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
-                        f"(a reduction of \"mean\" or \"sum\", not \"none\")")
-    try:
-        tracker.update(loss, log_p, targets)
-        tracker.result()
-    except MODEL_ERRORS as e:
-        raise UserError(f"metrics: cannot score probabilities of shape {list(log_p.shape)}: {first_line(e)}") from None
+    checked_loss_and_metrics(criterion, tracker, probabilities.clamp_min(1e-12).log(), targets, "log-probabilities")
 
 
 def write_out_of_fold(trainer, checkpoint, path):

@@ -61,43 +61,18 @@ class Trainer(BaseTrainer):
 
     @torch.no_grad()
     def _check_one_batch(self, make_optimizer):
-        loader = self.valid_data_loader or self.data_loader
-        data, target = next(iter(loader))
-        data, target = self._to_device(data[:16], target[:16], loader)
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        try:
-            with self._autocast():
-                output = model(data)
-        except Exception as e:
-            raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
-                            f"{list(data.shape)}): {first_line(e)}") from None
-        finally:
-            model.train(was_training)
-        classes = getattr(loader.dataset, "classes", None)
+        data, target, output = self._first_samples(16)
+        classes = getattr((self.valid_data_loader or self.data_loader).dataset, "classes", None)
         if not isinstance(output, torch.Tensor) or output.dim() != 2 or classes and output.shape[1] != len(classes):
             shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             n = len(classes) if classes else "classes"
-            raise UserError(f"arch: {type(model).__name__} returns {shape} for {len(data)} samples; expected "
-                            f"[{len(data)}, {n}], one score per class of the data (set its num_classes to {n})")
-        try:
-            with self._autocast():
-                loss = self.criterion(output, target)
-        except Exception as e:
-            raise UserError(f"loss: cannot take the model's output of shape {list(output.shape)} and targets of "
-                            f"shape {list(target.shape)}: {first_line(e)}") from None
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
-                            f"(a reduction of \"mean\" or \"sum\", not \"none\")")
-        try:
-            self.valid_metrics.update(loss, output, target)
-        except Exception as e:
-            raise UserError(f"metrics: cannot score the model's output of shape {list(output.shape)}: "
-                            f"{first_line(e)}") from None
-        finally:
-            self.valid_metrics.reset()
-        self._check_one_step(model, data, target, make_optimizer)
+            raise UserError(f"arch: {type(unwrap(self.model)).__name__} returns {shape} for {len(data)} samples; "
+                            f"expected [{len(data)}, {n}], one score per class of the data (set its num_classes to "
+                            f"{n})")
+        with self._autocast():
+            checked_loss_and_metrics(self.criterion, self.valid_metrics, output, target, "the model's output")
+        self.valid_metrics.reset()
+        self._check_one_step(unwrap(self.model), data, target, make_optimizer)
 
     def _check_one_step(self, model, data, target, make_optimizer):
         saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -317,21 +292,31 @@ class Trainer(BaseTrainer):
     @torch.no_grad()
     def _metric_sums_of_one_batch(self):
         """The metric sums after one evaluation batch of two samples: what a mid-epoch checkpoint's sums look like."""
+        data, target, output = self._first_samples(2)
+        with self._autocast():
+            loss = self.criterion(output, target)
+        sums = EpochMetrics(self.train_metrics.metrics)
+        sums.update(loss, output, target)
+        return sums.state_dict()
+
+    @torch.no_grad()
+    def _first_samples(self, n):
+        """The first `n` samples of the evaluation data on the device, and the model's output for them in evaluation
+        mode; a model that cannot take them is one line."""
         loader = self.valid_data_loader or self.data_loader
         data, target = next(iter(loader))
-        data, target = self._to_device(data[:2], target[:2], loader)
+        data, target = self._to_device(data[:n], target[:n], loader)
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
         try:
             with self._autocast():
-                output = model(data)
-                loss = self.criterion(output, target)
+                return data, target, model(data)
+        except Exception as e:
+            raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
+                            f"{list(data.shape)}): {first_line(e)}") from None
         finally:
             model.train(was_training)
-        sums = EpochMetrics(self.train_metrics.metrics)
-        sums.update(loss, output, target)
-        return sums.state_dict()
 
     def _epoch_batches(self):
         return batches_per_epoch(len(self.data_loader), self.cfg.limit_train_batches)
@@ -367,6 +352,24 @@ class Trainer(BaseTrainer):
         if scheduler.last_epoch + left > scheduler.total_steps:
             raise UserError(f"checkpoint {checkpoint['path']!r}: lr_scheduler: {type(scheduler).__name__} is at step "
                             f"{scheduler.last_epoch} of {scheduler.total_steps}, with {left} steps of this run left")
+
+
+def checked_loss_and_metrics(criterion, tracker, output, target, what):
+    """Add one batch to `tracker`, refusing in one line a loss or a metric that cannot take `what` (the output) and
+    the targets, and a loss that is not one number."""
+    try:
+        loss = criterion(output, target)
+    except Exception as e:
+        raise UserError(f"loss: cannot take {what} of shape {list(output.shape)} and targets of shape "
+                        f"{list(target.shape)}: {first_line(e)}") from None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
+                        f"(a reduction of \"mean\" or \"sum\", not \"none\")")
+    try:
+        tracker.update(loss, output, target)
+        tracker.result()
+    except Exception as e:
+        raise UserError(f"metrics: cannot score {what} of shape {list(output.shape)}: {first_line(e)}") from None
 
 
 def grads_finite(model):
