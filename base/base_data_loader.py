@@ -117,7 +117,27 @@ def _init_worker(worker_id):
     release_folders()
 
 
-class BaseDataLoader(DataLoader):
+class Loader(DataLoader):
+    """A DataLoader that lets its dataset keep what it fills as it is read (a decoded-image cache): the dataset's
+    `settle_cache` runs before each pass and, in a pass where it has something left to keep, on receiving the last
+    batch (every sample of the pass has been read by then, in the workers too)."""
+
+    def __iter__(self):
+        settle = getattr(self.dataset, "settle_cache", None)
+        if settle is None or settle():
+            return super().__iter__()
+        return settled_at_end(super().__iter__(), settle)
+
+
+def settled_at_end(batches, settle):
+    last = len(batches)
+    for number, batch in enumerate(batches, 1):
+        if number == last:
+            settle()
+        yield batch
+
+
+class BaseDataLoader(Loader):
     """A DataLoader with a seeded validation split or K-fold: stratified by the dataset's `targets`, grouped by its
     `groups` when it has them; `balanced` draws training samples with equal weight per class.
 
@@ -182,5 +202,5 @@ class BaseDataLoader(DataLoader):
         return self._eval_loader(self.valid_indices) if len(self.valid_indices) else None
 
     def _eval_loader(self, indices):
-        return DataLoader(SeededDataset(self.eval_dataset), sampler=EpochSampler(indices, shuffle=False, pad=False),
-                          **{**self.init_kwargs, "collate_fn": collate})
+        return Loader(SeededDataset(self.eval_dataset), sampler=EpochSampler(indices, shuffle=False, pad=False),
+                      **{**self.init_kwargs, "collate_fn": collate})
