@@ -10,6 +10,7 @@ share the file's pages instead of holding copies.
 """
 import atexit
 import collections
+import glob
 import hashlib
 import logging
 import math
@@ -29,6 +30,11 @@ import torch
 from data_loader.images import read_image
 from utils import dist
 from utils.util import atomic_write, link_or_copy
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so files left by a killed run stay
+    fcntl = None
 
 MEMORY_SHARE = 0.5  # of the memory available, the most that decoded images may take
 CHUNK = 64  # images a decoding process reads per task
@@ -186,9 +192,9 @@ class ImageCache:
 
     def decode(self, signature):
         """Decode every image now into a new file and map it."""
-        fd, data = tempfile.mkstemp(dir=self.folder(), prefix=f"{self.name}.", suffix=".partial")
+        data = self.new_data_file(0)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(data, "r+b") as f:
                 shapes, dtype = decode_all(self.paths, self.mode, f)
             if dtype is None:
                 warn("decoded-image cache: not kept (the images have different sample types)")
@@ -199,7 +205,6 @@ class ImageCache:
                 os.unlink(data)  # the mapping stays valid; nothing is left on disk
         if self.cache_dir is not None:
             self.pending = (Path(data), contents(signature, shapes, dtype))
-            weakref.finalize(self, Path(data).unlink, missing_ok=True)  # a run that never began leaves nothing
         log(f"decoded images: {len(images):,} ({human(images.block.nbytes)}) decoded")
         return images
 
@@ -208,12 +213,14 @@ class ImageCache:
         has no room for it."""
         count = len(self.paths)
         try:
-            data = sized_file(self.folder(), f"{self.name}.", ".partial", first.nbytes * count)
+            data = self.new_data_file(first.nbytes * count)
         except OSError as e:
             warn(f"decoded-image cache: no room for {human(first.nbytes * count)} in {self.folder() or 'the temporary'}"
                  f" folder ({e.strerror or e}): the image files are read every epoch instead")
             return None
-        flags = sized_file(None, f"{self.name}.", ".filled", count)
+        fd, flags = tempfile.mkstemp(prefix=f"{self.name}.", suffix=".filled")
+        os.ftruncate(fd, count)
+        os.close(fd)
         images = FillingImages(data, flags, count, first.shape, first.dtype)
         images.get(0, lambda index: first)
         self.scratch.append(Path(flags))
@@ -222,11 +229,27 @@ class ImageCache:
         else:
             shapes = torch.tensor([list(first.shape)] * count, dtype=torch.int64).view(-1, 3)
             self.filling = (images, contents(signature, shapes, first.dtype))
-            weakref.finalize(self, Path(data).unlink, missing_ok=True)
-            atexit.register(settle_at_exit, weakref.ref(self))  # runs before the finalizer above (registered later)
+            atexit.register(settle_at_exit, weakref.ref(self))  # registered last, so run before the finalizers
         log(f"decoded images: {count:,} ({human(first.nbytes * count)}) decoded as they are first read (decoding "
             f"them all first would take about {seconds:.0f} s)")
         return images
+
+    def new_data_file(self, n_bytes):
+        """A new file of `n_bytes` zeros in `folder()`, its blocks reserved (a write into a mapped file the disk has
+        no room for would kill the process), held by this process (and its children) until it ends or drops this
+        cache, then removed unless committed; first, the files that killed runs left there for this cache go."""
+        remove_abandoned(self.folder(), self.name)
+        fd, path = tempfile.mkstemp(dir=self.folder(), prefix=f"{self.name}.", suffix=".partial")
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        weakref.finalize(self, discard, Path(path), fd)
+        try:
+            if n_bytes:
+                os.posix_fallocate(fd, 0, n_bytes)
+        except OSError:
+            os.unlink(path)
+            raise
+        return path
 
     def folder(self):
         """Where a new file is built: cache_dir when it exists (nothing is created before a run has begun)."""
@@ -302,19 +325,23 @@ def from_machine_leader(value):
     return gathered[dist.rank() - dist.local_rank()]
 
 
-def sized_file(folder, prefix, suffix, n_bytes):
-    """A new file of `n_bytes` zeros, its blocks reserved (a write into a mapped file the disk has no room for
-    would kill the process); OSError when they cannot be."""
-    fd, path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
-    try:
-        if n_bytes:
-            os.posix_fallocate(fd, 0, n_bytes)
-    except OSError:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    return path
+def discard(path, fd):
+    """Remove a data file that was not committed (a run that never began leaves nothing) and let go of it."""
+    path.unlink(missing_ok=True)
+    os.close(fd)
+
+
+def remove_abandoned(folder, name):
+    """Delete the data files of cache `name` in `folder` that no process holds: those of a run that was killed."""
+    if fcntl is None:
+        return
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{glob.escape(name)}.*.partial"):
+        try:
+            with open(path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink()
+        except OSError:  # held by a running process, or gone already
+            continue
 
 
 def upfront_seconds(paths, mode):
@@ -322,10 +349,10 @@ def upfront_seconds(paths, mode):
     probe = paths[1:1 + PROBE]
     if not probe:
         return 0.0
-    began = time.perf_counter()
+    began = time.process_time()  # the decoding's own work, not the time other programs take from it
     for path in probe:
         read_image(path, mode)
-    return (time.perf_counter() - began) / len(probe) * len(paths) / decoding_processes(len(paths))
+    return (time.process_time() - began) / len(probe) * len(paths) / decoding_processes(len(paths))
 
 
 def workers_inherit_mappings():

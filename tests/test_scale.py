@@ -505,3 +505,16 @@ def test_dataloader_workers_fill_the_one_shared_file(image_set, tmp_path, fill_o
     assert len(reads) == read_here  # every image was read in a worker
     assert loader.dataset.stacked is not None  # and every one is in the file this process maps
     assert len(list(cache.glob("*.pt"))) == 1
+
+
+def test_a_data_file_left_by_a_killed_run_is_removed_by_the_next_but_not_one_in_use(image_set, tmp_path,
+                                                                                     fill_on_read):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    running = image_loader(image_set, cache_dir=str(cache))  # holds its data file while it lives
+    (in_use,) = cache.glob("*.partial")
+    left = cache / f"{in_use.name.split('.')[0]}.killed.partial"
+    left.write_bytes(in_use.read_bytes())  # as a killed run leaves it: nothing holds it any more
+    image_loader(image_set, cache_dir=str(cache))
+    assert in_use.exists() and not left.exists()
+    del running  # (only now)
