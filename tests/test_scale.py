@@ -517,4 +517,4 @@ def test_a_data_file_left_by_a_killed_run_is_removed_by_the_next_but_not_one_in_
     left.write_bytes(in_use.read_bytes())  # as a killed run leaves it: nothing holds it any more
     image_loader(image_set, cache_dir=str(cache))
     assert in_use.exists() and not left.exists()
-    del running  # (only now)
+    assert running.dataset.stacked is None  # the first loader, alive and filling all along
