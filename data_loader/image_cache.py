@@ -132,9 +132,8 @@ class ImageCache:
         if not dist.is_distributed():
             images = self.open(signature)
         elif dist.local_rank() == 0:
-            self.approved = True
             images = self.open(signature)
-            self.commit()
+            self.commit()  # the others wait for a decoded file; a filling one is kept once complete
             from_machine_leader(plan(images))
         else:
             images = self.follow(from_machine_leader(None), signature)
@@ -260,26 +259,27 @@ class ImageCache:
         once complete."""
         self.approved = True
         if self.pending is not None:
-            data, contents = self.pending
+            data, index = self.pending
             self.pending = None
-            keep(self.cache_dir, self.name, data, contents)
+            keep(self.cache_dir, self.name, data, index)
         self.settle()
 
     def settle(self):
         """Commit a filling file once every image is in it; True when nothing is left to keep from this process."""
         if self.filling is None or not self.approved:
             return True
-        images, contents = self.filling
+        images, index = self.filling
         if (images.flags == FILLED).all():
             self.filling = None
-            keep(self.cache_dir, self.name, images.data, contents)
+            keep(self.cache_dir, self.name, images.data, index)
             return True
         if (images.flags == EMPTY).any():
             return False
         self.filling = None
         images.data.unlink(missing_ok=True)
-        warn(f"decoded-image cache: not kept ({int((images.flags == OTHER).sum()):,} images differ in shape or "
-             f"sample type from the first, {list(images.shape)} {str(images.dtype).split('.')[-1]})")
+        warn(f"decoded-image cache: not kept (images differ in shape or sample type from the first, "
+             f"{list(images.shape)} {str(images.dtype).split('.')[-1]}: {int((images.flags == OTHER).sum()):,} of "
+             f"them, read from their files every epoch)")
         return True
 
 
@@ -290,13 +290,13 @@ def settle_at_exit(cache_ref):
         cache.settle()
 
 
-def keep(cache_dir, name, data, contents):
+def keep(cache_dir, name, data, index):
     """Make `data` the cache of cache_dir: the data under a new name, then the index that names it, last."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         target = cache_dir / f"{name}-{uuid.uuid4().hex[:12]}.u8"
         atomic_write(target, lambda tmp: link_or_copy(data, tmp))
-        atomic_write(cache_dir / f"{name}.pt", lambda tmp: torch.save({**contents, "data": target.name}, tmp))
+        atomic_write(cache_dir / f"{name}.pt", lambda tmp: torch.save({**index, "data": target.name}, tmp))
         for old in cache_dir.glob(f"{name}-*.u8"):
             if old != target:
                 old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
