@@ -345,14 +345,15 @@ def remove_abandoned(folder, name):
 
 
 def upfront_seconds(paths, mode):
-    """About how long decoding every image before the first batch would take, from the time a few of them take."""
+    """About how long decoding every image before the first batch would take: the processor time a few of them
+    take, for all, in one process (decoding in several gains little once the pixels are moved between them)."""
     probe = paths[1:1 + PROBE]
     if not probe:
         return 0.0
     began = time.process_time()  # the decoding's own work, not the time other programs take from it
     for path in probe:
         read_image(path, mode)
-    return (time.process_time() - began) / len(probe) * len(paths) / decoding_processes(len(paths))
+    return (time.process_time() - began) / len(probe) * len(paths)
 
 
 def workers_inherit_mappings():
@@ -360,12 +361,6 @@ def workers_inherit_mappings():
     this process maps; elsewhere each would fill a copy of its own, and images are decoded up front instead."""
     method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     return sys.platform == "linux" and method == "fork"
-
-
-def decoding_processes(count):
-    """How many processes decode `count` images up front."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 8) if sys.platform == "linux" and count >= PARALLEL_FROM else 1
 
 
 def decode_all(paths, mode, out):
@@ -383,8 +378,8 @@ def decode_all(paths, mode, out):
 
 def decoded_chunks(chunks, mode):
     """The decoded images of each chunk, in order; several processes decode when there are many."""
-    workers = decoding_processes(sum(map(len, chunks)))
-    if workers < 2:
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    if sys.platform != "linux" or workers < 2 or sum(map(len, chunks)) < PARALLEL_FROM:
         yield from (decode_chunk(chunk, mode) for chunk in chunks)
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
