@@ -420,17 +420,20 @@ def epochs(loader, *numbers):
     return batches
 
 
-def test_batches_are_the_same_from_the_files_a_filling_cache_and_a_kept_one(image_set, tmp_path, fill_on_read):
-    """Epoch 1 fills the cache sample by sample; epoch 2 cuts whole batches from it; a later loader maps the kept
-    file: bit for bit the batches of cache false."""
-    streamed = epochs(image_loader(image_set, cache=False), 1, 2)
-    loader = image_loader(image_set, cache_dir=str(tmp_path / "cache"))
+@pytest.mark.parametrize("transforms", [[], [{"type": "RandomResizedCrop", "args": {"size": [8, 8]}},
+                                             {"type": "RandomHorizontalFlip", "args": {}}]], ids=["batched", "random"])
+def test_batches_are_the_same_from_the_files_a_filling_cache_and_a_kept_one(image_set, tmp_path, fill_on_read,
+                                                                          transforms):
+    """Epoch 1 fills the cache sample by sample; epoch 2 takes the images from it (whole batches at once without
+    random steps); a later loader maps the kept file: bit for bit the batches of cache false."""
+    streamed = epochs(image_loader(image_set, cache=False, train_transforms=transforms), 1, 2)
+    loader = image_loader(image_set, cache_dir=str(tmp_path / "cache"), train_transforms=transforms)
     loader.write_caches()
-    assert not loader.dataset.serves_batches
+    assert loader.dataset.stacked is None
     filled = epochs(loader, 1)
-    assert loader.dataset.serves_batches
+    assert loader.dataset.stacked is not None and loader.dataset.serves_batches == (not transforms)
     filled += epochs(loader, 2)
-    kept = epochs(image_loader(image_set, cache_dir=str(tmp_path / "cache")), 1, 2)
+    kept = epochs(image_loader(image_set, cache_dir=str(tmp_path / "cache"), train_transforms=transforms), 1, 2)
     for batches in (filled, kept):
         assert len(batches) == len(streamed) == 12
         for (data, target), (expected_data, expected_target) in zip(batches, streamed):
