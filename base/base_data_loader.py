@@ -70,15 +70,15 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed (and probe) every GPU backend
+        seed_sample(seed)
         return self.dataset[index]
 
     def __getitems__(self, items):
-        """A batch: in one piece from a dataset that can serve it so (nothing random per sample, so nothing to
-        seed), else sample by sample."""
+        """A batch: in one piece from a dataset that can serve it so (nothing random per sample), else sample by
+        sample. Either way the random state is left seeded by the last sample's seed: a dataset may serve batches
+        only once its decoded-image cache is complete, so one run (or its resumption) may load either way."""
         if getattr(self.dataset, "serves_batches", False):
+            seed_sample(items[-1][1])
             return Batch(self.dataset.get_batch([index for index, _ in items]))
         return [self[item] for item in items]
 
@@ -89,6 +89,12 @@ class SeededDataset(Dataset):
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def seed_sample(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed (and probe) every GPU backend
 
 
 class Batch(tuple):
