@@ -72,15 +72,15 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed (and probe) every GPU backend
+        seed_sample(seed)
         return self.dataset[index]
 
     def __getitems__(self, items):
-        """A batch: in one piece from a dataset that can serve it so (nothing random per sample, so nothing to
-        seed), else sample by sample."""
+        """A batch: in one piece from a dataset that can serve it so (nothing random per sample), else sample by
+        sample. Either way the random state is left seeded by the last sample's seed: a dataset may serve batches
+        only once its decoded-image cache is complete, so one run (or its resumption) may load either way."""
         if getattr(self.dataset, "serves_batches", False):
+            seed_sample(items[-1][1])
             return Batch(self.dataset.get_batch([index for index, _ in items], finish=not self.finish_on_device))
         return [self[item] for item in items]
 
@@ -104,6 +104,12 @@ def inputs_to(device, data, loader):
     data = data.to(device, non_blocking=True)
     finish = getattr(loader, "finish", None)
     return data if finish is None else finish(data)
+
+
+def seed_sample(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed (and probe) every GPU backend
 
 
 class Batch(tuple):
@@ -143,7 +149,27 @@ def available_cpus():
         return os.cpu_count() or 1
 
 
-class BaseDataLoader(DataLoader):
+class Loader(DataLoader):
+    """A DataLoader that lets its dataset keep what it fills as it is read (a decoded-image cache): the dataset's
+    `settle_cache` runs before each pass and, in a pass where it has something left to keep, on receiving the last
+    batch (every sample of the pass has been read by then, in the workers too)."""
+
+    def __iter__(self):
+        settle = getattr(self.dataset, "settle_cache", None)
+        if settle is None or settle():
+            return super().__iter__()
+        return settled_at_end(super().__iter__(), settle)
+
+
+def settled_at_end(batches, settle):
+    last = len(batches)
+    for number, batch in enumerate(batches, 1):
+        if number == last:
+            settle()
+        yield batch
+
+
+class BaseDataLoader(Loader):
     """A DataLoader with a seeded validation split or K-fold: stratified by the dataset's `targets`, grouped by its
     `groups` when it has them; `balanced` draws training samples with equal weight per class.
 
@@ -223,8 +249,8 @@ class BaseDataLoader(DataLoader):
 
     def _eval_loader(self, indices):
         finish = device_finisher(self.eval_dataset)
-        loader = DataLoader(SeededDataset(self.eval_dataset, finish is not None),
-                            sampler=EpochSampler(indices, shuffle=False, pad=False),
-                            **{**self.init_kwargs, "collate_fn": collate})
+        loader = Loader(SeededDataset(self.eval_dataset, finish is not None),
+                        sampler=EpochSampler(indices, shuffle=False, pad=False),
+                        **{**self.init_kwargs, "collate_fn": collate})
         loader.finish = finish
         return loader

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from data_loader.image_cache import ImageCache
+from data_loader.image_cache import DecodedImages, ImageCache
 from data_loader.images import MODES, read_image
 from utils.util import UserError
 
@@ -27,9 +27,10 @@ class CsvImageDataset(Dataset):
     a video) for group-aware splits. Labels are mapped to indices through `classes` (the sorted distinct labels of
     the training CSV unless given), matched by their text as the CSV writes it (`"07"` is not the class `7`). A CSV
     without the label column, or with it empty, gives unlabelled samples (target -1). With `cache` every image
-    is decoded once up front when the decoded images fit in memory (data_loader/image_cache.py), which also surfaces
-    a missing or corrupt file before training starts; with `cache_dir` as well, they are kept there, shared by the
-    machine's processes and reused by later runs while the files are unchanged.
+    is decoded once, when the decoded images fit in memory (data_loader/image_cache.py): up front when that is
+    quick, which also surfaces a missing or corrupt file before training starts, else as each image is first read
+    (such a file then surfaces when first read, as with `cache` false). With `cache_dir` as well, they are kept
+    there once all decoded, shared by the machine's processes and reused by later runs while the files are unchanged.
     """
 
     def __init__(self, csv_file, image_dir, classes, id_column="id", label_column="label", extension=".png",
@@ -50,14 +51,12 @@ class CsvImageDataset(Dataset):
             self.targets = class_indices(csv_file, table.lines, labels, self.classes, label_column)
         self.groups = table[group_column] if group_column else None
         self.transform = transform
-        self.images = self.stacked = self.cache = None
+        self.images = self.cache = None
         if cache:
             self.cache = ImageCache(self.paths, self.image_mode, cache_dir, Path(csv_file).stem)
             self.images = self.cache.images(self.files_signature())
-        if self.images is not None:
-            self.stacked = self.images.stacked()
-            if self.stacked is None and not getattr(self.transform, "steps", self.transform is not None):
-                refuse_mixed_shapes(self.paths, self.images)
+        if isinstance(self.images, DecodedImages) and self.stacked is None and not self.transforms_per_image:
+            refuse_mixed_shapes(self.paths, self.images)
         self.target_tensor = torch.tensor(self.targets if self.targets is not None else [NO_LABEL] * len(self.paths))
 
     def read(self, index):
@@ -67,6 +66,11 @@ class CsvImageDataset(Dataset):
         """Keep the decoded images for later runs (nothing is written before a run has passed its checks)."""
         if self.cache is not None:
             self.cache.commit()
+
+    def settle_cache(self):
+        """Keep images decoded as read once all are (a loader calls it around its passes); True when nothing is left
+        to keep."""
+        return self.cache is None or self.cache.settle()
 
     def files_signature(self):
         """A digest of every listed file's name, size, modification and status-change times: a file replaced
@@ -86,10 +90,20 @@ class CsvImageDataset(Dataset):
         return len(self.paths)
 
     @property
+    def transforms_per_image(self):
+        """Whether the transform has random or per-image steps (scaling and normalising work on batches alike)."""
+        return getattr(self.transform, "steps", self.transform is not None)
+
+    @property
+    def stacked(self):
+        """Every decoded image as one (N, C, H, W) tensor, when they share one shape and all are decoded."""
+        return self.images.stacked() if self.images is not None else None
+
+    @property
     def serves_batches(self):
-        """Whether whole batches can be cut from the decoded block: one shape, and a transform without random or
-        per-image steps (scaling and normalising work on batches alike)."""
-        return self.stacked is not None and not getattr(self.transform, "steps", self.transform is not None)
+        """Whether whole batches can be cut from the decoded images: one shape, all decoded, and a transform
+        without random or per-image steps."""
+        return not self.transforms_per_image and self.stacked is not None
 
     def get_batch(self, indices, finish=True):
         """Images and targets of `indices` in one piece; without `finish` the images stay as decoded, for
@@ -102,7 +116,7 @@ class CsvImageDataset(Dataset):
         return self.transform(images) if self.transform is not None else images
 
     def __getitem__(self, index):
-        image = self.images[index] if self.images is not None else self.read(index)
+        image = self.images.get(index, self.read) if self.images is not None else self.read(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index] if self.targets is not None else NO_LABEL

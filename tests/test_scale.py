@@ -2,6 +2,7 @@
 top-k checkpoints, --fast-dev-run and overfit_batches, checked through the files a user looks at (or, where only
 the arithmetic can tell, through a Trainer built by hand around a linear model)."""
 import json
+import logging
 import math
 import os
 import socket
@@ -358,3 +359,167 @@ def test_overfit_one_batch_drives_its_loss_to_zero(data_slice, tmp_path):
     assert float(history[-1]["loss"]) < 0.05
     assert load(run_dir / "checkpoint-last.pth")["global_step"] == 50  # one batch per epoch
     assert float(history[-1]["val_loss"]) < 0.5  # validated on that same batch, not on unseen samples
+
+
+# --- large image sets: the decoded-image cache filled as images are first read -------------------------------------
+
+N_IMAGES = 24
+
+
+@pytest.fixture
+def image_set(tmp_path):
+    """24 RGB PNGs of 12x10 pixels and their train.csv (4 classes), in a folder tests may change."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    (folder / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / "train" / f"{i:03d}.png")
+    (folder / "train.csv").write_text("id,label\n" + "".join(f"{i:03d},{i % 4}\n" for i in range(N_IMAGES)))
+    return folder
+
+
+@pytest.fixture
+def fill_on_read(monkeypatch):
+    """Every set counts as slow to decode up front, so its cache is filled as its images are first read."""
+    from data_loader import image_cache
+
+    monkeypatch.setattr(image_cache, "UPFRONT_SECONDS", 0.0)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The names of the image files this process reads, in order."""
+    from data_loader import datasets, image_cache, images
+
+    names = []
+
+    def read_image(path, mode):
+        names.append(path.name)
+        return images.read_image(path, mode)
+
+    for module in (datasets, image_cache):
+        monkeypatch.setattr(module, "read_image", read_image)
+    return names
+
+
+def image_loader(folder, **args):
+    from data_loader.data_loaders import CsvImageDataLoader
+
+    defaults = {"batch_size": 4, "validation_split": 0.0, "extension": ".png", "mean": [0.5] * 3, "std": [0.25] * 3}
+    return CsvImageDataLoader(folder, **{**defaults, **args})
+
+
+def epochs(loader, *numbers):
+    """The batches of these epochs, each with what dropout would draw after it (the random state loading left)."""
+    batches = []
+    for epoch in numbers:
+        loader.set_epoch(epoch)
+        batches += [(data, target, torch.rand(4)) for data, target in loader]
+    return batches
+
+
+@pytest.mark.parametrize("transforms", [[], [{"type": "RandomResizedCrop", "args": {"size": [8, 8]}},
+                                             {"type": "RandomHorizontalFlip", "args": {}}]], ids=["batched", "random"])
+def test_batches_are_the_same_from_the_files_a_filling_cache_and_a_kept_one(image_set, tmp_path, fill_on_read,
+                                                                          transforms):
+    """Epoch 1 fills the cache sample by sample; epoch 2 takes the images from it (whole batches at once without
+    random steps); a later loader maps the kept file: bit for bit the batches of cache false, and the same random
+    state after each (a resumed run may load batches otherwise than the run it continues)."""
+    streamed = epochs(image_loader(image_set, cache=False, train_transforms=transforms), 1, 2)
+    loader = image_loader(image_set, cache_dir=str(tmp_path / "cache"), train_transforms=transforms)
+    loader.write_caches()
+    assert loader.dataset.stacked is None
+    filled = epochs(loader, 1)
+    assert loader.dataset.stacked is not None and loader.dataset.serves_batches == (not transforms)
+    filled += epochs(loader, 2)
+    kept = epochs(image_loader(image_set, cache_dir=str(tmp_path / "cache"), train_transforms=transforms), 1, 2)
+    for batches in (filled, kept):
+        assert len(batches) == len(streamed) == 12
+        for batch, expected in zip(batches, streamed):
+            assert all(torch.equal(a, b) for a, b in zip(batch, expected))
+
+
+def test_the_first_batch_of_a_large_set_reads_only_its_own_images(image_set, tmp_path, fill_on_read, reads):
+    loader = image_loader(image_set, cache_dir=str(tmp_path / "cache"), shuffle=True)
+    assert reads[0] == "000.png" and len(reads) < 5  # the first image gives the slots' shape; a few more are timed
+    before = len(reads)
+    loader.set_epoch(1)
+    next(iter(loader))
+    first_batch = [index for index, _ in loader.sampler][:4]
+    assert reads[before:] == [f"{i:03d}.png" for i in first_batch if i != 0]  # the first image is in its slot
+
+
+def test_after_a_full_pass_the_cache_is_kept_and_a_later_loader_reads_no_image(image_set, tmp_path, fill_on_read,
+                                                                               reads):
+    cache = tmp_path / "cache"
+    loader = image_loader(image_set, cache_dir=str(cache), validation_split=0.25)
+    loader.write_caches()
+    epochs(loader, 1)
+    assert not cache.exists()  # the validation images are not in yet
+    list(loader.split_validation())
+    (index,) = cache.glob("*.pt")
+    assert [p.name for p in cache.iterdir() if p.suffix == ".u8"] == [torch.load(index, weights_only=True)["data"]]
+
+    reads.clear()
+    tested = image_loader(image_set, cache_dir=str(cache), training=False, test_csv="train.csv",
+                          test_images="train")  # as test.py builds it
+    assert len(list(tested.evaluation_loader())) == 6
+    assert reads == []
+
+
+def test_an_image_of_another_shape_is_read_from_its_file_every_time(image_set, tmp_path, fill_on_read, reads,
+                                                                    caplog):
+    from PIL import Image
+
+    from data_loader.datasets import CsvImageDataset
+    from data_loader.images import read_image
+
+    Image.new("RGB", (6, 8), (10, 20, 30)).save(image_set / "train" / "005.png")
+    cache = tmp_path / "cache"
+    dataset = CsvImageDataset(image_set / "train.csv", image_set / "train", classes=[0, 1, 2, 3], extension=".png",
+                              cache_dir=str(cache))
+    dataset.write_cache()
+    expected = [read_image(path, "unchanged") for path in dataset.paths]
+    for read_now in ([f"{i:03d}.png" for i in range(1, N_IMAGES)], ["005.png"]):  # 000.png went in when built
+        reads.clear()
+        assert all(torch.equal(dataset[i][0], image) for i, image in enumerate(expected))
+        assert reads == read_now  # the second pass reads only the odd one out
+    assert dataset[5][0].shape == (3, 8, 6)
+
+    logger = logging.getLogger("template")
+    logger.addHandler(caplog.handler)
+    try:
+        assert dataset.settle_cache()
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not cache.exists()
+    assert [m for m in caplog.messages if "not kept (images differ in shape" in m and ": 1 of them" in m]
+
+
+@pytest.mark.slow
+def test_dataloader_workers_fill_the_one_shared_file(image_set, tmp_path, fill_on_read, reads):
+    cache = tmp_path / "cache"
+    loader = image_loader(image_set, cache_dir=str(cache), num_workers=2)
+    loader.write_caches()
+    assert loader.dataset.stacked is None  # not all in the file yet
+    read_here = len(reads)
+    epochs(loader, 1)
+    assert len(reads) == read_here  # every image was read in a worker
+    assert loader.dataset.stacked is not None  # and every one is in the file this process maps
+    assert len(list(cache.glob("*.pt"))) == 1
+
+
+def test_a_data_file_left_by_a_killed_run_is_removed_by_the_next_but_not_one_in_use(image_set, tmp_path,
+                                                                                     fill_on_read):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    running = image_loader(image_set, cache_dir=str(cache))  # holds its data file while it lives
+    (in_use,) = cache.glob("*.partial")
+    left = cache / f"{in_use.name.split('.')[0]}.killed.partial"
+    left.write_bytes(in_use.read_bytes())  # as a killed run leaves it: nothing holds it any more
+    image_loader(image_set, cache_dir=str(cache))
+    assert in_use.exists() and not left.exists()
+    assert running.dataset.stacked is None  # the first loader, alive and filling all along
