@@ -184,7 +184,7 @@ def tta_views(probe, tta):
         with torch.random.fork_rng(devices=[]):  # random TTA draws as if the probe had not run
             try:
                 view = transform(probe)
-            except Exception as e:  # noqa: BLE001  torchvision's own code: any failure is this transform's misuse
+            except Exception as e:  # torchvision's own code: any failure is a misuse of this transform
                 raise UserError(f"{where} fails on a batch of the data (shape {list(probe.shape)}): "
                                 f"{first_line(e)}") from None
         if not isinstance(view, torch.Tensor) or view.dim() != probe.dim() or len(view) != len(probe):
