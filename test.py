@@ -18,6 +18,7 @@ from logger.logger import setup_logging
 from trainer.inference import (
     blend,
     check_class_order,
+    check_same_inputs,
     class_names,
     predict_ensemble,
     row_ids,
@@ -176,6 +177,7 @@ def evaluate(args, logger):
                                                                             "inference.tta")]
     data_loader = build_eval_loader(config, split)
     check_class_order(members, config, data_loader)
+    check_same_inputs(members)
     n_classes = try_one_batch(members, config, data_loader, tta, args.ema, device)
     probabilities, targets = predict_ensemble(members, data_loader, tta, args.ema, device)
     labelled = getattr(data_loader.dataset, "targets", None) is not None

@@ -435,6 +435,18 @@ def test_evaluation_mistakes_are_refused_before_anything_is_written(extra, culpr
     assert not (tmp_path / "out").exists() and sorted(best.parent.iterdir()) == before
 
 
+def test_an_ensemble_of_models_trained_on_other_inputs_is_refused(folds_run, tmp_path, capsys):
+    """Every model of an ensemble is fed the inputs the first one's settings make: one trained on another
+    normalisation would silently get inputs it never saw."""
+    checkpoint = load(folds_run.group / "fold1" / "model_best.pth")
+    checkpoint["config"]["data_loader"]["args"]["mean"] = [0.5]
+    torch.save(checkpoint, tmp_path / "other-mean.pth")
+    best = folds_run.group / "fold0" / "model_best.pth"
+    assert evaluate(["-r", best, "-r", tmp_path / "other-mean.pth", "--out", tmp_path / "out"]) == 2
+    assert "data_loader.args.mean: [0.1307] and [0.5]" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("content, culprit", [
     (lambda ids: "id,label\n" + "".join(f"{i},0\n" for i in ids[:-1] + ids[:1]), "more than once"),
     (lambda ids: bytes(range(128, 256)), "cannot read"),

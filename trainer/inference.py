@@ -5,6 +5,7 @@ Probabilities are the common currency: models are averaged as probabilities, met
 """
 import inspect
 import itertools
+import json
 import logging
 import math
 from pathlib import Path
@@ -132,6 +133,25 @@ def check_class_order(members, data_config, data_loader):
         raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data's "
                         f"(data_loader.args.classes, else the sorted labels of the training CSV): class {i}: {ours} "
                         f"for the checkpoint, {theirs} for the data")
+
+
+INPUT_SETTINGS = ("image_mode", "eval_transforms", "mean", "std")  # what makes the inputs a model was trained on
+
+
+def check_same_inputs(members):
+    """Refuse an ensemble whose models were trained on inputs made otherwise (another normalisation, image mode or
+    evaluation transform): every model is fed the inputs the first one's settings make. `members` are (path,
+    checkpoint, its config)."""
+    first_path, _, first = members[0]
+    for path, _, config in members[1:]:
+        for key in ("type", *(f"args.{name}" for name in INPUT_SETTINGS)):
+            group, _, name = key.partition(".")
+            ours = first["data_loader"].get(group, {}).get(name) if name else first["data_loader"][group]
+            theirs = config["data_loader"].get(group, {}).get(name) if name else config["data_loader"][group]
+            if ours != theirs:
+                raise UserError(f"-r: checkpoints {str(first_path)!r} and {str(path)!r} were trained on inputs made "
+                                f"otherwise (data_loader.{key}: {json.dumps(ours)} and {json.dumps(theirs)}); an "
+                                f"ensemble feeds every model the first one's inputs")
 
 
 def try_one_batch(members, config, data_loader, tta, use_ema, device):
