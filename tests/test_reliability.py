@@ -311,7 +311,8 @@ def test_history_lr_of_an_epoch_resumed_midway(in_process_reference, data_slice,
 # --- a loss that becomes NaN ----------------------------------------------------------------------------------------
 
 class NanLossAt(torch.nn.Module):
-    """Cross-entropy, except NaN on the `at`-th training batch of the process (counted from 1).
+    """Cross-entropy, except NaN on the `at`-th loss computed with gradients in the process (counted from 1; the
+    first is the trial step train.py takes before training, the second the first training batch).
 
     Configs name it as "tests.test_reliability.NanLossAt" with "import_roots": ["tests"]."""
 
@@ -338,7 +339,7 @@ def nan_config(data_dir, save_dir, at, **trainer):
 
 def test_nan_loss_stops_with_exit_1_naming_epoch_and_batch(data_slice, tmp_path):
     # the 11th training batch is epoch 2, batch index 2; the last checkpoint before it: epoch 2 after 1 batch
-    config = nan_config(data_slice, tmp_path / "saved", at=11)
+    config = nan_config(data_slice, tmp_path / "saved", at=12)
     proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
     assert proc.returncode == 1, shown(proc)
     line = process_error_line(proc)
@@ -368,7 +369,7 @@ def test_exploding_learning_rate_stops_and_keeps_finite_weights(data_slice, tmp_
 
 
 def test_nan_loss_with_skip_completes_the_run(data_slice, tmp_path):
-    config = nan_config(data_slice, tmp_path / "saved", at=11, nonfinite_loss="skip")
+    config = nan_config(data_slice, tmp_path / "saved", at=12, nonfinite_loss="skip")
     proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
     assert proc.returncode == 0, shown(proc)
     assert "non-finite gradients at epoch 2, batch 2: update skipped" in proc.stdout
