@@ -358,7 +358,7 @@ def remove_abandoned(folder, name):
 
 def upfront_seconds(paths, mode):
     """About how long decoding every image before the first batch would take: the processor time a few of them
-    take, for all, in one process (decoding in several gains little once the pixels are moved between them)."""
+    take, times their number (as in one process: cautious, since several pay for moving the pixels between them)."""
     probe = paths[1:1 + PROBE]
     if not probe:
         return 0.0
