@@ -1,0 +1,308 @@
+"""The task by config alone (issue 12): multi-task heads, multi-label and regression, and CutMix/MixUp batches, end
+to end on the generated RGB set of tests/task_data.py. Every fold of each task is trained once (module fixtures);
+the tests recompute the written metrics from the written probabilities, check the submissions against them (with a
+one-column sample submission and in blends too), and see mismatched configs refused before anything is written."""
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import train
+from tests.helpers import evaluate, fails, make_config, read_history, run_dirs, write_config
+from tests.task_data import AGES, GENDERS, MASKS, TAGS, make_task_set, read_truth
+
+N_TRAIN, N_TEST, N_FOLDS, EPOCHS = 96, 32, 2, 15
+TOLERANCE = 1e-6
+
+TASKS = {
+    "multitask": SimpleNamespace(label_column=["mask", "gender", "age"], task=None, width=8, metrics=["accuracy"],
+                                 monitor="max val_accuracy", metric="accuracy",
+                                 heads=[["mask", MASKS], ["gender", GENDERS], ["age", [str(a) for a in AGES]]]),
+    "multilabel": SimpleNamespace(label_column="tags", task="multilabel", width=3,
+                                  metrics=["f1_micro", "f1_macro", "mean_ap"], monitor="max val_f1_micro",
+                                  metric="f1_micro", heads=[["tags", TAGS]]),
+    "regression": SimpleNamespace(label_column="value", task="regression", width=1, metrics=["rmse", "mae", "r2"],
+                                  monitor="min val_rmse", metric="rmse", heads=[["value", None]]),
+}
+KINDS = {"multitask": "multiclass", "multilabel": "multilabel", "regression": "regression"}
+TEST_LABELS = ["-o", "data_loader.args.test_csv=test_labels.csv"]
+FLIP_TTA = ["-o", 'inference.tta=[{"type": "RandomHorizontalFlip", "args": {"p": 1.0}}]']
+
+
+def task_config(name, data, save_dir, **trainer):
+    """A small config for task `name` on the generated set, by config alone: the label column(s), the task kind,
+    the model's width and the task's metrics; no loss, so the task's default applies."""
+    task = TASKS[name]
+    config = make_config(data, save_dir, epochs=EPOCHS, monitor=task.monitor, **trainer)
+    config["name"] = name
+    config["arch"]["args"].update(num_classes=task.width, in_channels=3)
+    args = config["data_loader"]["args"]
+    for key in ("train_images", "test_images", "mean", "std"):  # the set's own train/ and test/ folders, RGB
+        del args[key]
+    args.update(label_column=task.label_column, test_csv="test.csv", batch_size=16, group_column="group")
+    if task.task:
+        args["task"] = task.task
+    config["metrics"] = task.metrics
+    del config["loss"]
+    config["optimizer"]["args"]["lr"] = 0.01
+    config["lr_scheduler"]["args"]["max_lr"] = 0.01
+    return config
+
+
+# --- reading what the program wrote -------------------------------------------------------------------------------
+
+def read_task(folder):
+    """task.json of a folder, class names as text (the CSV's labels as written)."""
+    task = json.loads((Path(folder) / "task.json").read_text())
+    task["heads"] = [[column, [str(c) for c in classes] if classes is not None else None]
+                     for column, classes in task["heads"]]
+    return task
+
+
+def read_table(path):
+    return pd.read_csv(path, dtype={"id": str}).set_index("id")
+
+
+def read_text_table(path):
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def output_columns(task):
+    """The probability (or value) columns of a task, in order."""
+    if task["kind"] == "multiclass":
+        return [f"{column}:{c}" for column, classes in task["heads"] for c in classes]
+    if task["kind"] == "multilabel":
+        return list(task["heads"][0][1])
+    return [column for column, _ in task["heads"]]
+
+
+def target_columns(task):
+    if task["kind"] == "multilabel":
+        return [f"target:{c}" for c in task["heads"][0][1]]
+    return [f"target:{column}" for column, _ in task["heads"]]
+
+
+def targets_from_truth(truth, ids, task):
+    """The targets of rows `ids` from the ground truth, in the form of oof.csv's target columns."""
+    rows = truth.loc[ids]
+    if task["kind"] == "multiclass":
+        return np.stack([[classes.index(v) for v in rows[column]] for column, classes in task["heads"]], axis=1)
+    if task["kind"] == "multilabel":
+        labels = task["heads"][0][1]
+        return np.array([[float(label in tags.split()) for label in labels] for tags in rows[task["heads"][0][0]]])
+    return rows[[column for column, _ in task["heads"]]].to_numpy(dtype=float)
+
+
+def head_indices(table, task):
+    """Per multi-task head, the argmax class index of its probability columns: (N, heads)."""
+    return np.stack([table[[f"{column}:{c}" for c in classes]].to_numpy().argmax(axis=1)
+                     for column, classes in task["heads"]], axis=1)
+
+
+def recomputed(table, targets, task):
+    """The task's main metric (and for multi-task each head's accuracy) from probabilities and targets."""
+    if task["kind"] == "multiclass":
+        hits = head_indices(table, task) == targets
+        return {"accuracy": hits.all(axis=1).mean(),
+                **{f"accuracy_{column}": hits[:, h].mean() for h, (column, _) in enumerate(task["heads"])}}
+    outputs = table[output_columns(task)].to_numpy()
+    if task["kind"] == "multilabel":
+        predicted = outputs >= 0.5
+        tp = (predicted & (targets == 1)).sum()
+        return {"f1_micro": 2 * tp / (predicted.sum() + (targets == 1).sum())}
+    return {"rmse": float(np.sqrt(np.mean((outputs - targets) ** 2)))}
+
+
+def assert_metrics_match(written, expected):
+    for name, value in expected.items():
+        assert written[name] == pytest.approx(value, abs=TOLERANCE), name
+
+
+def assert_predictions_follow(predictions, table, task):
+    """predictions.csv (as text) says what probabilities.csv does: per head its most probable class as written in
+    the CSV, the labels with p >= 0.5 joined by the delimiter, or the values."""
+    assert list(predictions["id"]) == list(table.index)
+    if task["kind"] == "multiclass":
+        indices = head_indices(table, task)
+        assert list(predictions.columns) == ["id", *[column for column, _ in task["heads"]]]
+        for h, (column, classes) in enumerate(task["heads"]):
+            assert list(predictions[column]) == [classes[i] for i in indices[:, h]], column
+    elif task["kind"] == "multilabel":
+        (column, labels), = task["heads"]
+        assert list(predictions.columns) == ["id", column]
+        expected = [task["delimiter"].join(label for label in labels if row[label] >= 0.5)
+                    for _, row in table.iterrows()]
+        assert list(predictions[column]) == expected
+    else:
+        columns = output_columns(task)
+        assert list(predictions.columns) == ["id", *columns]
+        np.testing.assert_allclose(predictions[columns].astype(float).to_numpy(), table[columns].to_numpy(),
+                                   rtol=1e-6, atol=1e-7)
+
+
+# --- the trained groups, shared ----------------------------------------------------------------------------------
+
+class Runs:
+    """Each task's `--folds all` run group and test.py's outputs on it, made on first use."""
+
+    def __init__(self, data, base):
+        self.data, self.base, self.groups, self.outputs = data, base, {}, {}
+
+    def group(self, name):
+        if name not in self.groups:
+            save_dir = self.base / "saved"
+            config = task_config(name, self.data, save_dir)
+            config["data_loader"]["args"]["n_folds"] = N_FOLDS
+            path = write_config(config, self.base / f"{name}.json")
+            assert train.main(["-c", str(path), "--folds", "all"]) == 0
+            (self.groups[name],) = run_dirs(save_dir, name)
+        return self.groups[name]
+
+    def evaluated(self, name, how):
+        """test.py's output folder on test_labels.csv: `ensemble` (the group), `fold0`/`fold1` (one run's best
+        checkpoint) or `tta` (fold1 with a flip)."""
+        if (name, how) not in self.outputs:
+            group = self.group(name)
+            source = {"ensemble": [group], "fold0": [group / "fold0" / "model_best.pth"],
+                      "fold1": [group / "fold1" / "model_best.pth"], "tta": [group / "fold1" / "model_best.pth"]}
+            out = self.base / "test" / name / how
+            extra = FLIP_TTA if how == "tta" else []
+            assert evaluate(["-r", source[how][0], *TEST_LABELS, *extra, "--out", out]) == 0
+            self.outputs[name, how] = out
+        return self.outputs[name, how]
+
+
+@pytest.fixture(scope="module")
+def task_set(tmp_path_factory):
+    return make_task_set(tmp_path_factory.mktemp("task_set"), n_train=N_TRAIN, n_test=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def runs(task_set, tmp_path_factory):
+    return Runs(task_set, tmp_path_factory.mktemp("task_runs"))
+
+
+# --- training by config alone: out-of-fold files --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TASKS)
+def test_out_of_fold_metrics_are_those_of_oof_csv(name, runs, task_set):
+    group = runs.group(name)
+    task = read_task(group)
+    assert task == {"kind": KINDS[name], "heads": TASKS[name].heads, "delimiter": " "}
+
+    oof = read_table(group / "oof.csv")
+    assert sorted(oof.index) == sorted(read_truth(task_set, "train.csv").index)  # every training row once
+    assert list(oof.columns) == [*target_columns(task), *output_columns(task)]
+    targets = oof[target_columns(task)].to_numpy()
+    np.testing.assert_allclose(targets, targets_from_truth(read_truth(task_set, "train.csv"), oof.index, task),
+                               rtol=1e-6)
+    assert_metrics_match(json.loads((group / "oof_metrics.json").read_text()), recomputed(oof, targets, task))
+
+
+# --- test.py: an ensemble of the folds, one run, TTA ----------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["ensemble", "fold1", "tta"])
+@pytest.mark.parametrize("name", TASKS)
+def test_test_metrics_and_predictions_are_those_of_probabilities_csv(name, how, runs, task_set):
+    out = runs.evaluated(name, how)
+    task = read_task(out)
+    table = read_table(out / "probabilities.csv")
+    assert sorted(table.index) == sorted(read_truth(task_set).index) and list(table.columns) == output_columns(task)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tta_views"] == (2 if how == "tta" else 1)
+    assert_metrics_match(metrics, recomputed(table, targets_from_truth(read_truth(task_set), table.index, task), task))
+    assert_predictions_follow(read_text_table(out / "predictions.csv"), table, task)
+
+
+def test_every_task_is_learned_from_the_pixels(runs):
+    """The labels line up with the images all the way: the ensembles score far above chance on the test images."""
+    multitask, multilabel, regression = (json.loads((runs.evaluated(name, "ensemble") / "metrics.json").read_text())
+                                         for name in TASKS)
+    assert min(multitask[f"accuracy_{column}"] for column in ("mask", "gender", "age")) >= 0.6, multitask
+    assert multilabel["f1_micro"] >= 0.7 and multilabel["mean_ap"] >= 0.7, multilabel
+    assert regression["r2"] >= 0.3, regression
+
+
+def test_multi_task_submission_in_a_one_column_sample_layout(runs, task_set, tmp_path):
+    """A sample submission with one value column gets the heads' class indices combined, first head most
+    significant: 3 masks x 2 genders x 3 ages -> mask * 6 + gender * 3 + age."""
+    sample = task_set / "sample_submission.csv"
+    group = runs.group("multitask")
+    assert evaluate(["-r", group, "-o", f"inference.sample_submission={sample}", "--out", tmp_path]) == 0
+    assert (tmp_path / "predictions.csv").read_text().splitlines()[0] == "ImageID,ans"
+    predictions = read_text_table(tmp_path / "predictions.csv")
+    assert list(predictions["ImageID"]) == list(read_text_table(sample)["ImageID"])
+    indices = head_indices(read_table(tmp_path / "probabilities.csv"), read_task(tmp_path))
+    combined = dict(zip(read_table(tmp_path / "probabilities.csv").index, indices @ np.array([6, 3, 1])))
+    assert [int(a) for a in predictions["ans"]] == [combined[i] for i in predictions["ImageID"]]
+    assert len(set(predictions["ans"])) > 1
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_blend_of_two_runs_is_the_weighted_mean(name, runs, tmp_path):
+    a, b = (runs.evaluated(name, how) / "probabilities.csv" for how in ("fold0", "fold1"))
+    assert evaluate(["--blend", a, b, "--weights", "3", "1", "--out", tmp_path]) == 0
+    task = read_task(tmp_path)
+    assert task == read_task(a.parent)
+    blended, first, second = read_table(tmp_path / "probabilities.csv"), read_table(a), read_table(b)
+    assert list(blended.columns) == output_columns(task) and sorted(blended.index) == sorted(first.index)
+    expected = (3 * first + second.loc[first.index]) / 4
+    np.testing.assert_allclose(blended.to_numpy(), expected.loc[blended.index].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert_predictions_follow(read_text_table(tmp_path / "predictions.csv"), blended, task)
+
+
+# --- CutMix / MixUp by config -----------------------------------------------------------------------------------------
+
+CUTMIX = [{"type": "CutMix"}]
+EITHER = [{"type": "RandomChoice",
+           "args": {"transforms": [{"type": "CutMix"}, {"type": "MixUp", "args": {"alpha": 1.0}}]}}]
+
+
+@pytest.mark.parametrize("name, batch_transforms", [("digits", CUTMIX), ("multitask", EITHER)],
+                         ids=["cutmix-digits", "cutmix-or-mixup-multitask"])
+def test_mixed_batches_train_with_validation_metrics_only(name, batch_transforms, data_slice, task_set, tmp_path):
+    """Mixed training batches have soft targets: the history logs the training loss but no training metric."""
+    if name == "digits":
+        config = make_config(data_slice, tmp_path / "saved", epochs=2, limit_train_batches=3)
+        validation = ["val_accuracy", "val_top_k_acc", "val_macro_f1"]
+    else:
+        config = task_config(name, task_set, tmp_path / "saved", epochs=2)
+        validation = ["val_accuracy", "val_accuracy_mask", "val_accuracy_gender", "val_accuracy_age"]
+    config["data_loader"]["args"]["batch_transforms"] = batch_transforms
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run_dir,) = run_dirs(tmp_path / "saved", config["name"])
+    history = read_history(run_dir)
+    assert len(history) == 2
+    assert set(history[0]) == {"epoch", "loss", "val_loss", *validation, "lr"}
+    assert all(np.isfinite(float(row[key])) for row in history for key in ("loss", *validation))
+
+
+# --- refused before anything is written -----------------------------------------------------------------------------
+
+def too_narrow(config):
+    config["arch"]["args"]["num_classes"] = 5
+    return r"\b5\b", r"\b8\b"
+
+
+def regression_on_text(config):
+    config["data_loader"]["args"].update(label_column="mask")
+    return ("mask",)
+
+
+def cutmix_with_num_classes(config):
+    config["data_loader"]["args"]["batch_transforms"] = [{"type": "CutMix", "args": {"num_classes": 8}}]
+    return "batch_transforms", "num_classes"
+
+
+@pytest.mark.parametrize("name, change", [("multitask", too_narrow), ("regression", regression_on_text),
+                                          ("multitask", cutmix_with_num_classes)],
+                         ids=["width-5-for-3+2+3-classes", "regression-on-a-text-column", "cutmix-num-classes-set"])
+def test_a_config_that_does_not_fit_the_task_is_refused(name, change, task_set, tmp_path, capsys):
+    config = task_config(name, task_set, tmp_path / "saved")
+    culprits = change(config)
+    line = fails(config, tmp_path, capsys)
+    assert all(re.search(culprit, line) for culprit in culprits), line
