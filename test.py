@@ -20,6 +20,7 @@ from trainer.inference import (
     check_class_order,
     check_same_inputs,
     class_names,
+    decision_threshold,
     predict_ensemble,
     row_ids,
     score,
@@ -29,11 +30,13 @@ from trainer.inference import (
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, validate, validate_inference
 from utils.settings import RunSettings
+from utils.task import task_of
 from utils.util import ArgumentParser, UserError, error_line, resolve_device, write_json
 
 USED_SECTIONS = ("n_gpu", "seed", "import_roots", "data_loader", "loss", "metrics", "inference")
 UNUSED_SECTIONS = tuple(f.name for f in dataclasses.fields(RunSettings) if f.name not in USED_SECTIONS)
-BLEND_SETTINGS = ("inference.sample_submission", "inference.label_format")
+BLEND_SETTINGS = ("inference.sample_submission", "inference.label_format", "inference.combine_heads",
+                  "inference.threshold")
 SET_BY_TEST = ("data_loader.args.shuffle",)  # test.py never shuffles; validation_split is its own for --split test
 
 
@@ -157,8 +160,9 @@ def run_blend(args, logger):
     """Blend saved probability files into --out."""
     check_out(Path(args.out), given=True)
     inference = validate_inference(apply_overrides({"inference": {}}, args.override)["inference"])
-    ids, probabilities, classes = blend(args.blend, args.weights)
-    write_outputs(Path(args.out), ids, probabilities, classes, inference)
+    ids, probabilities, classes, task = blend(args.blend, args.weights)
+    inference["threshold"] = decision_threshold(inference["threshold"], task)
+    write_outputs(Path(args.out), ids, probabilities, classes, inference, task)
     logger.info("blended %d files into %s", len(args.blend), args.out)
 
 
@@ -179,13 +183,15 @@ def evaluate(args, logger):
     check_class_order(members, config, data_loader)
     check_same_inputs(members)
     n_classes = try_one_batch(members, config, data_loader, tta, args.ema, device)
+    task = task_of(data_loader.dataset)
+    config["inference"]["threshold"] = decision_threshold(config["inference"]["threshold"], task, paths)
     probabilities, targets = predict_ensemble(members, data_loader, tta, args.ema, device)
     labelled = getattr(data_loader.dataset, "targets", None) is not None
-    metrics = score(config, probabilities, targets) if labelled else None
+    metrics = score(config, task, probabilities, targets, config["inference"]["threshold"]) if labelled else None
     summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
                "n_samples": len(targets), **metrics} if labelled else None
     write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), config["inference"],
-                  summary)
+                  task, summary)
     if metrics:
         logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     else:
@@ -193,11 +199,11 @@ def evaluate(args, logger):
     logger.info("wrote %s", out)
 
 
-def write_outputs(out, ids, probabilities, classes, inference, metrics=None):
+def write_outputs(out, ids, probabilities, classes, inference, task, metrics=None):
     """probabilities.csv, the submission and metrics.json (when given) into `out`; a folder that cannot be written is
     one line."""
     try:
-        write_predictions(out, ids, probabilities, classes, inference)
+        write_predictions(out, ids, probabilities, classes, inference, task)
         if metrics:
             write_json(metrics, out / "metrics.json")
     except OSError as e:

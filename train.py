@@ -23,6 +23,7 @@ from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.checkpoint_rules import check_checkpoint
 from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, validate
 from utils.schedule import build_schedule
+from utils.task import task_of
 from utils.util import (
     ArgumentParser,
     UserError,
@@ -140,10 +141,11 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     if checkpoint is not None and not resume:
         load_model_weights(model, checkpoint["state_dict"], checkpoint["path"])
     model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
-    criterion = build_loss(config)
+    task = task_of(data_loader.dataset)
+    criterion = build_loss(config, task)
     if hasattr(criterion, "to"):
         criterion = criterion.to(device)
-    metrics = build_metrics(config)
+    metrics = build_metrics(config, task)
 
     def make_optimizer(parameters):
         optimizer = build(config, "optimizer", parameters)
@@ -208,7 +210,8 @@ def train_all_folds(config, device):
             write_out_of_fold(trainer, load_checkpoint(best_checkpoint(run_dir)), run_dir / "oof.csv")
         dist.barrier()
     if dist.is_main_process():
-        metrics = combine_out_of_fold(config, [group_dir / f"fold{k}" / "oof.csv" for k in range(n_folds)], group_dir)
+        metrics = combine_out_of_fold(config, trainer.task, [group_dir / f"fold{k}" / "oof.csv"
+                                                             for k in range(n_folds)], group_dir)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 

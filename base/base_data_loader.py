@@ -9,6 +9,7 @@ from torch.utils.data.dataloader import default_collate
 
 from base.splits import split_indices
 from utils import dist
+from utils.task import as_targets, task_of
 from utils.util import UserError, epoch_seed, release_folders
 
 
@@ -131,6 +132,18 @@ def collate(samples):
                         f"Resize in the transforms)") from None
 
 
+class MixedCollate:
+    """A training batch collated, then mixed (in the worker that loads it, from its samples' seeds)."""
+
+    def __init__(self, collate_fn, mixing):
+        self.collate_fn = collate_fn
+        self.mixing = mixing
+
+    def __call__(self, samples):
+        images, targets = self.collate_fn(samples)
+        return self.mixing(images, as_targets(targets))
+
+
 def _init_worker(worker_id):
     """Ctrl-C reaches the whole process group; workers keep serving so the trainer can save before it exits. A
     worker does not hold the run folder: it is free again as soon as the trainer's process ends."""
@@ -179,11 +192,11 @@ class BaseDataLoader(Loader):
     only: validation, test and out-of-fold predictions are always collated plainly. `num_workers` is refused above
     4 per available CPU: results do not depend on it, and thousands of worker processes exhaust the memory. A
     training epoch never ends in a batch of one sample, on which batch norm cannot train: that sample is left to
-    the next epoch's order.
+    the next epoch's order. `mixing(images, targets)` (CutMix, MixUp) is applied to training batches only.
     """
 
     def __init__(self, dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=collate,
-                 eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
+                 eval_dataset=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0, mixing=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"data_loader.args.batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -197,8 +210,9 @@ class BaseDataLoader(Loader):
             raise UserError(f"data_loader: the dataset ({type(dataset).__name__}) has no samples")
         self.seed = seed
         targets = getattr(dataset, "targets", None)
+        strata = None if targets is None else task_of(dataset).strata(targets)
         self.train_indices, self.valid_indices = split_indices(
-            len(dataset), validation_split, self.seed, targets if stratify else None, getattr(dataset, "groups", None),
+            len(dataset), validation_split, self.seed, strata if stratify else None, getattr(dataset, "groups", None),
             n_folds, fold)
         self.n_samples = len(self.train_indices)
         self.eval_dataset = dataset if eval_dataset is None else eval_dataset
@@ -215,14 +229,16 @@ class BaseDataLoader(Loader):
         if balanced:
             if targets is None:
                 raise UserError("data_loader.args.balanced: class-balanced sampling needs a dataset with `targets`")
-            train_targets = torch.as_tensor(np.asarray(targets)[self.train_indices])
-            weights = 1.0 / torch.bincount(train_targets)[train_targets].double()
-        finish = device_finisher(dataset)
+            train_strata = torch.as_tensor(np.unique(strata[self.train_indices], return_inverse=True)[1])
+            weights = 1.0 / torch.bincount(train_strata)[train_strata].double()
+        finish = None if mixing else device_finisher(dataset)  # mixing takes finished images
         sampler = EpochSampler(self.train_indices, shuffle, self.seed, weights=weights)
         lone_last = len(sampler) > 1 and len(sampler) % batch_size == 1  # batch norm cannot train on one sample
+        training_kwargs = {**self.init_kwargs, "collate_fn": MixedCollate(collate_fn, mixing) if mixing else collate_fn}
         super().__init__(SeededDataset(dataset, finish is not None), sampler=sampler, drop_last=lone_last,
-                         **self.init_kwargs)
+                         **training_kwargs)
         self.finish = finish
+        self.mixing = mixing
 
     def write_caches(self):
         """Let the datasets write what they keep for later runs (a decoded-image cache), once a run has begun."""

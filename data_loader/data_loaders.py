@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from base import BaseDataLoader
-from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv, sorted_classes
+from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv, sorted_classes, split_labels
 from utils.config import build_transforms
+from utils.task import KINDS, Task
 from utils.util import UserError
 
 
@@ -22,12 +23,15 @@ class CsvImageDataLoader(BaseDataLoader):
     classes equally. Transforms are lists of torchvision.transforms.v2 `{type, args}` applied to uint8 images;
     the loader then scales to [0, 1] and normalises with `mean`/`std` when given. Image `i` is
     `<images folder>/<id><extension>`; ids may be relative paths below the folder, never out of it (see
-    CsvImageDataset)."""
+    CsvImageDataset). `task` says what the label columns hold (utils/task.py): one class per column
+    ("multiclass"; a list of columns trains one head each), labels separated by `delimiter` ("multilabel"), or
+    numbers ("regression"). `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
-                 id_column="id", label_column="label", extension=".png", classes=None, image_mode="unchanged",
-                 train_transforms=(), eval_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
+                 id_column="id", label_column: str | list = "label", task="multiclass", delimiter=" ",
+                 extension=".png", classes: list | None = None, image_mode="unchanged", train_transforms=(),
+                 eval_transforms=(), batch_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
                  group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
@@ -36,59 +40,120 @@ class CsvImageDataLoader(BaseDataLoader):
                             f"or point data_dir at them")
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
-        check_columns(id_column, label_column, group_column, extension)
-        if classes is None:
-            classes = sorted_classes(read_csv(data_dir / train_csv, id_column, required=(label_column,))[label_column])
-        check_classes(classes)
-        common = dict(classes=classes, id_column=id_column, label_column=label_column, extension=extension,
-                      image_mode=image_mode, cache=cache, cache_dir=cache_dir)
+        columns = check_columns(id_column, label_column, group_column, extension)
+        task = read_task(data_dir / train_csv, id_column, columns, task, delimiter, classes)
+        common = dict(task=task, id_column=id_column, extension=extension, image_mode=image_mode, cache=cache,
+                      cache_dir=cache_dir)
         eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
         if training:
             train_transform = image_transform(train_transforms, mean, std, "train_transforms")
             dataset = CsvImageDataset(data_dir / train_csv, data_dir / train_images, transform=train_transform,
                                       group_column=group_column, **common)
             if dataset.targets is None:
-                raise UserError(f"{data_dir / train_csv}: no labels in a column {label_column!r} to train on")
+                raise UserError(f"{data_dir / train_csv}: no labels in column {columns[0]!r} to train on")
             eval_dataset = _with_transform(dataset, eval_transform)
             try_transform(dataset)
         else:
             dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
                                                      transform=eval_transform, **common)
         try_transform(eval_dataset)
+        mixing = BatchMixing(build_transforms(batch_transforms, "data_loader.args.batch_transforms"), task) \
+            if batch_transforms and training else None
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
                          n_folds=n_folds if training else 0, fold=fold if training else 0, stratify=stratify,
-                         balanced=balanced and training, seed=seed)
+                         balanced=balanced and training, seed=seed, mixing=mixing)
 
 
 def check_columns(id_column, label_column, group_column, extension):
-    """The CSV columns are three different ones (labels that are the ids, or groups that are the labels, would
-    train on nonsense or validate only on classes never trained on); the extension is a suffix, not a path."""
-    if label_column == id_column:
-        raise UserError(f"data_loader.args.label_column: {label_column!r} is the id_column too; the labels need a "
+    """The label columns (as a list): each a column other than the ids and the groups (labels that are the ids, or
+    groups that are the labels, would train on nonsense or validate only on classes never trained on); the
+    extension is a suffix, not a path."""
+    columns = [label_column] if isinstance(label_column, str) else label_column
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) and c for c in columns) or \
+            len(set(columns)) < len(columns):
+        raise UserError(f"data_loader.args.label_column: expected a column name or a list of distinct column "
+                        f"names, got {json.dumps(label_column)}")
+    if id_column in columns:
+        raise UserError(f"data_loader.args.label_column: {id_column!r} is the id_column too; the labels need a "
                         f"column of their own")
-    if group_column is not None and group_column == label_column:
+    if group_column is not None and group_column in columns:
         raise UserError(f"data_loader.args.group_column: {group_column!r} is the label_column; grouping by label "
                         f"would hold out whole classes, so validation would see only classes never trained on")
     if "/" in extension or NOT_IN_A_NAME.search(extension):
         raise UserError(f"data_loader.args.extension: expected a file-name suffix such as \".png\" (no slashes, "
                         f"backslashes or control characters), got {json.dumps(extension)}")
+    return columns
 
 
-def check_classes(classes):
+def read_task(train_csv, id_column, columns, kind, delimiter, classes):
+    """The task the label columns describe, with each head's classes: given, else the sorted labels of the
+    training CSV."""
+    if kind not in KINDS:
+        raise UserError(f"data_loader.args.task: expected one of {', '.join(map(json.dumps, KINDS))}, "
+                        f"got {json.dumps(kind)}")
+    if not isinstance(delimiter, str) or not delimiter:
+        raise UserError(f"data_loader.args.delimiter: expected a non-empty string, got {json.dumps(delimiter)}")
+    if kind == "multilabel" and len(columns) != 1:
+        raise UserError(f"data_loader.args.label_column: a multilabel task reads one column of labels separated by "
+                        f"the delimiter, got {json.dumps(columns)}")
+    if kind == "regression":
+        if classes is not None:
+            raise UserError("data_loader.args.classes: a regression task has no classes; leave it out")
+        read_csv(train_csv, id_column, required=columns)
+        return Task(kind, tuple((c, None) for c in columns), delimiter)
+    per_column = [classes] if len(columns) == 1 else classes
+    if classes is None:
+        table = read_csv(train_csv, id_column, required=() if kind == "multilabel" else columns)
+        if columns[0] not in table:
+            raise UserError(f"{train_csv}: no column {columns[0]!r} (columns: {', '.join(table)})")
+        labels = {c: table[c] for c in columns}
+        if kind == "multilabel":
+            labels = {c: [label.strip() for v in values for label in split_labels(v, delimiter)]
+                      for c, values in labels.items()}
+        per_column = [sorted_classes(labels[c]) for c in columns]
+    elif len(columns) > 1 and not (isinstance(classes, list) and len(classes) == len(columns) and all(
+            isinstance(c, list) for c in classes)):
+        raise UserError(f"data_loader.args.classes: with {len(columns)} label columns, expected a list of "
+                        f"{len(columns)} class lists (one per column, in order), got {json.dumps(classes)[:200]}")
+    for column, column_classes in zip(columns, per_column):
+        check_classes(column_classes, "" if len(columns) == 1 else f"[{columns.index(column)}]", column)
+    return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter)
+
+
+class BatchMixing:
+    """Batch transforms (CutMix, MixUp) on a whole training batch: the images mixed, and the targets, as (N, width)
+    soft targets of the task, mixed alike."""
+
+    def __init__(self, transforms, task):
+        self.transforms = transforms
+        self.task = task
+        for transform in transforms:
+            for inner in [transform, *getattr(transform, "transforms", ())]:
+                if hasattr(inner, "num_classes"):
+                    inner.num_classes = task.width
+
+    def __call__(self, images, target):
+        target = self.task.one_hot(target)
+        for transform in self.transforms:
+            images, target = transform(images, target)
+        return images, target
+
+
+def check_classes(classes, where="", column="label"):
     """The class list: distinct labels, each text or a number, matched to the CSV's labels by text as written."""
     if not isinstance(classes, (list, tuple)) or not classes:
-        raise UserError(f"data_loader.args.classes: expected a non-empty list of labels as the CSV writes them, "
-                        f"got {json.dumps(classes, default=repr)}")
+        raise UserError(f"data_loader.args.classes{where}: expected a non-empty list of labels as the CSV writes "
+                        f"them, got {json.dumps(classes, default=repr)} (for column {column!r})")
     seen = {}
     for i, label in enumerate(classes):
         if isinstance(label, bool) or not isinstance(label, (str, int, float)) or \
                 isinstance(label, float) and not math.isfinite(label) or isinstance(label, str) and not label.strip():
-            raise UserError(f"data_loader.args.classes[{i}]: expected a label as the CSV writes it (text or a "
+            raise UserError(f"data_loader.args.classes{where}[{i}]: expected a label as the CSV writes it (text or a "
                             f"number), got {json.dumps(label, default=repr)}")
         first = seen.setdefault(label_text(label), i)
         if first != i:
-            raise UserError(f"data_loader.args.classes: {json.dumps(label)} is listed twice (entries {first} and "
-                            f"{i}); each class once")
+            raise UserError(f"data_loader.args.classes{where}: {json.dumps(label)} is listed twice (entries {first} "
+                            f"and {i}); each class once")
 
 
 def try_transform(dataset):

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from data_loader.image_cache import DecodedImages, ImageCache
 from data_loader.images import MODES, read_image
+from utils.task import Task
 from utils.util import UserError
 
 NO_LABEL = -1
@@ -33,8 +34,8 @@ class CsvImageDataset(Dataset):
     there once all decoded, shared by the machine's processes and reused by later runs while the files are unchanged.
     """
 
-    def __init__(self, csv_file, image_dir, classes, id_column="id", label_column="label", extension=".png",
-                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None):
+    def __init__(self, csv_file, image_dir, classes=None, id_column="id", label_column="label", extension=".png",
+                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None, task=None):
         table = read_csv(csv_file, id_column, required=(group_column,) if group_column else ())
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
@@ -44,11 +45,9 @@ class CsvImageDataset(Dataset):
         self.image_mode = image_mode.lower()
         self.ids = table[id_column]
         self.paths = [self.image_dir / f"{i}{extension}" for i in self.ids]
-        self.classes = list(classes)
-        self.targets = None
-        labels = table.get(label_column)
-        if labels is not None and not all(isinstance(v, str) and not v.strip() for v in labels):
-            self.targets = class_indices(csv_file, table.lines, labels, self.classes, label_column)
+        self.task = task or Task.single(classes, label_column)
+        self.classes = list(self.task.heads[0][1] or ()) if self.task.single_label else self.task.columns
+        self.targets = read_targets(csv_file, table, self.task)
         self.groups = table[group_column] if group_column else None
         self.transform = transform
         self.images = self.cache = None
@@ -57,7 +56,7 @@ class CsvImageDataset(Dataset):
             self.images = self.cache.images(self.files_signature())
         if isinstance(self.images, DecodedImages) and self.stacked is None and not self.transforms_per_image:
             refuse_mixed_shapes(self.paths, self.images)
-        self.target_tensor = torch.tensor(self.targets if self.targets is not None else [NO_LABEL] * len(self.paths))
+        self.target_tensor = target_tensor(self.targets, self.task, len(self.paths))
 
     def read(self, index):
         return read_image(self.paths[index], self.image_mode)
@@ -119,7 +118,69 @@ class CsvImageDataset(Dataset):
         image = self.images.get(index, self.read) if self.images is not None else self.read(index)
         if self.transform is not None:
             image = self.transform(image)
+        if not self.task.single_label:
+            return image, self.target_tensor[index]
         return image, self.targets[index] if self.targets is not None else NO_LABEL
+
+
+def read_targets(csv_file, table, task):
+    """Every row's target from the task's label columns: a class index (one per head), the labels as 0/1 per label,
+    or the values; None when the CSV has none of the columns, or leaves them empty (a test CSV)."""
+    columns = [column for column, _ in task.heads]
+    present = [c for c in columns if c in table and not all(isinstance(v, str) and not v.strip() for v in table[c])]
+    if not present:
+        return None
+    if len(present) < len(columns):
+        missing = next(c for c in columns if c not in present)
+        raise UserError(f"{csv_file}: no labels in column {missing!r} (columns: {', '.join(table)})")
+    if task.kind == "multilabel":
+        return multi_hot(csv_file, table.lines, table[columns[0]], task.heads[0][1], task.delimiter, columns[0])
+    if task.kind == "regression":
+        return [list(row) for row in zip(*(numbers(csv_file, table.lines, table[c], c) for c in columns))]
+    per_head = [class_indices(csv_file, table.lines, table[c], list(classes), c) for c, classes in task.heads]
+    return per_head[0] if task.single_label else [list(row) for row in zip(*per_head)]
+
+
+def target_tensor(targets, task, n):
+    """The targets as one tensor (int64 classes, float32 labels or values); unlabelled rows hold -1 or NaN."""
+    if task.single_label:
+        return torch.tensor(targets if targets is not None else [NO_LABEL] * n)
+    dtype = torch.int64 if task.kind == "multiclass" else torch.float32
+    if targets is None:
+        return torch.full((n, len(task.heads) if task.kind == "multiclass" else task.width),
+                          NO_LABEL if dtype is torch.int64 else float("nan"), dtype=dtype)
+    return torch.tensor(targets, dtype=dtype)
+
+
+def split_labels(value, delimiter):
+    """A multi-label cell's labels (none for an empty cell)."""
+    return [label for label in label_text(value).split(delimiter) if label.strip()]
+
+
+def multi_hot(csv_file, lines, values, classes, delimiter, column):
+    index = {label_text(c): i for i, c in enumerate(classes)}
+    rows = []
+    for line, value in zip(lines, values):
+        row = [0.0] * len(classes)
+        for label in split_labels(value, delimiter):
+            if label.strip() not in index:
+                raise UserError(f"{csv_file}: line {line} has label {label.strip()!r} in column {column!r}, not one "
+                                f"of the {len(classes)} labels {list(classes)[:10]}")
+            row[index[label.strip()]] = 1.0
+        rows.append(row)
+    return rows
+
+
+def numbers(csv_file, lines, values, column):
+    """A regression column's values; one line naming the first row that holds no finite number."""
+    result = []
+    for line, value in zip(lines, values):
+        number = _number(value)
+        if number is None or not math.isfinite(number):
+            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
+                            f"needs a finite number in every row")
+        result.append(number)
+    return result
 
 
 def refuse_mixed_shapes(paths, images):

@@ -9,6 +9,10 @@ from utils import dist
 
 
 class Metric:
+    """`tasks`: the task kinds ("multiclass", "multilabel", "regression") the metric scores."""
+
+    tasks = ("multiclass",)
+
     def batch_stats(self, output, target):
         raise NotImplementedError
 
@@ -66,6 +70,110 @@ class MacroF1(ConfusionMatrix):
         return (2 * true_pos[present] / support[present]).mean().item()
 
 
+class MultilabelMetric(Metric):
+    """Base for metrics of logits (N, C) against multi-hot targets (N, C): a label is predicted when sigmoid(logit) >=
+    `threshold`, a number in (0, 1) or a (C,) tensor of them (code may replace it after construction)."""
+
+    tasks = ("multilabel",)
+
+    def __init__(self, threshold=0.5):
+        try:
+            value = torch.as_tensor(threshold, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+        if value is None or value.dim() > 1 or value.numel() == 0 or not ((value > 0) & (value < 1)).all():
+            raise ValueError(f"threshold must be a number in (0, 1) or a list of such numbers, one per class, "
+                             f"got {threshold!r}")
+        self.threshold = value.item() if value.dim() == 0 else value
+
+    def batch_stats(self, output, target):
+        """Per class: true positives, predictions and targets, (3, C)."""
+        threshold = torch.as_tensor(self.threshold, dtype=torch.float64, device=output.device)
+        if threshold.dim() == 1 and threshold.numel() != output.shape[1]:
+            raise ValueError(f"threshold has {threshold.numel()} values for {output.shape[1]} classes")
+        predicted, target = (output.double().sigmoid() >= threshold).double(), target.double()
+        return torch.stack([(predicted * target).sum(0), predicted.sum(0), target.sum(0)])
+
+
+class MultilabelF1Micro(MultilabelMetric):
+    """F1 over all (sample, class) pairs at once."""
+
+    def compute(self, total):
+        true_pos, predicted, actual = total.sum(dim=1)
+        return (2 * true_pos / (predicted + actual)).item()
+
+
+class MultilabelF1Macro(MultilabelMetric):
+    """Unweighted mean over classes of F1; classes absent from both targets and predictions are left out."""
+
+    def compute(self, total):
+        true_pos, predicted, actual = total
+        present = predicted + actual > 0
+        return (2 * true_pos[present] / (predicted + actual)[present]).mean().item()
+
+
+class MeanAveragePrecision(Metric):
+    """Mean over classes with a positive target of average precision, binned: sigmoid scores are counted in 1000 bins
+    and scores sharing a bin tie, which moves it from the exact value by about 0.001 when scores are spread out."""
+
+    tasks = ("multilabel",)
+    bins = 1000
+
+    def batch_stats(self, output, target):
+        """Per class, the histograms of the scores of positive and of negative targets, (2, C, bins)."""
+        n_classes, bins = output.shape[1], self.bins
+        cells = ((output.double().sigmoid() * bins).long().clamp_(0, bins - 1)
+                 + torch.arange(n_classes, device=output.device) * bins).flatten()
+        target = target.double().flatten()
+        return torch.zeros(2 * n_classes * bins, dtype=torch.float64, device=output.device).index_add_(
+            0, torch.cat([cells, cells + n_classes * bins]), torch.cat([target, 1 - target])).view(2, n_classes, bins)
+
+    def compute(self, total):
+        positives, negatives = total.flip(-1)
+        precision = (positives.cumsum(-1) / (positives + negatives).cumsum(-1)).nan_to_num()
+        support = positives.sum(-1)
+        return ((positives * precision).sum(-1)[support > 0] / support[support > 0]).mean().item()
+
+
+class RegressionMetric(Metric):
+    """Base for metrics of outputs (N, R) against targets (N, R), or both (N,)."""
+
+    tasks = ("regression",)
+
+    def batch_stats(self, output, target):
+        """Per column: count, sum of targets, of squared targets, of squared errors and of absolute errors, (5, R)."""
+        output, target = output.double().reshape(len(output), -1), target.double().reshape(len(target), -1)
+        if output.shape != target.shape:
+            raise ValueError(f"output {tuple(output.shape)} and target {tuple(target.shape)} differ in shape")
+        error = output - target
+        return torch.stack([target.new_full(target.shape[1:], len(target)), target.sum(0), target.square().sum(0),
+                            error.square().sum(0), error.abs().sum(0)])
+
+
+class RMSE(RegressionMetric):
+    """Root mean squared error over all values."""
+
+    def compute(self, total):
+        return (total[3].sum() / total[0].sum()).sqrt().item()
+
+
+class MAE(RegressionMetric):
+    """Mean absolute error over all values."""
+
+    def compute(self, total):
+        return (total[4].sum() / total[0].sum()).item()
+
+
+class R2(RegressionMetric):
+    """Mean over columns of 1 - SSE / SST; columns whose targets are constant are left out, nan if all are."""
+
+    def compute(self, total):
+        count, sum_y, sum_sq, squared_error, _ = total
+        variation = sum_sq - sum_y.square() / count
+        varies = variation > 1e-12 * sum_sq
+        return (1 - squared_error[varies] / variation[varies]).mean().item()
+
+
 class EpochMetrics:
     """Accumulates the mean loss and every metric over one epoch without synchronising with the device."""
 
@@ -109,3 +217,9 @@ class EpochMetrics:
 accuracy = Accuracy
 top_k_acc = TopKAccuracy
 macro_f1 = MacroF1
+f1_micro = MultilabelF1Micro
+f1_macro = MultilabelF1Macro
+mean_ap = MeanAveragePrecision
+rmse = RMSE
+mae = MAE
+r2 = R2

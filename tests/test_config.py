@@ -92,7 +92,7 @@ def test_required_constructor_arg_missing(config, tmp_path, capsys):
     assert "lr_scheduler.args: StepLR needs 'step_size'" in fails(config, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("section", ["arch", "data_loader", "optimizer", "loss", "trainer"])
+@pytest.mark.parametrize("section", ["arch", "data_loader", "optimizer", "trainer"])
 def test_missing_required_section(config, tmp_path, capsys, section):
     del config[section]
     path = write_config(config, tmp_path / "config.json")

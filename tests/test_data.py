@@ -384,6 +384,7 @@ def test_an_image_path_through_a_file_is_one_line(small_data):
                                    lambda d: f"+{d}"], ids=["zero-padded", "trailing-zero", "true-false", "signed"])
 def test_labels_reach_the_submission_as_the_csv_writes_them(small_data, tmp_path, spell):
     from trainer.inference import class_names, row_ids, write_predictions
+    from utils.config import validate_inference
 
     rows = relabelled(small_data, spell)
     with_csv(small_data, rows, "test_labels.csv")
@@ -392,7 +393,7 @@ def test_labels_reach_the_submission_as_the_csv_writes_them(small_data, tmp_path
     targets = loader.dataset.target_tensor
     probabilities = torch.nn.functional.one_hot(targets).float()
     write_predictions(tmp_path, row_ids(loader), probabilities, class_names(loader, probabilities.shape[1]),
-                      {"label_format": "name", "sample_submission": ""})
+                      validate_inference({"label_format": "name"}))
     assert [(r["id"], r["label"]) for r in read_csv_rows(tmp_path / "predictions.csv")] == rows
 
 

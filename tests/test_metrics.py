@@ -1,13 +1,30 @@
-"""Epoch-level metrics against values worked out by hand, and the data loader's stratified validation split."""
+"""Epoch-level metrics against values worked out by hand or with numpy on all the data at once, and the data loader's
+stratified validation split."""
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 from base.base_data_loader import BaseDataLoader
-from model.metric import Accuracy, EpochMetrics, MacroF1, TopKAccuracy
+from model import metric as metric_module
+from model.metric import (
+    MAE,
+    R2,
+    RMSE,
+    Accuracy,
+    EpochMetrics,
+    MacroF1,
+    MeanAveragePrecision,
+    MultilabelF1Macro,
+    MultilabelF1Micro,
+    TopKAccuracy,
+)
 
 N_CLASSES = 5
 
@@ -102,6 +119,113 @@ def test_reset_starts_a_new_epoch():
     output, target = tensors()[1]  # a single wrong prediction
     tracker.update(F.cross_entropy(output, target), output, target)
     assert tracker.result()["accuracy"] == 0.0
+
+
+def test_each_metric_names_the_task_kinds_it_scores():
+    by_task = {}
+    for name in ("accuracy", "top_k_acc", "macro_f1", "f1_micro", "f1_macro", "mean_ap", "rmse", "mae", "r2"):
+        for task in getattr(metric_module, name).tasks:
+            by_task.setdefault(task, []).append(name)
+    assert by_task == {"multiclass": ["accuracy", "top_k_acc", "macro_f1"],
+                       "multilabel": ["f1_micro", "f1_macro", "mean_ap"], "regression": ["rmse", "mae", "r2"]}
+
+
+# --- multilabel and regression metrics, fed in batches, against numpy on all the data at once ----------------------
+
+N_SAMPLES, N_LABELS = 241, 5
+_rng = np.random.default_rng(0)
+# labels 3 and 4 are never targets (left out of mAP); 3 is sometimes predicted (F1 0), 4 never (left out of macro F1)
+LABELS = (_rng.random((N_SAMPLES, N_LABELS)) < [0.5, 0.3, 0.1, 0.0, 0.0]).astype(np.float32)
+LOGITS = (_rng.normal(0, 2, (N_SAMPLES, N_LABELS)) + 1.5 * LABELS - [0, 0, 0, 0, 20]).astype(np.float32)
+# three target columns, the last constant (left out of R2, though its sums give it a variance of 5e-13)
+VALUES = np.stack([_rng.normal(10, 3, N_SAMPLES), _rng.random(N_SAMPLES), np.full(N_SAMPLES, 3.7)], 1).astype("f4")
+PREDICTED_VALUES = (VALUES + _rng.normal(0, [1, 0.2, 0.05], VALUES.shape)).astype(np.float32)
+
+
+def epoch_value(metric, outputs, targets, cuts=()):
+    """The metric fed the rows in batches split at `cuts`, its statistics summed as over batches and processes."""
+    stats = [metric.batch_stats(torch.from_numpy(o), torch.from_numpy(t))
+             for o, t in zip(np.split(outputs, cuts), np.split(targets, cuts))]
+    assert len({s.shape for s in stats}) == 1  # of a shape that does not depend on the batch size
+    return metric.compute(sum(stats))
+
+
+def numpy_f1s(logits, labels, threshold):
+    """Micro and macro F1 = 2 TP / (2 TP + FP + FN); macro over the labels that occur as target or prediction."""
+    predicted, actual = 1 / (1 + np.exp(-logits.astype(np.float64))) >= threshold, labels == 1
+    tp, fp, fn = (predicted & actual).sum(0), (predicted & ~actual).sum(0), (~predicted & actual).sum(0)
+    micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum())
+    macro = np.mean([2 * tp[c] / (2 * tp[c] + fp[c] + fn[c]) for c in range(labels.shape[1])
+                     if predicted[:, c].any() or actual[:, c].any()])
+    return micro, macro
+
+
+def numpy_mean_ap(logits, labels):
+    """Exact AP per label: the precision at each positive's rank, scores sorted highest first; mean over the labels
+    with a positive."""
+    aps = []
+    for scores, actual in zip(logits.T.astype(np.float64), labels.T == 1):
+        if actual.any():
+            hits = actual[np.argsort(-scores)]
+            aps.append(np.mean((np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits]))
+    return np.mean(aps)
+
+
+def numpy_regression(outputs, targets):
+    """RMSE and MAE over all values; R2 averaged over the columns whose targets vary."""
+    targets = targets.astype(np.float64)
+    error = outputs - targets
+    r2 = [1 - np.sum(error[:, j] ** 2) / np.sum((targets[:, j] - targets[:, j].mean()) ** 2)
+          for j in range(targets.shape[1]) if np.ptp(targets[:, j]) > 0]
+    return np.sqrt(np.mean(error ** 2)), np.mean(np.abs(error)), np.mean(r2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sets(st.integers(1, N_SAMPLES - 1), max_size=12).map(sorted))
+@example([])  # one batch
+def test_multilabel_and_regression_metrics_in_any_batches_match_numpy_on_all_data(cuts):
+    micro, macro = numpy_f1s(LOGITS, LABELS, 0.5)
+    assert epoch_value(MultilabelF1Micro(), LOGITS, LABELS, cuts) == pytest.approx(micro, abs=1e-9)
+    assert epoch_value(MultilabelF1Macro(), LOGITS, LABELS, cuts) == pytest.approx(macro, abs=1e-9)
+    # binned: scores within 1/1000 of each other count as tied
+    assert epoch_value(MeanAveragePrecision(), LOGITS, LABELS, cuts) == pytest.approx(
+        numpy_mean_ap(LOGITS, LABELS), abs=0.01)
+
+    rmse, mae, r2 = numpy_regression(PREDICTED_VALUES, VALUES)
+    assert epoch_value(RMSE(), PREDICTED_VALUES, VALUES, cuts) == pytest.approx(rmse, abs=1e-9)
+    assert epoch_value(MAE(), PREDICTED_VALUES, VALUES, cuts) == pytest.approx(mae, abs=1e-9)
+    assert epoch_value(R2(), PREDICTED_VALUES, VALUES, cuts) == pytest.approx(r2, abs=1e-9)
+
+
+def test_a_threshold_per_label_given_or_set_later():
+    thresholds = [0.3, 0.5, 0.7, 0.5, 0.9]
+    f1 = MultilabelF1Macro(threshold=thresholds)
+    assert epoch_value(f1, LOGITS, LABELS) == pytest.approx(numpy_f1s(LOGITS, LABELS, np.array(thresholds))[1])
+    f1.threshold = torch.tensor(thresholds[::-1])  # as when thresholds tuned on out-of-fold predictions are set
+    assert epoch_value(f1, LOGITS, LABELS) == pytest.approx(numpy_f1s(LOGITS, LABELS, np.array(thresholds[::-1]))[1])
+
+
+@pytest.mark.parametrize("threshold", [0, 1.5, float("nan"), "0.5", [], [0.5, 1.0], [[0.5]]])
+def test_a_threshold_not_in_0_1_is_refused(threshold):
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\) or a list of such numbers"):
+        MultilabelF1Micro(threshold=threshold)
+
+
+def test_a_threshold_list_of_another_length_than_the_labels_is_refused():
+    with pytest.raises(ValueError, match="threshold has 3 values for 5 classes"):
+        epoch_value(MultilabelF1Micro(threshold=[0.5, 0.5, 0.5]), LOGITS, LABELS)
+
+
+def test_one_regression_column_may_come_as_1d_tensors():
+    column, output = VALUES[:, :1], PREDICTED_VALUES[:, :1]
+    for metric in (RMSE(), MAE(), R2()):
+        as_columns = epoch_value(metric, output, column)
+        assert epoch_value(metric, output.ravel(), column.ravel()) == as_columns
+        assert epoch_value(metric, output, column.ravel()) == as_columns
+
+
+def test_r2_of_only_constant_targets_is_nan():
+    assert math.isnan(epoch_value(R2(), PREDICTED_VALUES[:, 2:], VALUES[:, 2:]))
 
 
 # --- stratified split ---------------------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ import pandas as pd
 import torch
 
 from base.base_data_loader import inputs_to
-from data_loader.data_loaders import CsvImageDataLoader
-from data_loader.datasets import read_csv
+from data_loader.data_loaders import CsvImageDataLoader, read_task
 from model.metric import EpochMetrics
-from trainer.trainer import checked_loss_and_metrics
+from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, resolve
+from utils.task import Task, as_targets, task_of, write_task
+from utils.task import read_task as read_written_task
 from utils.util import UserError, first_line, worker_died, write_json
 
 CHUNK = 4096
@@ -31,24 +32,31 @@ MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 @torch.no_grad()
 def predict(model, data_loader, device, tta=()):
-    """Probabilities for every sample in loader order (the plain view averaged with each TTA view), and targets."""
+    """Probabilities (values, for regression) for every sample in loader order, the plain view averaged with each
+    TTA view, and the targets."""
     model.eval()
+    task = task_of(data_loader.dataset)
     probabilities, targets = [], []
     for data, target in data_loader:
         data = inputs_to(device, data, data_loader)
         views = [data] + [transform(data) for transform in tta]
-        probabilities.append(torch.stack([model(view).float().softmax(dim=1) for view in views]).mean(dim=0).cpu())
-        targets.append(target)
+        probabilities.append(torch.stack([task.probabilities(task.flat(model(view))) for view in views]).mean(dim=0)
+                             .cpu())
+        targets.append(as_targets(target))
     return torch.cat(probabilities), torch.cat(targets)
 
 
-def score(config, probabilities, targets):
-    """The config's loss and metrics of averaged probabilities, over all samples at once."""
-    criterion, tracker = build_loss(config), EpochMetrics(build_metrics(config))
+def score(config, task, probabilities, targets, threshold=None):
+    """The config's loss and metrics of averaged probabilities, over all samples at once; a multilabel decision
+    `threshold` replaces the metrics' own."""
+    criterion, tracker = build_loss(config, task), EpochMetrics(build_metrics(config, task))
+    for metric in tracker.metrics.values():
+        if threshold is not None and hasattr(metric, "threshold"):
+            metric.threshold = torch.as_tensor(threshold, dtype=torch.float32)
     for start in range(0, len(targets), CHUNK):
-        log_p = probabilities[start:start + CHUNK].clamp_min(1e-12).log()
+        scores = task.logits(probabilities[start:start + CHUNK])
         target = targets[start:start + CHUNK]
-        tracker.update(criterion(log_p, target), log_p, target)
+        tracker.update(criterion(scores, target), scores, target)
     return tracker.result()
 
 
@@ -59,7 +67,8 @@ def row_ids(data_loader):
 
 
 def data_classes(data_loader):
-    """The data's class names in index order, when its dataset names them (the competition layout), else None."""
+    """The data's class names in index order (the output's column names), when its dataset names them (the
+    competition layout), else None."""
     dataset = data_loader.dataset
     classes = getattr(dataset, "classes", None) if hasattr(dataset, "ids") else None
     return None if classes is None else [str(c) for c in classes]
@@ -72,28 +81,27 @@ def class_names(data_loader, n_classes):
 # --- checks before predicting: class lists, one probe batch through every model and TTA view -----------------------
 
 def class_source(config):
-    """Where a config's CsvImageDataLoader takes its classes from: `("classes", names)` when the config lists them,
-    else `("csv", path, id column, label column)` (the sorted labels of the training CSV); None for other loaders,
-    whose classes cannot be known without building them."""
+    """What a config's CsvImageDataLoader takes its output columns from: the training CSV, its label columns, the
+    task and the classes when the config lists them; None for other loaders, whose classes cannot be known without
+    building them."""
     spec = config["data_loader"]
     target = resolve("data_loader", spec["type"], config["import_roots"])
     if getattr(target, "__init__", None) is not CsvImageDataLoader.__init__:
         return None
     params = inspect.signature(CsvImageDataLoader).parameters
     args = {**{name: param.default for name, param in params.items()}, **spec["args"]}
-    if args["classes"] is not None:
-        return ("classes", tuple(str(c) for c in args["classes"]))
-    return ("csv", Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], args["label_column"])
+    return (Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], json.dumps(args["label_column"]),
+            args["task"], args["delimiter"], json.dumps(args["classes"]))
 
 
 def read_classes(source, path):
-    """The class names a source gives, as CsvImageDataLoader finds them; None (with a note) when its training CSV
-    cannot be read any more."""
-    if source[0] == "classes":
-        return list(source[1])
-    _, csv_file, id_column, label_column = source
+    """The output's column names a source gives, as CsvImageDataLoader finds them; None (with a note) when its
+    training CSV cannot be read any more."""
+    csv_file, id_column, label_column, kind, delimiter, classes = source
+    columns = json.loads(label_column)
     try:
-        return [str(c) for c in sorted(set(read_csv(csv_file, id_column, required=(label_column,))[label_column]))]
+        return read_task(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
+                         json.loads(classes)).columns
     except UserError as e:
         logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
                                               path, e)
@@ -158,14 +166,15 @@ def try_one_batch(members, config, data_loader, tta, use_ema, device):
     """Every TTA transform, every model on every view, then the loss and metrics, on a few samples of the data, so
     that any of them failing is one line before anything is predicted. Returns the number of classes."""
     probe, targets = probe_batch(data_loader, device)
-    views, n_classes = tta_views(probe, tta), len(data_classes(data_loader) or []) or None
+    task = task_of(data_loader.dataset)
+    views, n_classes = tta_views(probe, tta), task.width
     for path, checkpoint, model_config in members:  # one model in memory at a time
         model = load_model(path, checkpoint, model_config, use_ema, device)
-        probabilities = check_model(model, path, probe, views, n_classes)
+        probabilities = check_model(model, path, probe, views, task)
         n_classes = probabilities.shape[1]
         del model
     if getattr(data_loader.dataset, "targets", None) is not None:
-        check_scoring(config, probabilities, targets)
+        check_scoring(config, task, probabilities, targets)
     return n_classes
 
 
@@ -192,7 +201,7 @@ def probe_batch(data_loader, device):
         if worker_died(e):
             raise
         raise UserError(f"data_loader: cannot load a batch of the data: {first_line(e)}") from None
-    return inputs_to(device, data[:PROBE], data_loader), target[:PROBE]
+    return inputs_to(device, data[:PROBE], data_loader), as_targets(target)[:PROBE]
 
 
 def tta_views(probe, tta):
@@ -216,25 +225,26 @@ def tta_views(probe, tta):
 
 
 @torch.no_grad()
-def check_model(model, path, probe, views, n_classes=None):
+def check_model(model, path, probe, views, task):
     """Run the model on the probe batch and on each TTA view of it: each must give finite scores of shape
-    [samples, classes] (`n_classes` when known). Returns the probe's probabilities, averaged over the views."""
+    [samples, the task's width] (the first one's width when the task does not know it). Returns the probe's
+    probabilities, averaged over the views."""
     name, n = type(unwrap(model)).__name__, len(probe)
     probabilities = []
     for where, view in [(None, probe), *views]:
         prefix = f"{where}: checkpoint {str(path)!r}:" if where else f"checkpoint {str(path)!r}:"
         try:
-            output = model(view)
+            output = task.flat(model(view))
         except MODEL_ERRORS as e:
             raise UserError(f"{prefix} {name} cannot take {'the view it makes' if where else 'a batch of the data'} "
                             f"(shape {list(view.shape)}): {first_line(e)}") from None
-        if n_classes is None and isinstance(output, torch.Tensor) and output.dim() == 2:
-            n_classes = output.shape[1]
-        if not isinstance(output, torch.Tensor) or list(output.shape) != [n, n_classes]:
-            got = list(output.shape) if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
-            raise UserError(f"{prefix} {name} returns {got} for {n} samples; expected [{n}, {n_classes or 'classes'}], "
-                            f"one score per class of the data")
-        probabilities.append(output.float().softmax(dim=1).cpu())
+        try:
+            check_width(output, task, n, name)
+        except UserError as e:
+            raise UserError(f"{prefix} {str(e).removeprefix('arch: ')}") from None
+        if task.width is None:
+            task = Task.single(range(output.shape[1]))
+        probabilities.append(task.probabilities(output).cpu())
         check_finite(probabilities[-1], path, model)
     return torch.stack(probabilities).mean(dim=0)
 
@@ -251,33 +261,39 @@ def check_finite(probabilities, path, model):
                     f"{len(probabilities)} samples{cause}")
 
 
-def check_scoring(config, probabilities, targets):
+def check_scoring(config, task, probabilities, targets):
     """Score the probe's probabilities with the config's loss and metrics, so that a loss or metric that cannot take
     them is one line before anything is predicted."""
-    criterion, tracker = build_loss(config), EpochMetrics(build_metrics(config))
-    checked_loss_and_metrics(criterion, tracker, probabilities.clamp_min(1e-12).log(), targets, "log-probabilities")
+    criterion, tracker = build_loss(config, task), EpochMetrics(build_metrics(config, task))
+    checked_loss_and_metrics(criterion, tracker, task.logits(probabilities), targets, "the model's scores")
 
 
 def write_out_of_fold(trainer, checkpoint, path):
-    """Predict a fold's validation rows with its best weights: id, target index and one column per class."""
+    """Predict a fold's validation rows with its best weights: id, the target column(s) and the probabilities."""
     model = unwrap(trainer.model)
     load_model_weights(model, checkpoint["state_dict"], "the fold's best checkpoint")
     loader = trainer.valid_data_loader
     probabilities, targets = predict(model, loader, trainer.device)
-    table = pd.DataFrame(probabilities.numpy(), columns=class_names(loader, probabilities.shape[1]))
-    table.insert(0, "target", targets.numpy())
-    table.insert(0, "id", row_ids(loader))
+    columns = class_names(loader, probabilities.shape[1])
+    targets = targets.reshape(len(targets), -1).numpy()
+    table = pd.DataFrame({"id": row_ids(loader), **dict(zip(trainer.task.target_columns, targets.T)),
+                          **dict(zip(columns, probabilities.numpy().T))})
     table.to_csv(path, index=False)
 
 
-def combine_out_of_fold(config, paths, group_dir):
+def combine_out_of_fold(config, task, paths, group_dir):
     """Join the folds' out-of-fold files into oof.csv (every training row once) and score it."""
     table = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in paths], ignore_index=True)
     if table["id"].duplicated().any():
         raise UserError(f"out-of-fold rows overlap between folds: {table['id'][table['id'].duplicated()].iloc[0]!r}")
     table.to_csv(group_dir / "oof.csv", index=False)
-    probabilities = torch.tensor(table.iloc[:, 2:].to_numpy(), dtype=torch.float32)
-    metrics = score(config, probabilities, torch.tensor(table["target"].to_numpy()))
+    write_task(task, group_dir)
+    n_targets = len(task.target_columns)
+    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].to_numpy(), dtype=torch.float32)
+    targets = torch.tensor(table.iloc[:, 1:1 + n_targets].to_numpy())
+    targets = targets.squeeze(1) if task.single_label else targets.to(torch.float32 if task.kind != "multiclass"
+                                                                       else torch.int64)
+    metrics = score(config, task, probabilities, targets)
     write_json({"n_samples": len(table), **metrics}, group_dir / "oof_metrics.json")
     return metrics
 
@@ -290,56 +306,130 @@ def load_model(path, checkpoint, config, use_ema, device):
     return model.to(device).eval()
 
 
-def write_predictions(out, ids, probabilities, classes, inference):
-    """probabilities.csv (id, one column per class) and the submission: `predictions.csv` as id,label, or in the
-    layout of `inference.sample_submission` (its columns and row order; per-class columns get probabilities).
-    Both are checked before either is written."""
+def write_predictions(out, ids, probabilities, classes, inference, task=None):
+    """probabilities.csv (id, one column per output column), task.json (beside it, for tasks other than one label)
+    and the submission: `predictions.csv` as id,label (per head, per target column), or in the layout of
+    `inference.sample_submission` (its columns and row order; per-class columns get probabilities). All are checked
+    before any is written."""
+    task = task or Task.single(classes)
     table = pd.DataFrame(probabilities.numpy(), columns=classes)
     table.insert(0, "id", ids)
-    indices = probabilities.argmax(dim=1).tolist()
-    labels = [classes[i] for i in indices] if inference["label_format"] == "name" else indices
-    submission = pd.DataFrame({"id": ids, "label": labels})
-    sample_path = inference["sample_submission"]
-    if sample_path:
-        submission = match_sample_submission(submission, table, sample_path)
+    sample = read_sample(inference["sample_submission"]) if inference["sample_submission"] else None
+    combine = inference["combine_heads"] or sample is not None and len(sample.columns) == 2
+    submission = pd.DataFrame({"id": ids, **submission_columns(probabilities, classes, task, inference, combine)})
+    if sample is not None:
+        submission = match_sample_submission(submission, table, sample, inference["sample_submission"])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "probabilities.csv", index=False)
+    write_task(task, out)
     submission.to_csv(out / "predictions.csv", index=False)
 
 
-def match_sample_submission(submission, table, sample_path):
+def submission_columns(probabilities, classes, task, inference, combine):
+    """The submission's columns by name: the label (each head's, or the heads' joint class), the labels chosen
+    (joined by the delimiter), or the values."""
+    decided = task.decide(probabilities, inference["threshold"])
+    if task.kind == "regression":
+        return dict(zip(classes, decided.numpy().T))
+    if task.kind == "multilabel":
+        names = task.columns
+        return {task.heads[0][0]: [task.delimiter.join(n for n, on in zip(names, row) if on) for row in
+                                   decided.tolist()]}
+    if task.single_label or combine:
+        indices = decided[:, 0] if task.single_label else task.joint(decided)
+        labels = [classes[i] for i in indices] if inference["label_format"] == "name" and task.single_label else \
+            indices.tolist()
+        return {"label": labels}
+    return {column: [heads[i] for i in decided[:, h].tolist()] if inference["label_format"] == "name" else
+            decided[:, h].tolist() for h, (column, heads) in enumerate(task.heads)}
+
+
+THRESHOLDS = np.linspace(0.05, 0.95, 19)  # tried for each label when the threshold comes from oof.csv
+
+
+def decision_threshold(setting, task, paths=()):
+    """The multilabel decision threshold `inference.threshold` asks for: a number, one per label, or each label's
+    best F1 on the out-of-fold predictions of the checkpoints' run group."""
+    if task.kind != "multilabel":
+        return 0.5
+    labels = task.columns
+    if setting == "oof":
+        found = [p.parent.parent / "oof.csv" for p in map(Path, paths) if (p.parent.parent / "oof.csv").is_file()]
+        if not found:
+            raise UserError("inference.threshold: \"oof\" takes the thresholds from the oof.csv of a run group (train "
+                            "with --folds all and give its checkpoints with -r); none was found beside them")
+        return best_f1_thresholds(pd.read_csv(found[0], dtype={"id": str}), task)
+    values = setting if isinstance(setting, list) else [setting]
+    if isinstance(setting, str) or len(values) not in (1, len(labels)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values):
+        raise UserError(f"inference.threshold: expected a number between 0 and 1, a list of {len(labels)} of them "
+                        f"(one per label: {', '.join(labels)[:200]}), or \"oof\"; got {json.dumps(setting)}")
+    return setting
+
+
+def best_f1_thresholds(table, task):
+    """Per label, the threshold of THRESHOLDS with the best F1 on an oof.csv table (the first of equals)."""
+    targets = table[task.target_columns].to_numpy() > 0.5
+    scores = table[task.columns].to_numpy()
+    chosen = []
+    for label in range(targets.shape[1]):
+        predicted = scores[:, label, None] >= THRESHOLDS
+        hits = (predicted & targets[:, label, None]).sum(axis=0)
+        f1 = 2 * hits / np.maximum(predicted.sum(axis=0) + targets[:, label].sum(), 1)
+        chosen.append(float(THRESHOLDS[int(np.argmax(f1))]))
+    return chosen
+
+
+def read_sample(sample_path):
     try:
         sample = pd.read_csv(sample_path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as e:
         raise UserError(f"inference.sample_submission: cannot read {sample_path!r} ({first_line(e)})") from None
-    id_column, value_columns = sample.columns[0], list(sample.columns[1:])
+    id_column = sample.columns[0]
     if sample[id_column].duplicated().any():
         raise UserError(f"inference.sample_submission: {sample_path} lists id "
                         f"{sample[id_column][sample[id_column].duplicated()].iloc[0]!r} more than once")
+    return sample
+
+
+def match_sample_submission(submission, table, sample, sample_path):
+    """The submission in the sample's row order, under its column names: its label column, or its columns named as
+    the submission's own (one per head or target) or as the classes (probabilities)."""
+    id_column, value_columns = sample.columns[0], list(sample.columns[1:])
     missing = set(sample[id_column]) - set(submission["id"])
     if missing or len(sample) != len(submission):
         raise UserError(f"inference.sample_submission: {sample_path} lists {len(sample)} ids, the predictions "
                         f"{len(submission)}; e.g. no prediction for {sorted(missing)[:3]}")
-    if set(value_columns) <= set(table.columns[1:]) and len(value_columns) > 1:
+    own = list(submission.columns[1:])
+    if len(value_columns) > 1 and set(value_columns) <= set(own):
+        result = submission.set_index("id").loc[sample[id_column], value_columns].reset_index()
+    elif len(value_columns) > 1 and set(value_columns) <= set(table.columns[1:]):
         result = table.set_index("id").loc[sample[id_column], value_columns].reset_index()
-    elif len(value_columns) == 1:
+    elif len(value_columns) == 1 and len(own) == 1:
         result = submission.set_index("id").loc[sample[id_column]].reset_index()
     else:
-        raise UserError(f"inference.sample_submission: expected an id column and a label column, or one column per "
-                        f"class; got {', '.join(sample.columns)}")
+        raise UserError(f"inference.sample_submission: expected an id column and {' '.join(own)} "
+                        f"{'column' if len(own) == 1 else 'columns'}, one label column, or one column per class; "
+                        f"got {', '.join(sample.columns)}")
     result.columns = [id_column, *value_columns]
     return result
 
 
 def blend(paths, weights):
-    """Weighted mean of saved probabilities.csv files (same ids and classes): ids, probabilities, class names."""
+    """Weighted mean of saved probabilities.csv files (same task, ids and columns): ids, probabilities, column names
+    and the task (from the task.json beside the first file)."""
     weights = weights or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise UserError(f"--weights: {len(weights)} weights for {len(paths)} probability files")
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"--weights: expected finite numbers >= 0 with a positive sum, got "
                         f"{' '.join(map(str, weights))}")
-    tables = [read_probabilities(path) for path in paths]
+    tasks = [read_written_task(Path(path).parent) for path in paths]
+    for path, task in zip(paths[1:], tasks[1:]):
+        if task != tasks[0]:
+            raise UserError(f"--blend: {path} and {paths[0]} were written for different tasks (the task.json beside "
+                            f"each)")
+    tables = [read_probabilities(path, tasks[0]) for path in paths]
     first = tables[0]
     for path, table in zip(paths[1:], tables[1:]):
         if list(table.columns) != list(first.columns):
@@ -350,12 +440,15 @@ def blend(paths, weights):
         if other:
             raise UserError(f"--blend: {path} and {paths[0]} list other ids: {other[0]!r} is in one only")
     total = sum(w * t.loc[first.index].to_numpy() for w, t in zip(weights, tables)) / sum(weights)
-    return list(first.index), torch.tensor(total, dtype=torch.float32), list(first.columns)
+    columns = list(first.columns)
+    return list(first.index), torch.tensor(total, dtype=torch.float32), columns, tasks[0] or Task.single(columns)
 
 
-def read_probabilities(path):
+def read_probabilities(path, task=None):
     """A probabilities.csv as numbers indexed by id. Anything else (a predictions.csv, scores or logits, a damaged
-    file) is refused in one line naming the file: every value must lie in [0, 1] and every row sum to 1."""
+    file) is refused in one line naming the file: every value must lie in [0, 1] and every row sum to 1 (each head's
+    part of it, with several label columns; not at all for labels chosen one by one); values of a regression need
+    only be finite."""
     try:
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).fillna("")
     except (OSError, ValueError) as e:
@@ -364,23 +457,32 @@ def read_probabilities(path):
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise UserError(f"--blend: {path} names column {repeated[0]!r} more than once")
-    if "id" not in header or len(header) < 3 or body.empty:
+    least = 2 if task is not None and task.kind != "multiclass" else 3
+    if "id" not in header or len(header) < least or body.empty:
         raise UserError(f"--blend: {path} has columns {', '.join(header) or 'none'} and {len(body)} rows; expected an "
                         f"id column and one probability column per class (a probabilities.csv, not a predictions.csv)")
     table = body.set_axis(header, axis=1).set_index("id")
     if "" in table.index or table.index.duplicated().any():
         issue = "a row without an id" if "" in table.index else f"id {table.index[table.index.duplicated()][0]!r} twice"
         raise UserError(f"--blend: {path} lists {issue}")
+    if task is not None and list(table.columns) != task.columns:
+        raise UserError(f"--blend: {path} has columns {', '.join(table.columns)[:200]}; the task.json beside it "
+                        f"names {', '.join(task.columns)[:200]}")
     numbers = table.apply(pd.to_numeric, errors="coerce").astype(float)
     values = numbers.to_numpy()
-    bad = ~np.isfinite(values) | (values < 0) | (values > 1 + SUM_TOLERANCE)
+    regression = task is not None and task.kind == "regression"
+    bad = ~np.isfinite(values) | (~regression & ((values < 0) | (values > 1 + SUM_TOLERANCE)))
     if bad.any():
         row, column = np.argwhere(bad)[0]
+        expected = "a finite number" if regression else "probabilities in [0, 1]"
         raise UserError(f"--blend: {path}: id {table.index[row]!r} has {table.iat[row, column]!r} in column "
-                        f"{table.columns[column]!r}; expected probabilities in [0, 1]")
-    sums = values.sum(axis=1)
-    off = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
-    if len(off):
-        raise UserError(f"--blend: {path}: the probabilities of id {table.index[off[0]]!r} sum to {sums[off[0]]:.6g}, "
-                        f"not 1")
+                        f"{table.columns[column]!r}; expected {expected}")
+    if task is not None and task.kind != "multiclass":
+        return numbers
+    for s in (task.segments if task is not None else [slice(None)]):
+        sums = values[:, s].sum(axis=1)
+        off = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
+        if len(off):
+            raise UserError(f"--blend: {path}: the probabilities of id {table.index[off[0]]!r} sum to "
+                            f"{sums[off[0]]:.6g}, not 1")
     return numbers

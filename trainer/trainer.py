@@ -15,6 +15,7 @@ from trainer.ema import ModelEma
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
 from utils.checkpoint_rules import UNREAD, Int, MayLack, Number, OneOf, restoring
+from utils.task import as_targets, task_of
 from utils.util import UserError, first_line
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +32,8 @@ class Trainer(BaseTrainer):
         self.device = device
         self.data_loader = data_loader
         self.valid_data_loader = valid_data_loader
-        self.train_metrics = EpochMetrics(metrics)
+        self.task = task_of(data_loader.dataset)
+        self.train_metrics = EpochMetrics({} if getattr(data_loader, "mixing", None) else metrics)  # mixed targets
         self.valid_metrics = EpochMetrics(metrics)
         self.amp_dtype = AMP_DTYPES[self.cfg.amp]
         if self.amp_dtype is torch.float16 and device.type != "cuda":
@@ -62,13 +64,7 @@ class Trainer(BaseTrainer):
     @torch.no_grad()
     def _check_one_batch(self, make_optimizer):
         data, target, output = self._first_samples(16)
-        classes = getattr((self.valid_data_loader or self.data_loader).dataset, "classes", None)
-        if not isinstance(output, torch.Tensor) or output.dim() != 2 or classes and output.shape[1] != len(classes):
-            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            n = len(classes) if classes else "classes"
-            raise UserError(f"arch: {type(unwrap(self.model)).__name__} returns {shape} for {len(data)} samples; "
-                            f"expected [{len(data)}, {n}], one score per class of the data (set its num_classes to "
-                            f"{n})")
+        check_width(output, self.task, len(data), type(unwrap(self.model)).__name__)
         with self._autocast():
             checked_loss_and_metrics(self.criterion, self.valid_metrics, output, target, "the model's output")
         self.valid_metrics.reset()
@@ -79,8 +75,10 @@ class Trainer(BaseTrainer):
         was_training = model.training
         optimizer, schedule = make_optimizer([p for p in model.parameters() if p.requires_grad])
         try:
+            if getattr(self.data_loader, "mixing", None):
+                data, target = self.data_loader.mixing(data, target)
             with torch.enable_grad(), self._autocast():
-                loss = self.criterion(model.train()(data), target)
+                loss = self.criterion(self.task.flat(model.train()(data)), target)
             try:
                 loss.backward()
             except Exception as e:
@@ -111,7 +109,7 @@ class Trainer(BaseTrainer):
                 self.optimizer.zero_grad(set_to_none=True)
             with self._gradient_sync(ends_group):
                 with self._autocast():
-                    output = self.model(data)
+                    output = self.task.flat(self.model(data))
                     loss = self.criterion(output, target)
                 self.scaler.scale(loss / group_size).backward()
             if ends_group:
@@ -214,7 +212,7 @@ class Trainer(BaseTrainer):
         for data, target in itertools.islice(self.valid_data_loader, n_batches):
             data, target = self._to_device(data, target, self.valid_data_loader)
             with self._autocast():
-                output = model(data)
+                output = self.task.flat(model(data))
                 loss = self.criterion(output, target)
             self.valid_metrics.update(loss, output, target)
         return self.valid_metrics.result()
@@ -223,7 +221,7 @@ class Trainer(BaseTrainer):
         data = inputs_to(self.device, data, loader)
         if data.dim() == 4:
             data = data.contiguous(memory_format=self.memory_format)
-        return data, target.to(self.device, non_blocking=True)
+        return data, as_targets(target).to(self.device, non_blocking=True)
 
     def _autocast(self):
         if self.amp_dtype is None:  # entering even a disabled autocast asks CUDA for its device count
@@ -305,18 +303,25 @@ class Trainer(BaseTrainer):
         mode; a model that cannot take them is one line."""
         loader = self.valid_data_loader or self.data_loader
         data, target = next(iter(loader))
-        data, target = self._to_device(data[:n], target[:n], loader)
+        data, target = self._to_device(data[:n], as_targets(target)[:n], loader)
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
         try:
             with self._autocast():
-                return data, target, model(data)
+                output = model(data)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
                             f"{list(data.shape)}): {first_line(e)}") from None
         finally:
             model.train(was_training)
+        try:
+            return data, target, self.task.flat(output)
+        except (RuntimeError, TypeError) as e:
+            raise UserError(f"arch: {type(model).__name__} returns heads that cannot be joined into one [samples, "
+                            f"outputs] tensor: {first_line(e)}") from None
 
     def _epoch_batches(self):
         return batches_per_epoch(len(self.data_loader), self.cfg.limit_train_batches)
@@ -352,6 +357,18 @@ class Trainer(BaseTrainer):
         if scheduler.last_epoch + left > scheduler.total_steps:
             raise UserError(f"checkpoint {checkpoint['path']!r}: lr_scheduler: {type(scheduler).__name__} is at step "
                             f"{scheduler.last_epoch} of {scheduler.total_steps}, with {left} steps of this run left")
+
+
+def check_width(output, task, n, model_name):
+    """The model's (joined) output must be [n, the task's width]; one line naming both sides otherwise."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[1] == (task.width or output.shape[1]):
+        return
+    shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    width = task.width or "classes"
+    scores = {"multilabel": "one score per label", "regression": "one value per target column"}.get(
+        task.kind, "one score per class of each label column" if len(task.heads) > 1 else "one score per class")
+    raise UserError(f"arch: {model_name} returns {shape} for {n} samples; expected [{n}, {width}], {scores} of the "
+                    f"data ({task.describe()}; set its num_classes to {width}, or return one tensor per head)")
 
 
 def checked_loss_and_metrics(criterion, tracker, output, target, what):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from utils import schedule
 from utils.settings import InferenceSettings, RunSettings, TrainerSettings, check_settings, value_problem
+from utils.task import DEFAULT_LOSS, HeadsLoss, Task, head_name, task_metrics
 from utils.util import UserError, did_you_mean, no_new_folders_on_failure, read_json
 
 PROJECT_ROOTS = ("base", "data_loader", "model", "trainer", "logger", "utils")
@@ -101,7 +102,7 @@ def validate(config):
     for section in ("arch", "data_loader", "optimizer"):
         config[section] = check_spec(config[section], section, roots)
     config["loss"] = config["loss"] if isinstance(config["loss"], str) else check_spec(config["loss"], "loss", roots)
-    if isinstance(config["loss"], str):
+    if config["loss"] and isinstance(config["loss"], str):
         resolve("loss", config["loss"], roots)
     if config["lr_scheduler"]:
         spec = config["lr_scheduler"] = check_spec(config["lr_scheduler"], "lr_scheduler", roots, ("step_every",))
@@ -147,8 +148,13 @@ def metric_name(entry):
 
 
 def produced_metrics(config):
-    """Every name an epoch's log can hold, given the metrics and whether the data loader splits off validation."""
-    names = ["loss"] + [metric_name(m) for m in config["metrics"]]
+    """Every name an epoch's log can hold, given the metrics (one per head too, with several label columns) and
+    whether the data loader splits off validation."""
+    names = [metric_name(m) for m in config["metrics"]]
+    columns = config["data_loader"]["args"].get("label_column")
+    if isinstance(columns, list) and len(columns) > 1:
+        names += [f"{name}_{head_name(column)}" for name in names for column in columns]
+    names = ["loss"] + names
     if not (_has_validation(config) or config["trainer"]["overfit_batches"]):
         return names
     ema = ["val_ema_" + n for n in names] if config["trainer"]["ema_decay"] else []
@@ -357,6 +363,7 @@ def _defined_under(target, module_name):
 
 
 OPTIONAL_PROGRAM_ARGS = ("seed",)  # passed only to classes that take them
+SINGLE_LABEL = Task()
 
 
 def build(config, section, *supplied, **program):
@@ -399,24 +406,49 @@ def _download_dir():
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def build_loss(config):
-    loss = config["loss"]
+def build_loss(config, task=SINGLE_LABEL):
+    """The config's loss (the task's own when none is named), applied to each head with several label columns."""
+    loss = config["loss"] or DEFAULT_LOSS[task.kind]
     if isinstance(loss, str):
         target = resolve("loss", loss, config["import_roots"])
-        return target() if inspect.isclass(target) else target
-    return build(config, "loss")
+        criterion = target() if inspect.isclass(target) else target
+    else:
+        criterion = build(config, "loss")
+    if task.kind == "multiclass" and len(task.heads) > 1:
+        return HeadsLoss(criterion, task, config["head_weights"])
+    if config["head_weights"]:
+        raise UserError("head_weights: weighs the heads of several label columns; this data has one")
+    return criterion
 
 
-def build_metrics(config):
-    """The config's metrics by the names they are logged under."""
-    return {metric_name(entry): build_spec({"type": entry} if isinstance(entry, str) else entry, "metrics",
-                                           config["import_roots"], where=f"metrics[{i}]")
-            for i, entry in enumerate(config["metrics"])}
+def build_metrics(config, task=SINGLE_LABEL):
+    """The config's metrics by the names they are logged under (per head too, with several label columns); each
+    must score the task's kind of target."""
+    metrics = {}
+    for i, entry in enumerate(config["metrics"]):
+        metric = build_spec({"type": entry} if isinstance(entry, str) else entry, "metrics", config["import_roots"],
+                            where=f"metrics[{i}]")
+        kinds = getattr(metric, "tasks", ("multiclass",))
+        if task.kind not in kinds:
+            module = importlib.import_module(SECTIONS["metrics"].modules[0])
+            fitting = [n for n, m in vars(module).items() if n.islower() and task.kind in getattr(m, "tasks", ())]
+            raise UserError(f"metrics[{i}]: {metric_name(entry)} scores {' or '.join(kinds)} targets, not this "
+                            f"data's {task.kind} ones; for those use {', '.join(fitting) or 'a metric of your own'}")
+        metrics[metric_name(entry)] = metric
+    return task_metrics(metrics, task)
 
 
 def build_transforms(specs, where):
-    """torchvision.transforms.v2 transforms from a list of `{type, args}` objects."""
+    """torchvision.transforms.v2 transforms from a list of `{type, args}` objects; a transform that takes others
+    (RandomChoice, RandomApply, Compose) takes them as such a list too."""
     if not isinstance(specs, (list, tuple)):
         raise UserError(f"{where}: expected a list of {{\"type\": ..., \"args\": {{...}}}} objects, got {specs!r}")
-    return [build_spec(check_spec(spec, "transforms", (), where=f"{where}[{i}]"), "transforms",
-                       where=f"{where}[{i}]") for i, spec in enumerate(specs)]
+    built = []
+    for i, spec in enumerate(specs):
+        spec = check_spec(spec, "transforms", (), where=f"{where}[{i}]")
+        inner = spec["args"].get("transforms")
+        if isinstance(inner, list) and inner and all(isinstance(s, dict) for s in inner):
+            spec = {**spec, "args": {**spec["args"], "transforms": build_transforms(inner, f"{where}[{i}].args"
+                                                                                          f".transforms")}}
+        built.append(build_spec(spec, "transforms", where=f"{where}[{i}]"))
+    return built

@@ -37,7 +37,11 @@ class RunSettings:
     arch: dict = setting(REQUIRED, "the model: `{\"type\", \"args\"}`")
     data_loader: dict = setting(REQUIRED, "the data: `{\"type\", \"args\"}`")
     optimizer: dict = setting(REQUIRED, "`{\"type\", \"args\"}`; the model's trainable parameters are passed first")
-    loss: Union[str, dict] = setting(REQUIRED, "a name (`\"cross_entropy\"`) or `{\"type\", \"args\"}`")
+    loss: Union[str, dict] = setting("", "a name (`\"cross_entropy\"`) or `{\"type\", \"args\"}`; `\"\"`: the "
+                                         "task's own (`cross_entropy`, `binary_cross_entropy_with_logits`, "
+                                         "`mse_loss`); with several label columns it is applied to each head")
+    head_weights: list = setting([], "several label columns: the weight of each head's loss in their sum, in column "
+                                     "order; `[]`: 1 each")
     metrics: list = setting([], "names (`\"accuracy\"`) or `{\"type\", \"args\", \"name\"}` objects; `name` is what "
                                 "it is logged as (default: its `type`)")
     lr_scheduler: dict = setting({}, "`{\"type\", \"args\", \"step_every\"}`, or `{}` for none; the optimizer is "
@@ -101,6 +105,12 @@ class InferenceSettings:
                                          "per class)")
     label_format: Literal["name", "index"] = setting("name", "labels in `predictions.csv` as written in `train.csv` "
                                                              "(`\"name\"`) or as class indices (`\"index\"`)")
+    combine_heads: bool = setting(False, "several label columns: write one `label` column, the heads' classes "
+                                         "combined (first column most significant), instead of one column per head; "
+                                         "a sample submission with one label column does so too")
+    threshold: Union[float, list, str] = setting(0.5, "multilabel: the probability from which a label is predicted: "
+                                                      "a number, a list (one per label), or `\"oof\"` (each label's "
+                                                      "best F1 on the run group's `oof.csv`)")
 
 
 def check_settings(declaration, values, prefix=""):

@@ -1,0 +1,265 @@
+"""The task: what the targets are and how a model's output maps onto them. The data loader describes it; the loss,
+metrics, folds, out-of-fold files, ensembles, blends and test.py's outputs follow from it.
+
+- "multiclass": one head per label column, each scored over its own classes (one column: today's single label).
+- "multilabel": one column of labels separated by `delimiter`; any number per sample, each scored on its own.
+- "regression": one or more numeric columns, one value each.
+
+A model emits the heads' outputs concatenated in column order, or a tuple (or a dict keyed by column) of them;
+`flat` joins those into one (N, width) tensor right after the forward, and everything downstream sees that.
+"""
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.util import UserError, write_json
+
+KINDS = ("multiclass", "multilabel", "regression")
+DEFAULT_LOSS = {"multiclass": "cross_entropy", "multilabel": "binary_cross_entropy_with_logits",
+                "regression": "mse_loss"}
+MAX_JOINT = 10_000  # joint classes of a multi-task run beyond which the joint label is not scored
+QUANTILE_BINS = 10  # strata of a regression target for stratified splits
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str = "multiclass"
+    heads: tuple = (("label", None),)  # (column, classes): classes None for a regression column (or unknown)
+    delimiter: str = " "
+
+    @classmethod
+    def single(cls, classes, column="label"):
+        return cls("multiclass", ((column, None if classes is None else tuple(classes)),))
+
+    @property
+    def single_label(self):
+        return self.kind == "multiclass" and len(self.heads) == 1
+
+    @property
+    def widths(self):
+        """Output columns per head (None where the classes are unknown)."""
+        return tuple(1 if self.kind == "regression" else None if c is None else len(c) for _, c in self.heads)
+
+    @property
+    def width(self):
+        return None if None in self.widths else sum(self.widths)
+
+    @property
+    def segments(self):
+        starts = np.cumsum((0, *self.widths))
+        return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+    @property
+    def columns(self):
+        """The output's column names, as probabilities.csv writes them."""
+        if self.kind == "multilabel":
+            return [str(c) for c in self.heads[0][1]]
+        if self.kind == "regression":
+            return [column for column, _ in self.heads]
+        if self.single_label:
+            return None if self.heads[0][1] is None else [str(c) for c in self.heads[0][1]]
+        return [f"{column}:{c}" for column, classes in self.heads for c in classes]
+
+    @property
+    def target_columns(self):
+        """The target's column names in oof.csv."""
+        if self.single_label:
+            return ["target"]
+        names = self.columns if self.kind == "multilabel" else [column for column, _ in self.heads]
+        return [f"target:{name}" for name in names]
+
+    def describe(self):
+        """The expected output width in words, for messages."""
+        if self.kind == "multiclass" and len(self.heads) > 1:
+            return f"{' + '.join(f'{c} {w}' for (c, _), w in zip(self.heads, self.widths))} = {self.width}"
+        return str(self.width)
+
+    def flat(self, output):
+        """The model's output as one (N, width) tensor: heads given as a tuple, list or dict joined in column order."""
+        if isinstance(output, dict):
+            missing = [column for column, _ in self.heads if column not in output]
+            if missing:
+                raise UserError(f"arch: the model returns a dict with keys {sorted(map(str, output))}; expected one "
+                                f"per label column ({', '.join(c for c, _ in self.heads)})")
+            output = [output[column] for column, _ in self.heads]
+        if isinstance(output, (tuple, list)):
+            return torch.cat([part.unsqueeze(1) if part.dim() == 1 else part for part in output], dim=1)
+        if isinstance(output, torch.Tensor) and output.dim() == 1 and self.kind == "regression":
+            return output.unsqueeze(1)
+        return output
+
+    def probabilities(self, flat):
+        """Scores as probabilities (each head's softmax; each label's sigmoid), or values for regression."""
+        flat = flat.float()
+        if self.kind == "multilabel":
+            return flat.sigmoid()
+        if self.kind == "regression" or self.single_label or self.width is None:
+            return flat if self.kind == "regression" else flat.softmax(dim=1)
+        return torch.cat([flat[:, s].softmax(dim=1) for s in self.segments], dim=1)
+
+    def logits(self, probabilities):
+        """Scores that `probabilities` turns back into the same probabilities: what losses and metrics take."""
+        if self.kind == "regression":
+            return probabilities
+        p = probabilities.clamp(1e-12, 1 - 1e-7 if self.kind == "multilabel" else 1)
+        return p.log() - (-p).log1p() if self.kind == "multilabel" else p.log()
+
+    def one_hot(self, target):
+        """Targets as (N, width) floats, the form batch transforms mix."""
+        if target.is_floating_point() and target.dim() == 2 and target.shape[1] == self.width:
+            return target
+        if self.kind != "multiclass":
+            return target.float().reshape(len(target), -1)
+        target = target.reshape(len(target), -1)
+        return torch.cat([F.one_hot(target[:, h], w).float() for h, w in enumerate(self.widths)], dim=1)
+
+    def joint(self, indices):
+        """Per-head class indices (N, heads) as one class of the heads combined, first head most significant."""
+        code = torch.zeros(len(indices), dtype=torch.int64, device=indices.device)
+        for h, w in enumerate(self.widths):
+            code = code * w + indices[:, h]
+        return code
+
+    def decide(self, probabilities, threshold=0.5):
+        """Per-head class indices (N, heads), labels chosen (N, labels) as booleans, or values."""
+        if self.kind == "multilabel":
+            return probabilities >= torch.as_tensor(threshold, dtype=probabilities.dtype)
+        if self.kind == "regression":
+            return probabilities
+        return torch.stack([probabilities[:, s].argmax(dim=1) for s in self.segments], dim=1)
+
+    def strata(self, targets):
+        """One integer per sample that stratified splits keep in proportion: the class, the heads' joint class, the
+        set of labels (or, when some set is too rare, the sample's most frequent label), or a quantile bin."""
+        targets = np.asarray(targets)
+        if targets.ndim == 1:
+            return targets
+        if self.kind == "regression":
+            values = targets[:, 0]
+            edges = np.quantile(values, np.linspace(0, 1, QUANTILE_BINS + 1)[1:-1])
+            return np.searchsorted(edges, values, side="right")
+        codes, counts = np.unique(targets, axis=0, return_inverse=True, return_counts=True)[1:]
+        codes = codes.reshape(-1)
+        if self.kind == "multilabel" and counts.min() < 2:
+            frequency = targets.sum(axis=0)
+            return np.where(targets.any(axis=1), np.argmax(targets * (frequency + 1), axis=1), -1)
+        return codes
+
+    def to_json(self):
+        return {"kind": self.kind, "heads": [[column, None if c is None else list(c)] for column, c in self.heads],
+                "delimiter": self.delimiter}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(data["kind"], tuple((column, None if c is None else tuple(c)) for column, c in data["heads"]),
+                   data["delimiter"])
+
+
+TASK_FILE = "task.json"  # beside probabilities.csv and oof.csv when the task is not a single label
+
+
+def task_of(dataset):
+    """The task of a dataset: its own `task`, else a single label over its `classes` (when it names them)."""
+    task = getattr(dataset, "task", None)
+    return task if isinstance(task, Task) else Task.single(getattr(dataset, "classes", None))
+
+
+def as_targets(target):
+    """A batch's targets as one tensor: parts given as a tuple, list or dict (in order) stacked as columns."""
+    if isinstance(target, dict):
+        target = list(target.values())
+    if isinstance(target, (tuple, list)):
+        parts = [torch.as_tensor(t) for t in target]
+        dtype = torch.float32 if any(p.is_floating_point() for p in parts) else torch.int64
+        return torch.stack([p.to(dtype) for p in parts], dim=1)
+    return target
+
+
+def write_task(task, folder):
+    if not task.single_label:
+        write_json(task.to_json(), Path(folder) / TASK_FILE)
+
+
+def read_task(folder):
+    """The task a folder's probabilities were written for: its task.json, else a single label."""
+    path = Path(folder) / TASK_FILE
+    if not path.exists():
+        return None
+    try:
+        return Task.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a task description written by test.py ({e})") from None
+
+
+class HeadsLoss(torch.nn.Module):
+    """A multi-task loss: `loss` on each head's columns of the output and its targets (class indices, or soft
+    targets of the head's width), weighted and summed."""
+
+    def __init__(self, loss, task, weights=()):
+        super().__init__()
+        if weights and (len(weights) != len(task.heads) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)):
+            raise UserError(f"head_weights: expected {len(task.heads)} numbers >= 0, one per label column "
+                            f"({', '.join(c for c, _ in task.heads)}), got {json.dumps(weights)}")
+        self.loss = loss
+        self.segments = task.segments
+        self.weights = list(weights) or [1.0] * len(task.heads)
+
+    def forward(self, output, target):
+        soft = target.is_floating_point()
+        return sum(w * self.loss(output[:, s], target[:, s] if soft else target[:, h])
+                   for h, (s, w) in enumerate(zip(self.segments, self.weights)))
+
+
+def head_name(column):
+    """A label column as it appears in metric names."""
+    return re.sub(r"[^\w.-]", "_", str(column))
+
+
+def task_metrics(metrics, task):
+    """The metrics as logged for `task`: unchanged for one head; for several, each one per head (`<name>_<column>`)
+    and for the heads' joint class (`<name>`, as the mixed-radix label a one-column submission holds)."""
+    if task.kind != "multiclass" or len(task.heads) == 1:
+        return metrics
+    per_head = {f"{name}_{head_name(column)}": HeadMetric(metric, s, h)
+                for name, metric in metrics.items() for h, ((column, _), s) in enumerate(zip(task.heads,
+                                                                                              task.segments))}
+    joint = {name: JointMetric(metric, task) for name, metric in metrics.items()} \
+        if math.prod(task.widths) <= MAX_JOINT else {}
+    return {**joint, **per_head}
+
+
+class HeadMetric:
+    """A metric on one head of a multi-task output."""
+
+    def __init__(self, metric, segment, head):
+        self.metric, self.segment, self.head = metric, segment, head
+
+    def batch_stats(self, output, target):
+        return self.metric.batch_stats(output[:, self.segment], target[:, self.head])
+
+    def compute(self, total):
+        return self.metric.compute(total)
+
+
+class JointMetric:
+    """A metric on the heads' joint class: the joint scores are the sums of the heads' log-probabilities."""
+
+    def __init__(self, metric, task):
+        self.metric, self.task = metric, task
+
+    def batch_stats(self, output, target):
+        joint = None
+        for s in self.task.segments:
+            log_p = output[:, s].float().log_softmax(dim=1)
+            joint = log_p if joint is None else (joint[:, :, None] + log_p[:, None, :]).flatten(1)
+        return self.metric.batch_stats(joint, self.task.joint(target))
+
+    def compute(self, total):
+        return self.metric.compute(total)
