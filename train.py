@@ -21,7 +21,7 @@ from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
 from utils.checkpoint_rules import check_checkpoint
-from utils.config import apply_overrides, build, build_loss, build_metrics, load_config, validate
+from utils.config import apply_overrides, build, build_loss, build_metrics, check_monitor, load_config, validate
 from utils.schedule import build_schedule
 from utils.task import task_of
 from utils.util import (
@@ -142,6 +142,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
         load_model_weights(model, checkpoint["state_dict"], checkpoint["path"])
     model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
     task = task_of(data_loader.dataset)
+    check_monitor(config, task)
     criterion = build_loss(config, task)
     if hasattr(criterion, "to"):
         criterion = criterion.to(device)

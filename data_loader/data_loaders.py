@@ -57,6 +57,7 @@ class CsvImageDataLoader(BaseDataLoader):
             dataset = eval_dataset = CsvImageDataset(data_dir / test_csv, data_dir / test_images,
                                                      transform=eval_transform, **common)
         try_transform(eval_dataset)
+        refuse_num_classes(batch_transforms, "data_loader.args.batch_transforms", task)
         mixing = BatchMixing(build_transforms(batch_transforms, "data_loader.args.batch_transforms"), task) \
             if batch_transforms and training else None
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
@@ -118,6 +119,17 @@ def read_task(train_csv, id_column, columns, kind, delimiter, classes):
     for column, column_classes in zip(columns, per_column):
         check_classes(column_classes, "" if len(columns) == 1 else f"[{columns.index(column)}]", column)
     return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter)
+
+
+def refuse_num_classes(specs, where, task):
+    """Batch transforms take their class count from the data; one that the config sets is refused, nested too."""
+    for i, spec in enumerate(specs if isinstance(specs, (list, tuple)) else ()):
+        args = spec.get("args", {}) if isinstance(spec, dict) else {}
+        if isinstance(args, dict) and "num_classes" in args:
+            raise UserError(f"{where}[{i}].args.num_classes: set by the program (the task's width, {task.width}); "
+                            f"remove it")
+        if isinstance(args, dict) and isinstance(args.get("transforms"), list):
+            refuse_num_classes(args["transforms"], f"{where}[{i}].args.transforms", task)
 
 
 class BatchMixing:

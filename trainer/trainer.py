@@ -33,7 +33,11 @@ class Trainer(BaseTrainer):
         self.data_loader = data_loader
         self.valid_data_loader = valid_data_loader
         self.task = task_of(data_loader.dataset)
-        self.train_metrics = EpochMetrics({} if getattr(data_loader, "mixing", None) else metrics)  # mixed targets
+        mixing = getattr(data_loader, "mixing", None)
+        self.train_metrics = EpochMetrics({} if mixing else metrics)
+        if mixing and metrics:
+            self.logger.info("training batches are mixed (data_loader.args.batch_transforms): the metrics are scored "
+                             "on validation only; training logs its loss")
         self.valid_metrics = EpochMetrics(metrics)
         self.amp_dtype = AMP_DTYPES[self.cfg.amp]
         if self.amp_dtype is torch.float16 and device.type != "cuda":

@@ -125,7 +125,7 @@ def validate(config):
         names.append(name)
     if len(set(names)) != len(names):
         raise UserError(f"metrics: two metrics share a name ({', '.join(names)}); give one a \"name\"")
-    _check_monitor(config, names)
+    check_monitor(config)
     return config
 
 
@@ -147,21 +147,26 @@ def metric_name(entry):
     return entry if isinstance(entry, str) else entry.get("name", entry["type"])
 
 
-def produced_metrics(config):
-    """Every name an epoch's log can hold, given the metrics (one per head too, with several label columns) and
-    whether the data loader splits off validation."""
+def produced_metrics(config, task=None):
+    """Every name an epoch's log can hold, given the metrics (one per head too, with several label columns: the
+    task's, else the config's) and whether the data loader splits off validation."""
     names = [metric_name(m) for m in config["metrics"]]
-    columns = config["data_loader"]["args"].get("label_column")
+    columns = config["data_loader"]["args"].get("label_column") if task is None else \
+        [column for column, _ in task.heads] if task.kind == "multiclass" else []
     if isinstance(columns, list) and len(columns) > 1:
         names += [f"{name}_{head_name(column)}" for name in names for column in columns]
     names = ["loss"] + names
+    mixed = bool(config["data_loader"]["args"].get("batch_transforms"))  # training batches then log their loss only
+    training = names[:1] if mixed else names
     if not (_has_validation(config) or config["trainer"]["overfit_batches"]):
-        return names
+        return training
     ema = ["val_ema_" + n for n in names] if config["trainer"]["ema_decay"] else []
-    return names + ["val_" + n for n in names] + ema
+    return training + ["val_" + n for n in names] + ema
 
 
-def _check_monitor(config, metric_names):
+def check_monitor(config, task=None):
+    """The monitor names a metric training produces. Before the data is built (`task` None), a name that may be a
+    per-head one of a data loader other than CsvImageDataLoader is left for the check once it is."""
     monitor = config["trainer"]["monitor"]
     if monitor == "off":
         if config["trainer"]["save_top_k"]:
@@ -171,7 +176,11 @@ def _check_monitor(config, metric_names):
     if mode not in ("min", "max") or not metric:
         raise UserError(f"trainer.monitor: expected \"off\", \"min <metric>\" or \"max <metric>\", "
                         f"got {json.dumps(monitor)}")
-    produced = produced_metrics(config)
+    produced = produced_metrics(config, task)
+    own_loader = resolve("data_loader", config["data_loader"]["type"], config["import_roots"]).__module__ == \
+        "data_loader.data_loaders"
+    if task is None and not own_loader and any(metric.startswith(name + "_") for name in produced):
+        return
     if metric not in produced:
         hint = did_you_mean(metric, produced) or f"; training produces {', '.join(produced)}"
         raise UserError(f"trainer.monitor: {metric!r} is never produced by training{hint}")

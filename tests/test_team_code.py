@@ -1,0 +1,112 @@
+"""A team's own code in a copy, as it is usually written: a model whose heads come back as a dict, a dataset whose
+targets are tuples, and an undersampling collate function that must never touch validation, out-of-fold or test
+predictions."""
+import json
+
+import pytest
+import torch
+
+import train
+from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, make_config, read_csv_rows
+
+TEAM_CODE = '''
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from base import BaseDataLoader
+from base.base_data_loader import collate
+from data_loader.data_loaders import ImageTransform
+from data_loader.datasets import CsvImageDataset
+from utils.task import Task
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.digit, self.parity = nn.Linear(128, 10), nn.Linear(128, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"parity": self.parity(h), "digit": self.digit(h)}
+
+
+class DigitParity(Dataset):
+    task = Task("multiclass", (("digit", tuple(range(10))), ("parity", ("even", "odd"))))
+
+    def __init__(self, csv_file, image_dir):
+        self.images = CsvImageDataset(csv_file, image_dir, classes=list(range(10)), cache=False,
+                                      transform=ImageTransform([], [0.13], [0.31]))
+        digits = self.images.targets
+        self.targets = None if digits is None else [(d, d % 2) for d in digits]
+        self.ids, self.classes = self.images.ids, self.task.columns
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image, _ = self.images[i]
+        return image, self.targets[i] if self.targets else (-1, -1)
+
+
+def undersample(samples):
+    return collate(samples[::2])
+
+
+class DigitParityLoader(BaseDataLoader):
+    def __init__(self, data_dir, images, batch_size, shuffle=True, validation_split=0.2, num_workers=0,
+                 training=True, n_folds=0, fold=0, seed=0):
+        csv = "train.csv" if training else "test_labels.csv"
+        dataset = DigitParity(f"{data_dir}/{csv}", images + ("/train" if training else "/test"))
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=undersample,
+                         n_folds=n_folds, fold=fold, seed=seed)
+'''
+
+
+@pytest.fixture(scope="module")
+def team_run(data_slice, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("team")
+    (folder / "team").mkdir()
+    (folder / "team" / "__init__.py").write_text(TEAM_CODE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        config = make_config(data_slice, folder / "saved", epochs=1)
+        config.update(import_roots=["team"], arch={"type": "team.TwoHeads", "args": {}}, metrics=["accuracy"],
+                      data_loader={"type": "team.DigitParityLoader",
+                                   "args": {"data_dir": str(data_slice), "images": str(DATA), "batch_size": 32,
+                                            "n_folds": 2}},
+                      head_weights=[1.0, 0.5])
+        config["trainer"]["monitor"] = "max val_accuracy_digit"
+        path = folder / "config.json"
+        path.write_text(json.dumps(config))
+        assert train.main(["-c", str(path), "--folds", "all"]) == 0
+        group = next((folder / "saved" / config["name"]).iterdir())
+        yield group
+
+
+def test_dict_heads_and_tuple_targets_train_into_per_head_metrics(team_run):
+    group = team_run
+    metrics = json.loads((group / "oof_metrics.json").read_text())
+    assert {"accuracy", "accuracy_digit", "accuracy_parity"} <= set(metrics)
+    table = read_csv_rows(group / "oof.csv")
+    assert list(table[0])[:3] == ["id", "target:digit", "target:parity"]
+    probabilities = torch.tensor([[float(v) for k, v in row.items() if ":" in k and not k.startswith("target")]
+                                  for row in table])
+    assert torch.allclose(probabilities[:, :10].sum(dim=1), torch.ones(len(table)), atol=1e-5)
+    digits = probabilities[:, :10].argmax(dim=1)
+    truth = torch.tensor([int(row["target:digit"]) for row in table])
+    assert metrics["accuracy_digit"] == pytest.approx((digits == truth).double().mean().item(), abs=1e-6)
+
+
+def test_a_training_collate_function_never_touches_out_of_fold_or_test_predictions(team_run, tmp_path):
+    group = team_run
+    assert json.loads((group / "oof_metrics.json").read_text())["n_samples"] == N_TRAIN
+    assert len(read_csv_rows(group / "oof.csv")) == N_TRAIN
+    assert evaluate(["-r", group, "-o", 'import_roots=["team"]', "--out", tmp_path / "test"]) == 0
+    rows = read_csv_rows(tmp_path / "test" / "predictions.csv")
+    assert len(rows) == N_TEST and list(rows[0]) == ["id", "digit", "parity"]
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["n_samples"] == N_TEST
+    assert evaluate(["-r", group / "fold1", "-o", 'import_roots=["team"]', "--split", "valid",
+                     "--out", tmp_path / "valid"]) == 0
+    assert len(read_csv_rows(tmp_path / "valid" / "predictions.csv")) == N_TRAIN // 2
