@@ -136,16 +136,19 @@ def build_eval_loader(config, split):
 
 
 def load_members(paths, overrides, batch_size, use_ema):
-    """The config test.py works with (the first checkpoint's, with the overrides), and every checkpoint as (path,
-    checkpoint memory-mapped, its own validated config), all read and checked before any data is loaded."""
-    checkpoints = [load_checkpoint(path, mmap=True) for path in paths]
+    """The config test.py works with (the first checkpoint's, with the overrides), and every checkpoint as (path, its
+    own validated config), all read and checked before any data is loaded. No checkpoint is held: each model's
+    weights are read (memory-mapped) when it is built, one model at a time."""
     overrides = overrides + ([f"data_loader.args.batch_size={batch_size}"] if batch_size else [])
-    config = validate(apply_overrides(checkpoint_config(checkpoints[0]), overrides))
-    members = [(path, checkpoint, validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]}))
-               for path, checkpoint in zip(paths, checkpoints)]
-    for path, checkpoint, _ in members:
+    config, members = None, []
+    for path in paths:
+        checkpoint = load_checkpoint(path, mmap=True)
+        if config is None:
+            config = validate(apply_overrides(checkpoint_config(checkpoint), overrides))
+        members.append((path, validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]})))
         if use_ema and checkpoint.get("ema_state_dict") is None:
             raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
+        del checkpoint
     return config, members
 
 

@@ -18,7 +18,7 @@ from base.base_data_loader import inputs_to
 from data_loader.data_loaders import CsvImageDataLoader, read_task
 from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
-from utils.checkpoint import load_model_weights, unwrap
+from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, resolve
 from utils.task import Task, as_targets, task_of, write_task
 from utils.task import read_task as read_written_task
@@ -118,14 +118,14 @@ def first_difference(a, b):
 def check_class_order(members, data_config, data_loader):
     """Refuse checkpoints trained on other classes, or on the same ones in another order, than the data's class list:
     an ensemble averages probabilities, and the output files name them, column by column. `members` are (path,
-    checkpoint, its config)."""
+    its config)."""
     names = data_classes(data_loader)
     if names is None:
         return
     data_source = class_source(data_config)
     known = {data_source: names} if data_source else {}
-    paths, trained = [path for path, _, _ in members], []
-    for path, _, config in members:
+    paths, trained = [path for path, _ in members], []
+    for path, config in members:
         source = class_source(config)
         if source is not None and source not in known:
             known[source] = read_classes(source, path)
@@ -149,9 +149,9 @@ INPUT_SETTINGS = ("image_mode", "eval_transforms", "mean", "std")  # what makes 
 def check_same_inputs(members):
     """Refuse an ensemble whose models were trained on inputs made otherwise (another normalisation, image mode or
     evaluation transform): every model is fed the inputs the first one's settings make. `members` are (path,
-    checkpoint, its config)."""
-    first_path, _, first = members[0]
-    for path, _, config in members[1:]:
+    its config)."""
+    first_path, first = members[0]
+    for path, config in members[1:]:
         for key in ("type", *(f"args.{name}" for name in INPUT_SETTINGS)):
             group, _, name = key.partition(".")
             ours = first["data_loader"].get(group, {}).get(name) if name else first["data_loader"][group]
@@ -168,8 +168,8 @@ def try_one_batch(members, config, data_loader, tta, use_ema, device):
     probe, targets = probe_batch(data_loader, device)
     task = task_of(data_loader.dataset)
     views, n_classes = tta_views(probe, tta), task.width
-    for path, checkpoint, model_config in members:  # one model in memory at a time
-        model = load_model(path, checkpoint, model_config, use_ema, device)
+    for path, model_config in members:  # one model in memory at a time
+        model = load_model(path, model_config, use_ema, device)
         probabilities = check_model(model, path, probe, views, task)
         n_classes = probabilities.shape[1]
         del model
@@ -181,8 +181,8 @@ def try_one_batch(members, config, data_loader, tta, use_ema, device):
 def predict_ensemble(members, data_loader, tta, use_ema, device):
     """The members' probabilities averaged, and the targets; a model giving NaN or infinite ones is refused."""
     total = targets = None
-    for path, checkpoint, model_config in members:  # one model in memory at a time
-        model = load_model(path, checkpoint, model_config, use_ema, device)
+    for path, model_config in members:  # one model in memory at a time
+        model = load_model(path, model_config, use_ema, device)
         probabilities, targets = predict(model, data_loader, device, tta)
         check_finite(probabilities, path, model)
         total = probabilities if total is None else total + probabilities
@@ -298,11 +298,14 @@ def combine_out_of_fold(config, task, paths, group_dir):
     return metrics
 
 
-def load_model(path, checkpoint, config, use_ema, device):
-    """The model of a loaded checkpoint, built from its own (validated) `config`, with its (EMA) weights, on `device`,
-    in eval mode."""
+def load_model(path, config, use_ema, device):
+    """The model of a checkpoint, built from its own (validated) `config`, with its (EMA) weights, on `device`, in
+    eval mode. The checkpoint is memory-mapped and let go once its weights are in: the optimizer state is never
+    read, and an ensemble holds one checkpoint at a time."""
     model = build(config, "arch")
+    checkpoint = load_checkpoint(path, mmap=True)
     load_model_weights(model, checkpoint["ema_state_dict" if use_ema else "state_dict"], path)
+    del checkpoint
     return model.to(device).eval()
 
 
@@ -351,6 +354,9 @@ def decision_threshold(setting, task, paths=()):
     """The multilabel decision threshold `inference.threshold` asks for: a number, one per label, or each label's
     best F1 on the out-of-fold predictions of the checkpoints' run group."""
     if task.kind != "multilabel":
+        if setting != 0.5:
+            raise UserError(f"inference.threshold: decides the labels of a multilabel task; this data's task is "
+                            f"{task.kind}: leave it out")
         return 0.5
     labels = task.columns
     if setting == "oof":

@@ -423,11 +423,34 @@ def build_loss(config, task=SINGLE_LABEL):
         criterion = target() if inspect.isclass(target) else target
     else:
         criterion = build(config, "loss")
+    check_loss_fits(criterion, task)
     if task.kind == "multiclass" and len(task.heads) > 1:
         return HeadsLoss(criterion, task, config["head_weights"])
     if config["head_weights"]:
         raise UserError("head_weights: weighs the heads of several label columns; this data has one")
     return criterion
+
+
+LOSS_TASKS = {  # losses that would train on something else than the task's targets without failing
+    "multiclass": ("cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss", "CrossEntropy", "FocalLoss"),
+    "multilabel": ("binary_cross_entropy_with_logits", "binary_cross_entropy", "BCEWithLogitsLoss", "BCELoss"),
+    "regression": ("mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "MSELoss", "L1Loss", "HuberLoss",
+                   "SmoothL1Loss"),
+}
+
+
+def check_loss_fits(criterion, task):
+    """Refuse a well-known loss of another task (cross-entropy on numbers learns nothing, yet runs)."""
+    target = getattr(criterion, "func", criterion)
+    name = getattr(target if inspect.isfunction(target) or inspect.isclass(target) else type(target), "__name__", "")
+    module = getattr(target, "__module__", "") or type(target).__module__
+    if not module.startswith(("torch.nn", "model.loss")):
+        return
+    for kind, names in LOSS_TASKS.items():
+        if name in names and kind != task.kind:
+            raise UserError(f"loss: {name} is a loss for {kind} targets, and this data's task is {task.kind}; leave "
+                            f"loss out for the task's own ({DEFAULT_LOSS[task.kind]}) or name one of "
+                            f"{', '.join(LOSS_TASKS[task.kind][:4])}")
 
 
 def build_metrics(config, task=SINGLE_LABEL):
@@ -442,7 +465,8 @@ def build_metrics(config, task=SINGLE_LABEL):
             module = importlib.import_module(SECTIONS["metrics"].modules[0])
             fitting = [n for n, m in vars(module).items() if n.islower() and task.kind in getattr(m, "tasks", ())]
             raise UserError(f"metrics[{i}]: {metric_name(entry)} scores {' or '.join(kinds)} targets, not this "
-                            f"data's {task.kind} ones; for those use {', '.join(fitting) or 'a metric of your own'}")
+                            f"data's {task.kind} ones; for those use {', '.join(fitting)} (a metric of your own "
+                            f"names the kinds it scores in `tasks`)")
         metrics[metric_name(entry)] = metric
     return task_metrics(metrics, task)
 
