@@ -19,11 +19,12 @@ from trainer.inference import (
     blend,
     check_class_order,
     check_same_inputs,
+    check_same_validation,
     class_names,
-    decision_threshold,
     predict_ensemble,
     row_ids,
     score,
+    settle_inference,
     try_one_batch,
     write_predictions,
 )
@@ -163,9 +164,11 @@ def run_blend(args, logger):
     """Blend saved probability files into --out."""
     check_out(Path(args.out), given=True)
     inference = validate_inference(apply_overrides({"inference": {}}, args.override)["inference"])
+    written = (Path(args.out) / "probabilities.csv").resolve()
+    if any(Path(path).resolve() == written for path in args.blend):
+        raise UserError(f"--out {args.out!r}: would overwrite {str(written)!r}, one of the files to blend")
     ids, probabilities, classes, task = blend(args.blend, args.weights)
-    inference["threshold"] = decision_threshold(inference["threshold"], task)
-    write_outputs(Path(args.out), ids, probabilities, classes, inference, task)
+    write_outputs(Path(args.out), ids, probabilities, classes, settle_inference(inference, task), task)
     logger.info("blended %d files into %s", len(args.blend), args.out)
 
 
@@ -185,14 +188,17 @@ def evaluate(args, logger):
     data_loader = build_eval_loader(config, split)
     check_class_order(members, config, data_loader)
     check_same_inputs(members)
+    if split == "valid":
+        check_same_validation(members)
     n_classes = try_one_batch(members, config, data_loader, tta, args.ema, device)
     task = task_of(data_loader.dataset)
-    config["inference"]["threshold"] = decision_threshold(config["inference"]["threshold"], task, paths)
+    inference = config["inference"] = settle_inference(config["inference"], task, paths)
     probabilities, targets = predict_ensemble(members, data_loader, tta, args.ema, device)
     labelled = getattr(data_loader.dataset, "targets", None) is not None
-    metrics = score(config, task, probabilities, targets, config["inference"]["threshold"]) if labelled else None
+    metrics = score(config, task, probabilities, targets, inference["threshold"]) if labelled else None
+    threshold = {"threshold": inference["threshold"]} if task.kind == "multilabel" else {}
     summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
-               "n_samples": len(targets), **metrics} if labelled else None
+               **threshold, "n_samples": len(targets), **metrics} if labelled else None
     write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), config["inference"],
                   task, summary)
     if metrics:

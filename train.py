@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from base.base_trainer import STEP, TrainingStopped
+from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from trainer.trainer import Trainer
 from utils import dist
@@ -143,6 +144,8 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
     model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
     task = task_of(data_loader.dataset)
     check_monitor(config, task)
+    if resume:
+        check_same_targets(checkpoint, config, task)
     criterion = build_loss(config, task)
     if hasattr(criterion, "to"):
         criterion = criterion.to(device)
@@ -177,6 +180,17 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
         gc.unfreeze()  # what this run leaves behind (one fold of several) can be collected again
         release_folders()
     return trainer
+
+
+def check_same_targets(checkpoint, config, task):
+    """A resumed run goes on training on the targets it began with (the label columns, the task and its classes)."""
+    source = class_source(validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]}))
+    columns = None if source is None else read_classes(source, checkpoint["path"])
+    if columns is not None and (source[3], columns) != (task.kind, task.columns):
+        raise UserError(f"-r: checkpoint {checkpoint['path']!r} was trained on {source[3]} targets "
+                        f"{', '.join(columns)[:120]}, and the data now gives {task.kind} ones "
+                        f"{', '.join(task.columns or [])[:120]} (data_loader.args: label_column, task, classes); a "
+                        f"resumed run keeps its targets: fine-tune from it with -c to change them")
 
 
 def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, resume):

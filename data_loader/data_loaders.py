@@ -1,7 +1,9 @@
 """Data loaders named by the config's `data_loader.type`; `training=False` gives test.py the test split."""
 import contextlib
 import copy
+import inspect
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from base import BaseDataLoader
 from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv, sorted_classes, split_labels
-from utils.config import build_transforms
+from utils.config import build_transforms, resolve
 from utils.task import KINDS, Task
 from utils.util import UserError
 
@@ -65,6 +67,34 @@ class CsvImageDataLoader(BaseDataLoader):
                          balanced=balanced and training, seed=seed, mixing=mixing)
 
 
+def class_source(config):
+    """What a config's CsvImageDataLoader takes its output columns from: the training CSV, its label columns, the
+    task and the classes when the config lists them; None for other loaders, whose classes cannot be known without
+    building them."""
+    spec = config["data_loader"]
+    target = resolve("data_loader", spec["type"], config["import_roots"])
+    if getattr(target, "__init__", None) is not CsvImageDataLoader.__init__:
+        return None
+    params = inspect.signature(CsvImageDataLoader).parameters
+    args = {**{name: param.default for name, param in params.items()}, **spec["args"]}
+    return (Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], json.dumps(args["label_column"]),
+            args["task"], args["delimiter"], json.dumps(args["classes"]))
+
+
+def read_classes(source, path):
+    """The output's column names a source gives, as CsvImageDataLoader finds them; None (with a note) when its
+    training CSV cannot be read any more."""
+    csv_file, id_column, label_column, kind, delimiter, classes = source
+    columns = json.loads(label_column)
+    try:
+        return read_task(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
+                         json.loads(classes)).columns
+    except UserError as e:
+        logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
+                                              path, e)
+        return None
+
+
 def check_columns(id_column, label_column, group_column, extension):
     """The label columns (as a list): each a column other than the ids and the groups (labels that are the ids, or
     groups that are the labels, would train on nonsense or validate only on classes never trained on); the
@@ -92,8 +122,10 @@ def read_task(train_csv, id_column, columns, kind, delimiter, classes):
     if kind not in KINDS:
         raise UserError(f"data_loader.args.task: expected one of {', '.join(map(json.dumps, KINDS))}, "
                         f"got {json.dumps(kind)}")
-    if not isinstance(delimiter, str) or not delimiter:
+    if not isinstance(delimiter, str) or not delimiter or not delimiter.isprintable():
         raise UserError(f"data_loader.args.delimiter: expected a non-empty string, got {json.dumps(delimiter)}")
+    if delimiter != " " and kind != "multilabel":
+        raise UserError(f"data_loader.args.delimiter: separates the labels of a multilabel task; this one is {kind}")
     if kind == "multilabel" and len(columns) != 1:
         raise UserError(f"data_loader.args.label_column: a multilabel task reads one column of labels separated by "
                         f"the delimiter, got {json.dumps(columns)}")
@@ -118,6 +150,10 @@ def read_task(train_csv, id_column, columns, kind, delimiter, classes):
                         f"{len(columns)} class lists (one per column, in order), got {json.dumps(classes)[:200]}")
     for column, column_classes in zip(columns, per_column):
         check_classes(column_classes, "" if len(columns) == 1 else f"[{columns.index(column)}]", column)
+    joined = [c for c in per_column[0] if kind == "multilabel" and delimiter in label_text(c)]
+    if joined:
+        raise UserError(f"data_loader.args.classes: the label {label_text(joined[0])!r} holds the delimiter "
+                        f"{delimiter!r}, so it could not be told from two labels in predictions.csv")
     return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter)
 
 

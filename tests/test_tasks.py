@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import train
-from tests.helpers import evaluate, fails, make_config, read_history, run_dirs, write_config
+from tests.helpers import error_line, evaluate, fails, make_config, read_history, run_dirs, write_config
 from tests.task_data import AGES, GENDERS, MASKS, TAGS, make_task_set, read_truth
 
 N_TRAIN, N_TEST, N_FOLDS, EPOCHS = 96, 32, 2, 15
@@ -297,11 +297,102 @@ def cutmix_with_num_classes(config):
     return "batch_transforms", "num_classes"
 
 
-@pytest.mark.parametrize("name, change", [("multitask", too_narrow), ("regression", regression_on_text),
-                                          ("multitask", cutmix_with_num_classes)],
-                         ids=["width-5-for-3+2+3-classes", "regression-on-a-text-column", "cutmix-num-classes-set"])
+def accuracy_of_numbers(config):
+    config.update(metrics=["accuracy"], trainer={**config["trainer"], "monitor": "min val_loss"})
+    return r"metrics\[0\]: accuracy", "rmse"
+
+
+def focal_loss_on_mixed_targets(config):
+    config["loss"] = "FocalLoss"
+    config["data_loader"]["args"]["batch_transforms"] = CUTMIX
+    return "loss: cannot take a training batch", "soft targets"
+
+
+def setting(path, value, *culprits):
+    """A change that sets one config value (a dotted path) and expects `culprits` (regular expressions)."""
+    def change(config):
+        *parents, key = path.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+        return culprits
+    return change
+
+
+MISFITS = {
+    "width-5-for-3+2+3-classes": ("multitask", too_narrow),
+    "regression-on-a-text-column": ("regression", regression_on_text),
+    "cutmix-num-classes-set": ("multitask", cutmix_with_num_classes),
+    "cross-entropy-on-numbers": ("regression", setting("loss", "cross_entropy", "loss: cross_entropy", "regression")),
+    "mse-on-labels": ("multilabel", setting("loss", "mse_loss", "loss: mse_loss", "multilabel")),
+    "every-head-weighed-0": ("multitask", setting("head_weights", [0, 0, 0], "head_weights", "not all 0")),
+    "two-head-weights-for-3": ("multitask", setting("head_weights", [1, 2], "head_weights", "3 numbers")),
+    "metric-named-as-a-head-metric": ("multitask", setting("metrics", ["accuracy", {"type": "macro_f1", "name":
+                                                                                   "accuracy_mask"}],
+                                                           "metrics", "accuracy_mask")),
+    "accuracy-of-numbers": ("regression", accuracy_of_numbers),
+    "monitor-of-no-head": ("multitask", setting("trainer.monitor", "max val_accuracy_nose", "val_accuracy_nose")),
+    "delimiter-of-heads": ("multitask", setting("data_loader.args.delimiter", ",", "delimiter", "multiclass")),
+    "label-holding-the-delimiter": ("multilabel", setting("data_loader.args.classes", ["cat", "dog", "sun", "cat dog"],
+                                                         "classes", "cat dog")),
+    "threshold-above-1": ("multilabel", setting("inference.threshold", 1.5, "inference.threshold")),
+    "class-lists-for-2-of-3-heads": ("multitask", setting("data_loader.args.classes", [["a"], ["b"]], "classes",
+                                                          "3 class lists")),
+    "focal-loss-on-mixed-targets": ("multitask", focal_loss_on_mixed_targets),
+}
+
+
+@pytest.mark.parametrize("name, change", MISFITS.values(), ids=MISFITS.keys())
 def test_a_config_that_does_not_fit_the_task_is_refused(name, change, task_set, tmp_path, capsys):
     config = task_config(name, task_set, tmp_path / "saved")
+    config.setdefault("inference", {})
     culprits = change(config)
     line = fails(config, tmp_path, capsys)
     assert all(re.search(culprit, line) for culprit in culprits), line
+
+
+def test_a_resumed_run_keeps_its_targets(runs, tmp_path, capsys):
+    """Resuming with other classes, columns or task would go on training on other targets in the same run."""
+    run = runs.group("multitask") / "fold0"
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    permuted = '[["none", "incorrect", "correct"], ["female", "male"], [0, 1, 2]]'
+    for change in (f"data_loader.args.classes={permuted}", 'data_loader.args.label_column=["mask", "gender"]'):
+        assert train.main(["-r", str(run), "-o", change, "-o", "trainer.epochs=20"]) == 2
+        assert "a resumed run keeps its targets" in error_line(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def edited_task(folder, **change):
+    task = json.loads((folder / "task.json").read_text())
+    (folder / "task.json").write_text(json.dumps({**task, **change}))
+
+
+def test_evaluation_mistakes_of_a_task_are_one_line_and_write_nothing(runs, task_set, tmp_path, capsys):
+    group = runs.group("multilabel")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("probabilities.csv", "task.json"):
+        (copy / name).write_bytes((runs.evaluated("multilabel", "fold0") / name).read_bytes())
+    edited_task(copy, heads=[])
+    cases = {
+        "--split valid of folds": (["-r", group, "--split", "valid"], "--split valid"),
+        "threshold per label, wrong count": (["-r", group, "-o", "inference.threshold=[0.5, 0.5]"], "2 thresholds"),
+        "combine_heads of one column": (["-r", group, "-o", "inference.combine_heads=true"], "combine_heads"),
+        "blend over its own input": (["--blend", copy / "probabilities.csv", "--out", copy], "would overwrite"),
+        "edited task.json": (["--blend", copy / "probabilities.csv", "--out", tmp_path / "blend"], "task.json"),
+    }
+    for argv, culprit in cases.values():
+        assert evaluate([*argv, *([] if "--out" in argv else ["--out", tmp_path / "out"])]) == 2, argv
+        assert culprit in error_line(capsys), argv
+    assert not (tmp_path / "out").exists() and not (tmp_path / "blend").exists()
+
+
+def test_a_one_column_sample_named_after_a_head_gets_that_heads_labels(runs, task_set, tmp_path):
+    sample = tmp_path / "sample.csv"
+    ids = read_text_table(task_set / "test.csv")["id"]
+    sample.write_text("id,gender\n" + "".join(f"{i},x\n" for i in ids))
+    assert evaluate(["-r", runs.group("multitask"), "-o", f"inference.sample_submission={sample}",
+                     "--out", tmp_path / "out"]) == 0
+    predictions = read_text_table(tmp_path / "out" / "predictions.csv")
+    assert list(predictions.columns) == ["id", "gender"] and set(predictions["gender"]) <= set(GENDERS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, make_config, read_csv_rows
+from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, fails, make_config, read_csv_rows
 
 TEAM_CODE = '''
 import torch
@@ -50,6 +50,20 @@ class DigitParity(Dataset):
         return image, self.targets[i] if self.targets else (-1, -1)
 
 
+class Misfit(TwoHeads):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.how == "swapped":
+            return self.parity(h), self.digit(h)
+        if self.how == "missing":
+            return self.digit(h), None
+        return self.digit(h) * float("nan"), self.parity(h)
+
+
 def undersample(samples):
     return collate(samples[::2])
 
@@ -64,25 +78,34 @@ class DigitParityLoader(BaseDataLoader):
 '''
 
 
+def team_config(data_slice, save_dir):
+    config = make_config(data_slice, save_dir, epochs=1)
+    config.update(import_roots=["team"], arch={"type": "team.TwoHeads", "args": {}}, metrics=["accuracy"],
+                  data_loader={"type": "team.DigitParityLoader",
+                               "args": {"data_dir": str(data_slice), "images": str(DATA), "batch_size": 32,
+                                        "n_folds": 2}},
+                  head_weights=[1.0, 0.5])
+    config["trainer"]["monitor"] = "max val_accuracy_digit"
+    return config
+
+
 @pytest.fixture(scope="module")
-def team_run(data_slice, tmp_path_factory):
+def team_code(tmp_path_factory):
     folder = tmp_path_factory.mktemp("team")
     (folder / "team").mkdir()
     (folder / "team" / "__init__.py").write_text(TEAM_CODE)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
-        config = make_config(data_slice, folder / "saved", epochs=1)
-        config.update(import_roots=["team"], arch={"type": "team.TwoHeads", "args": {}}, metrics=["accuracy"],
-                      data_loader={"type": "team.DigitParityLoader",
-                                   "args": {"data_dir": str(data_slice), "images": str(DATA), "batch_size": 32,
-                                            "n_folds": 2}},
-                      head_weights=[1.0, 0.5])
-        config["trainer"]["monitor"] = "max val_accuracy_digit"
-        path = folder / "config.json"
-        path.write_text(json.dumps(config))
-        assert train.main(["-c", str(path), "--folds", "all"]) == 0
-        group = next((folder / "saved" / config["name"]).iterdir())
-        yield group
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def team_run(team_code, data_slice):
+    config = team_config(data_slice, team_code / "saved")
+    path = team_code / "config.json"
+    path.write_text(json.dumps(config))
+    assert train.main(["-c", str(path), "--folds", "all"]) == 0
+    return next((team_code / "saved" / config["name"]).iterdir())
 
 
 def test_dict_heads_and_tuple_targets_train_into_per_head_metrics(team_run):
@@ -110,3 +133,11 @@ def test_a_training_collate_function_never_touches_out_of_fold_or_test_predictio
     assert evaluate(["-r", group / "fold1", "-o", 'import_roots=["team"]', "--split", "valid",
                      "--out", tmp_path / "valid"]) == 0
     assert len(read_csv_rows(tmp_path / "valid" / "predictions.csv")) == N_TRAIN // 2
+
+
+@pytest.mark.parametrize("how, culprit", [("swapped", "widths [10, 2]"), ("missing", "NoneType"), ("nan", "nan")])
+def test_heads_that_do_not_fit_are_one_line_before_anything_is_written(how, culprit, team_code, data_slice,
+                                                                       tmp_path, capsys):
+    config = team_config(data_slice, tmp_path / "saved")
+    config["arch"] = {"type": "team.Misfit", "args": {"how": how}}
+    assert culprit in fails(config, tmp_path, capsys)

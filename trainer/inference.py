@@ -3,10 +3,8 @@
 Probabilities are the common currency: models are averaged as probabilities, metrics are computed from them
 (their log is a valid input to cross-entropy and NLL alike), and probability CSVs can be blended later.
 """
-import inspect
 import itertools
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -15,13 +13,12 @@ import pandas as pd
 import torch
 
 from base.base_data_loader import inputs_to
-from data_loader.data_loaders import CsvImageDataLoader, read_task
+from data_loader.data_loaders import class_source, read_classes
 from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
-from utils.config import build, build_loss, build_metrics, resolve
-from utils.task import Task, as_targets, task_of, write_task
-from utils.task import read_task as read_written_task
+from utils.config import build, build_loss, build_metrics
+from utils.task import Task, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, worker_died, write_json
 
 CHUNK = 4096
@@ -80,34 +77,6 @@ def class_names(data_loader, n_classes):
 
 # --- checks before predicting: class lists, one probe batch through every model and TTA view -----------------------
 
-def class_source(config):
-    """What a config's CsvImageDataLoader takes its output columns from: the training CSV, its label columns, the
-    task and the classes when the config lists them; None for other loaders, whose classes cannot be known without
-    building them."""
-    spec = config["data_loader"]
-    target = resolve("data_loader", spec["type"], config["import_roots"])
-    if getattr(target, "__init__", None) is not CsvImageDataLoader.__init__:
-        return None
-    params = inspect.signature(CsvImageDataLoader).parameters
-    args = {**{name: param.default for name, param in params.items()}, **spec["args"]}
-    return (Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], json.dumps(args["label_column"]),
-            args["task"], args["delimiter"], json.dumps(args["classes"]))
-
-
-def read_classes(source, path):
-    """The output's column names a source gives, as CsvImageDataLoader finds them; None (with a note) when its
-    training CSV cannot be read any more."""
-    csv_file, id_column, label_column, kind, delimiter, classes = source
-    columns = json.loads(label_column)
-    try:
-        return read_task(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
-                         json.loads(classes)).columns
-    except UserError as e:
-        logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
-                                              path, e)
-        return None
-
-
 def first_difference(a, b):
     """(position, item of a, item of b) where two lists first differ; "none" past the end of the shorter."""
     shown = [(i, *("none" if x is None else repr(x) for x in pair))
@@ -144,6 +113,22 @@ def check_class_order(members, data_config, data_loader):
 
 
 INPUT_SETTINGS = ("image_mode", "eval_transforms", "mean", "std")  # what makes the inputs a model was trained on
+
+
+VALIDATION_SETTINGS = ("validation_split", "n_folds", "fold", "group_column", "stratify")
+
+
+def check_same_validation(members):
+    """--split valid with an ensemble: every model must have validated on the same rows (one fold's models trained
+    on the others' validation rows, which would score as if seen)."""
+    first_path, first = members[0]
+    for path, config in members[1:]:
+        ours, theirs = ([c["seed"], *(c["data_loader"]["args"].get(k) for k in VALIDATION_SETTINGS)]
+                        for c in (first, config))
+        if ours != theirs:
+            raise UserError(f"--split valid: checkpoints {str(first_path)!r} and {str(path)!r} validated on other "
+                            f"rows (another seed, fold or split), and each trained on rows the other validates on; "
+                            f"give one fold's checkpoints (a run group's oof.csv scores every fold)")
 
 
 def check_same_inputs(members):
@@ -318,7 +303,9 @@ def write_predictions(out, ids, probabilities, classes, inference, task=None):
     table = pd.DataFrame(probabilities.numpy(), columns=classes)
     table.insert(0, "id", ids)
     sample = read_sample(inference["sample_submission"]) if inference["sample_submission"] else None
-    combine = inference["combine_heads"] or sample is not None and len(sample.columns) == 2
+    heads = [column for column, _ in task.heads]
+    combine = inference["combine_heads"] or sample is not None and len(sample.columns) == 2 and \
+        sample.columns[1] not in heads
     submission = pd.DataFrame({"id": ids, **submission_columns(probabilities, classes, task, inference, combine)})
     if sample is not None:
         submission = match_sample_submission(submission, table, sample, inference["sample_submission"])
@@ -350,27 +337,36 @@ def submission_columns(probabilities, classes, task, inference, combine):
 THRESHOLDS = np.linspace(0.05, 0.95, 19)  # tried for each label when the threshold comes from oof.csv
 
 
-def decision_threshold(setting, task, paths=()):
-    """The multilabel decision threshold `inference.threshold` asks for: a number, one per label, or each label's
-    best F1 on the out-of-fold predictions of the checkpoints' run group."""
+def settle_inference(inference, task, paths=()):
+    """The `inference` settings for `task`, refusing those it would ignore, with the multilabel decision threshold
+    resolved: a number, one per label, or each label's best F1 on the out-of-fold predictions of the checkpoints'
+    run group."""
+    several = task.kind == "multiclass" and len(task.heads) > 1
+    if inference["combine_heads"] and not several:
+        raise UserError(f"inference.combine_heads: combines the heads of several label columns; this data's task is "
+                        f"{task.kind} with {len(task.heads)} column(s)")
+    if inference["label_format"] != "name" and task.kind != "multiclass":
+        raise UserError(f"inference.label_format: chooses class names or indices of a multiclass task; this one is "
+                        f"{task.kind}")
+    setting = inference["threshold"]
     if task.kind != "multilabel":
         if setting != 0.5:
             raise UserError(f"inference.threshold: decides the labels of a multilabel task; this data's task is "
                             f"{task.kind}: leave it out")
-        return 0.5
+        return inference
     labels = task.columns
     if setting == "oof":
-        found = [p.parent.parent / "oof.csv" for p in map(Path, paths) if (p.parent.parent / "oof.csv").is_file()]
-        if not found:
-            raise UserError("inference.threshold: \"oof\" takes the thresholds from the oof.csv of a run group (train "
-                            "with --folds all and give its checkpoints with -r); none was found beside them")
-        return best_f1_thresholds(pd.read_csv(found[0], dtype={"id": str}), task)
-    values = setting if isinstance(setting, list) else [setting]
-    if isinstance(setting, str) or len(values) not in (1, len(labels)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values):
-        raise UserError(f"inference.threshold: expected a number between 0 and 1, a list of {len(labels)} of them "
-                        f"(one per label: {', '.join(labels)[:200]}), or \"oof\"; got {json.dumps(setting)}")
-    return setting
+        groups = {Path(p).parent.parent for p in paths}
+        found = [g / "oof.csv" for g in groups if (g / "oof.csv").is_file()]
+        if len(groups) != 1 or not found:
+            raise UserError("inference.threshold: \"oof\" takes the thresholds from the oof.csv of one run group "
+                            "(train with --folds all and give its checkpoints with -r)"
+                            + ("" if found else "; none was found beside them"))
+        return {**inference, "threshold": best_f1_thresholds(pd.read_csv(found[0], dtype={"id": str}), task)}
+    if isinstance(setting, list) and len(setting) != len(labels):
+        raise UserError(f"inference.threshold: {len(setting)} thresholds for the {len(labels)} labels "
+                        f"({', '.join(labels)[:200]}); give one, or one per label")
+    return inference
 
 
 def best_f1_thresholds(table, task):
@@ -404,10 +400,12 @@ def match_sample_submission(submission, table, sample, sample_path):
     id_column, value_columns = sample.columns[0], list(sample.columns[1:])
     missing = set(sample[id_column]) - set(submission["id"])
     if missing or len(sample) != len(submission):
+        extra = sorted(set(map(str, submission["id"])) - set(sample[id_column]))
+        example = f"no prediction for {sorted(missing)[:3]}" if missing else f"{extra[:3]} are not in it"
         raise UserError(f"inference.sample_submission: {sample_path} lists {len(sample)} ids, the predictions "
-                        f"{len(submission)}; e.g. no prediction for {sorted(missing)[:3]}")
+                        f"{len(submission)}; e.g. {example}")
     own = list(submission.columns[1:])
-    if len(value_columns) > 1 and set(value_columns) <= set(own):
+    if value_columns and set(value_columns) <= set(own):
         result = submission.set_index("id").loc[sample[id_column], value_columns].reset_index()
     elif len(value_columns) > 1 and set(value_columns) <= set(table.columns[1:]):
         result = table.set_index("id").loc[sample[id_column], value_columns].reset_index()
@@ -430,11 +428,11 @@ def blend(paths, weights):
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"--weights: expected finite numbers >= 0 with a positive sum, got "
                         f"{' '.join(map(str, weights))}")
-    tasks = [read_written_task(Path(path).parent) for path in paths]
+    tasks = [read_task(Path(path).parent) for path in paths]
     for path, task in zip(paths[1:], tasks[1:]):
         if task != tasks[0]:
-            raise UserError(f"--blend: {path} and {paths[0]} were written for different tasks (the task.json beside "
-                            f"each)")
+            beside = "another task.json beside each" if task and tasks[0] else "a task.json beside only one of them"
+            raise UserError(f"--blend: {path} and {paths[0]} were written for different tasks ({beside})")
     tables = [read_probabilities(path, tasks[0]) for path in paths]
     first = tables[0]
     for path, table in zip(paths[1:], tables[1:]):

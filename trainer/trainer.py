@@ -79,10 +79,17 @@ class Trainer(BaseTrainer):
         was_training = model.training
         optimizer, schedule = make_optimizer([p for p in model.parameters() if p.requires_grad])
         try:
-            if getattr(self.data_loader, "mixing", None):
-                data, target = self.data_loader.mixing(data, target)
+            mixing = getattr(self.data_loader, "mixing", None)
+            if mixing:
+                data, target = mixing(data, target)
             with torch.enable_grad(), self._autocast():
-                loss = self.criterion(self.task.flat(model.train()(data)), target)
+                output = self.task.flat(model.train()(data))
+                try:
+                    loss = self.criterion(output, target)
+                except Exception as e:
+                    mixed = " (soft targets: data_loader.args.batch_transforms mix them)" if mixing else ""
+                    raise UserError(f"loss: cannot take a training batch of targets shaped {list(target.shape)}"
+                                    f"{mixed}: {first_line(e)}") from None
             try:
                 loss.backward()
             except Exception as e:
@@ -386,6 +393,9 @@ def checked_loss_and_metrics(criterion, tracker, output, target, what):
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
                         f"(a reduction of \"mean\" or \"sum\", not \"none\")")
+    if not torch.isfinite(loss):
+        raise UserError(f"loss: {loss.item()} on the first samples of the data, before any training: {what} holds "
+                        f"{'NaN or infinite values' if not torch.isfinite(output).all() else 'only finite values'}")
     try:
         tracker.update(loss, output, target)
         tracker.result()

@@ -137,6 +137,12 @@ METRIC_NAME = re.compile(r"[\w.-]{1,100}")
 def validate_inference(section):
     """The `inference` section with defaults filled in (test.py --blend needs it without a whole config)."""
     section = check_settings(InferenceSettings, section, "inference.")
+    threshold = section["threshold"]
+    values = threshold if isinstance(threshold, list) else [threshold]
+    if threshold != "oof" and (isinstance(threshold, str) or not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values)):
+        raise UserError(f"inference.threshold: expected a number between 0 and 1 (excluded), a list of them (one per "
+                        f"label), or \"oof\"; got {json.dumps(threshold)}")
     for i, spec in enumerate(section["tta"]):
         check_spec(spec, "transforms", (), where=f"inference.tta[{i}]")
     return section

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.util import UserError, write_json
+from utils.util import UserError, first_line, write_json
 
 KINDS = ("multiclass", "multilabel", "regression")
 DEFAULT_LOSS = {"multiclass": "cross_entropy", "multilabel": "binary_cross_entropy_with_logits",
@@ -81,7 +81,8 @@ class Task:
         return str(self.width)
 
     def flat(self, output):
-        """The model's output as one (N, width) tensor: heads given as a tuple, list or dict joined in column order."""
+        """The model's output as one (N, width) tensor: heads given as a tuple, list or dict joined in column order,
+        each checked to be a tensor of its head's width."""
         if isinstance(output, dict):
             missing = [column for column, _ in self.heads if column not in output]
             if missing:
@@ -89,7 +90,16 @@ class Task:
                                 f"per label column ({', '.join(c for c, _ in self.heads)})")
             output = [output[column] for column, _ in self.heads]
         if isinstance(output, (tuple, list)):
-            return torch.cat([part.unsqueeze(1) if part.dim() == 1 else part for part in output], dim=1)
+            parts = [part.unsqueeze(1) if isinstance(part, torch.Tensor) and part.dim() == 1 else part
+                     for part in output]
+            widths = [part.shape[1] if isinstance(part, torch.Tensor) and part.dim() == 2 else None for part in parts]
+            expected = list(self.widths) if len(self.heads) > 1 else [self.width]
+            if None in widths or None not in expected and len(parts) > 1 and widths != expected:
+                got = [list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in parts]
+                raise UserError(f"arch: the model returns {len(parts)} heads shaped {got}; expected "
+                                f"{len(self.heads)} of widths {expected} ({self.describe()}), one [samples, width] "
+                                f"tensor per label column in column order")
+            return torch.cat(parts, dim=1)
         if isinstance(output, torch.Tensor) and output.dim() == 1 and self.kind == "regression":
             return output.unsqueeze(1)
         return output
@@ -157,8 +167,18 @@ class Task:
 
     @classmethod
     def from_json(cls, data):
-        return cls(data["kind"], tuple((column, None if c is None else tuple(c)) for column, c in data["heads"]),
-                   data["delimiter"])
+        """A task as to_json wrote it; anything else raises ValueError."""
+        kind, heads, delimiter = data["kind"], data["heads"], data["delimiter"]
+        if kind not in KINDS or not isinstance(heads, list) or not heads or not isinstance(delimiter, str) or \
+                not delimiter:
+            raise ValueError("expected a kind of " + ", ".join(KINDS) + ", a list of heads and a delimiter")
+        for head in heads:
+            if not (isinstance(head, list) and len(head) == 2 and isinstance(head[0], str) and (
+                    head[1] is None if kind == "regression" else isinstance(head[1], list) and head[1])):
+                raise ValueError(f"head {json.dumps(head)[:100]} is not [column, classes]")
+        if kind == "multilabel" and len(heads) != 1:
+            raise ValueError("a multilabel task has one column")
+        return cls(kind, tuple((column, None if c is None else tuple(c)) for column, c in heads), delimiter)
 
 
 TASK_FILE = "task.json"  # beside probabilities.csv and oof.csv when the task is not a single label
@@ -182,7 +202,10 @@ def as_targets(target):
 
 
 def write_task(task, folder):
-    if not task.single_label:
+    """task.json into `folder`; for a single label none (and none left from an earlier task in that folder)."""
+    if task.single_label:
+        (Path(folder) / TASK_FILE).unlink(missing_ok=True)
+    else:
         write_json(task.to_json(), Path(folder) / TASK_FILE)
 
 
@@ -194,7 +217,7 @@ def read_task(folder):
     try:
         return Task.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a task description written by test.py ({e})") from None
+        raise UserError(f"{path}: not a task description written by test.py ({first_line(e)})") from None
 
 
 class HeadsLoss(torch.nn.Module):
@@ -204,8 +227,9 @@ class HeadsLoss(torch.nn.Module):
     def __init__(self, loss, task, weights=()):
         super().__init__()
         if weights and (len(weights) != len(task.heads) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)):
-            raise UserError(f"head_weights: expected {len(task.heads)} numbers >= 0, one per label column "
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)
+                        or not sum(weights)):
+            raise UserError(f"head_weights: expected {len(task.heads)} numbers >= 0, not all 0, one per label column "
                             f"({', '.join(c for c, _ in task.heads)}), got {json.dumps(weights)}")
         self.loss = loss
         self.segments = task.segments
@@ -232,6 +256,10 @@ def task_metrics(metrics, task):
                                                                                               task.segments))}
     joint = {name: JointMetric(metric, task) for name, metric in metrics.items()} \
         if math.prod(task.widths) <= MAX_JOINT else {}
+    taken = sorted(set(per_head) & set(metrics))
+    if taken:
+        raise UserError(f"metrics: {taken[0]!r} is also the name of a metric of one head (<metric>_<column>); give "
+                        f"it another \"name\"")
     return {**joint, **per_head}
 
 
