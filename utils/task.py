@@ -29,8 +29,11 @@ QUANTILE_BINS = 10  # strata of a regression target for stratified splits
 
 @dataclass(frozen=True)
 class Task:
+    """A kind of target and its heads: (label column, classes) pairs in column order (one for a multilabel task,
+    whose classes are its labels; classes None for regression columns, or when a dataset does not name them)."""
+
     kind: str = "multiclass"
-    heads: tuple = (("label", None),)  # (column, classes): classes None for a regression column (or unknown)
+    heads: tuple = (("label", None),)
     delimiter: str = " "
 
     @classmethod
@@ -52,6 +55,7 @@ class Task:
 
     @property
     def segments(self):
+        """Each head's columns of the flat output, as slices."""
         starts = np.cumsum((0, *self.widths))
         return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
