@@ -189,7 +189,7 @@ def evaluate(args, logger):
     check_class_order(members, config, data_loader)
     check_same_inputs(members)
     if split == "valid":
-        check_same_validation(members)
+        check_same_validation(members, config)
     n_classes = try_one_batch(members, config, data_loader, tta, args.ema, device)
     task = task_of(data_loader.dataset)
     inference = config["inference"] = settle_inference(config["inference"], task, paths)

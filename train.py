@@ -22,7 +22,16 @@ from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
 from utils.checkpoint_rules import check_checkpoint
-from utils.config import apply_overrides, build, build_loss, build_metrics, check_monitor, load_config, validate
+from utils.config import (
+    apply_overrides,
+    build,
+    build_loss,
+    build_metrics,
+    check_monitor,
+    load_config,
+    split_change,
+    validate,
+)
 from utils.schedule import build_schedule
 from utils.task import task_of
 from utils.util import (
@@ -183,8 +192,14 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
 
 
 def check_same_targets(checkpoint, config, task):
-    """A resumed run goes on training on the targets it began with (the label columns, the task and its classes)."""
-    source = class_source(validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]}))
+    """A resumed run goes on training on the targets it began with (the label columns, the task and its classes) and
+    validating on the rows it began with (the seed and the split settings)."""
+    then = validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]})
+    change = split_change(then, config)
+    if change:
+        raise UserError(f"-r: checkpoint {checkpoint['path']!r}: a resumed run keeps its validation rows ({change} "
+                        f"when it began and now); fine-tune from it with -c to change them")
+    source = class_source(then)
     columns = None if source is None else read_classes(source, checkpoint["path"])
     if columns is not None and (source[3], columns) != (task.kind, task.columns):
         raise UserError(f"-r: checkpoint {checkpoint['path']!r} was trained on {source[3]} targets "

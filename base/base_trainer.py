@@ -1,4 +1,5 @@
 import csv
+import io
 import logging
 import math
 import shlex
@@ -134,14 +135,7 @@ class BaseTrainer:
         self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.cfg.epochs, values, seconds)
         self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | {"lr": lr}, epoch)
         self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k.startswith("val_")}, epoch)
-        history = self.run_dir / "history.csv"
-        row = {"epoch": epoch, **log, "lr": lr}
-        new_file = not history.exists()
-        with open(history, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(self.run_dir / "history.csv", {"epoch": epoch, **log, "lr": lr})
 
     def _trim_history(self):
         """Drop history.csv rows of epochs the checkpoint does not include (a crash after the row, before the save)."""
@@ -295,3 +289,25 @@ def rng_fields(fresh):
             "numpy": [name, keys, Int(0, len(keys)), Int(0, 1), Number()],
             "torch": fresh["torch"],
             "cuda": MayLack(cuda)}
+
+
+def append_row(path, row):
+    """Append `row` to a CSV file; when its keys differ from the file's columns (a run resumed with other metrics),
+    the file is first rewritten with the columns of both, so every value stays under its own name."""
+    header = path.read_text().partition("\n")[0].rstrip("\r").split(",") if path.exists() else list(row)
+    if header != list(row):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        columns = list(dict.fromkeys([*header, *row]))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(text.getvalue(), path)
+        header = columns
+    new_file = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)

@@ -175,7 +175,7 @@ def numbers(csv_file, lines, values, column):
     """A regression column's values; one line naming the first row that holds no finite number."""
     result = []
     for line, value in zip(lines, values):
-        number = _number(value)
+        number = None if "_" in str(value) else _number(value)  # float() would read "1_000"
         if number is None or not math.isfinite(number):
             raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
                             f"needs a finite number in every row")

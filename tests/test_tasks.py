@@ -352,14 +352,18 @@ def test_a_config_that_does_not_fit_the_task_is_refused(name, change, task_set, 
     assert all(re.search(culprit, line) for culprit in culprits), line
 
 
-def test_a_resumed_run_keeps_its_targets(runs, tmp_path, capsys):
-    """Resuming with other classes, columns or task would go on training on other targets in the same run."""
+def test_a_resumed_run_keeps_its_targets_and_validation_rows(runs, tmp_path, capsys):
+    """Resuming with other classes, columns or task would go on training on other targets in the same run; with
+    another fold or seed, its monitor would score rows it trained on."""
     run = runs.group("multitask") / "fold0"
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     permuted = '[["none", "incorrect", "correct"], ["female", "male"], [0, 1, 2]]'
-    for change in (f"data_loader.args.classes={permuted}", 'data_loader.args.label_column=["mask", "gender"]'):
+    for change, culprit in ((f"data_loader.args.classes={permuted}", "keeps its targets"),
+                            ('data_loader.args.label_column=["mask", "gender"]', "keeps its targets"),
+                            ("data_loader.args.fold=1", "keeps its validation rows (data_loader.args.fold: 0 "),
+                            ("seed=5", "keeps its validation rows (seed: ")):
         assert train.main(["-r", str(run), "-o", change, "-o", "trainer.epochs=20"]) == 2
-        assert "a resumed run keeps its targets" in error_line(capsys)
+        assert culprit in error_line(capsys), change
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
@@ -377,6 +381,8 @@ def test_evaluation_mistakes_of_a_task_are_one_line_and_write_nothing(runs, task
     edited_task(copy, heads=[])
     cases = {
         "--split valid of folds": (["-r", group, "--split", "valid"], "--split valid"),
+        "--split valid of another fold": (["-r", group / "fold0", "--split", "valid", "-o", "data_loader.args.fold=1"],
+                                          "data_loader.args.fold: 0 and 1"),
         "threshold per label, wrong count": (["-r", group, "-o", "inference.threshold=[0.5, 0.5]"], "2 thresholds"),
         "combine_heads of one column": (["-r", group, "-o", "inference.combine_heads=true"], "combine_heads"),
         "blend over its own input": (["--blend", copy / "probabilities.csv", "--out", copy], "would overwrite"),

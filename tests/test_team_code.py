@@ -61,6 +61,10 @@ class Misfit(TwoHeads):
             return self.parity(h), self.digit(h)
         if self.how == "missing":
             return self.digit(h), None
+        if self.how == "extra":
+            return {"digit": self.digit(h), "parity": self.parity(h), "aux": self.parity(h)}
+        if self.how == "integer":
+            return self.digit(h), self.parity(h).long()
         return self.digit(h) * float("nan"), self.parity(h)
 
 
@@ -135,7 +139,8 @@ def test_a_training_collate_function_never_touches_out_of_fold_or_test_predictio
     assert len(read_csv_rows(tmp_path / "valid" / "predictions.csv")) == N_TRAIN // 2
 
 
-@pytest.mark.parametrize("how, culprit", [("swapped", "widths [10, 2]"), ("missing", "NoneType"), ("nan", "nan")])
+@pytest.mark.parametrize("how, culprit", [("swapped", "widths [10, 2]"), ("missing", "NoneType"), ("nan", "nan"),
+                                          ("extra", "'aux'"), ("integer", "int64")])
 def test_heads_that_do_not_fit_are_one_line_before_anything_is_written(how, culprit, team_code, data_slice,
                                                                        tmp_path, capsys):
     config = team_config(data_slice, tmp_path / "saved")

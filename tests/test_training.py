@@ -200,10 +200,13 @@ def test_resume_the_latest_checkpoint_with_more_epochs_continues_in_place(data_s
     assert json.loads((run / "config.json").read_text())["trainer"]["epochs"] == 2
     assert json.loads((run / "config-resume-epoch2.json").read_text())["trainer"]["epochs"] == 3
 
-    # a run folder works as -r too: it means its checkpoint-last.pth
-    assert train.main(["-r", str(run), "-o", "trainer.epochs=4"]) == 0
+    # a run folder works as -r too: it means its checkpoint-last.pth; with fewer metrics, each value keeps its column
+    assert train.main(["-r", str(run), "-o", "trainer.epochs=4", "-o", 'metrics=["accuracy"]']) == 0
     assert run_dirs(tmp_path / "saved") == [run]
-    assert [row["epoch"] for row in read_history(run)] == ["1", "2", "3", "4"]
+    history = read_history(run)
+    assert [row["epoch"] for row in history] == ["1", "2", "3", "4"]
+    assert float(history[3]["lr"]) == pytest.approx(0.003 * 0.5 ** 3) and history[3]["val_macro_f1"] == ""
+    assert history[2]["val_macro_f1"] != "" and 0 <= float(history[3]["val_accuracy"]) <= 1
 
 
 def test_a_run_whose_folder_was_taken_meanwhile_takes_the_next_one(data_slice, tmp_path, monkeypatch):

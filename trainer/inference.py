@@ -17,7 +17,7 @@ from data_loader.data_loaders import class_source, read_classes
 from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
-from utils.config import build, build_loss, build_metrics
+from utils.config import build, build_loss, build_metrics, split_change
 from utils.task import Task, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, worker_died, write_json
 
@@ -115,20 +115,15 @@ def check_class_order(members, data_config, data_loader):
 INPUT_SETTINGS = ("image_mode", "eval_transforms", "mean", "std")  # what makes the inputs a model was trained on
 
 
-VALIDATION_SETTINGS = ("validation_split", "n_folds", "fold", "group_column", "stratify")
-
-
-def check_same_validation(members):
-    """--split valid with an ensemble: every model must have validated on the same rows (one fold's models trained
-    on the others' validation rows, which would score as if seen)."""
-    first_path, first = members[0]
-    for path, config in members[1:]:
-        ours, theirs = ([c["seed"], *(c["data_loader"]["args"].get(k) for k in VALIDATION_SETTINGS)]
-                        for c in (first, config))
-        if ours != theirs:
-            raise UserError(f"--split valid: checkpoints {str(first_path)!r} and {str(path)!r} validated on other "
-                            f"rows (another seed, fold or split), and each trained on rows the other validates on; "
-                            f"give one fold's checkpoints (a run group's oof.csv scores every fold)")
+def check_same_validation(members, config):
+    """--split valid: every model must have validated on the rows predicted (a model scored on rows it trained on,
+    another fold's or another split's, would score as if they were unseen)."""
+    for path, member in members:
+        change = split_change(member, config)
+        if change:
+            raise UserError(f"--split valid: checkpoint {str(path)!r} validated on other rows than these "
+                            f"({change} for the checkpoint and here) and trained on some of these; give one fold's "
+                            f"checkpoints with their own split settings (a run group's oof.csv scores every fold)")
 
 
 def check_same_inputs(members):

@@ -197,6 +197,26 @@ def check_monitor(config, task=None):
                         f"{mode}imise; set \"mode\": \"{mode}\"")
 
 
+SPLIT_SETTINGS = ("validation_split", "n_folds", "fold", "group_column", "stratify")
+
+
+def split_of(config):
+    """What decides the rows a run validates on: the seed and the data loader's split arguments (their defaults where
+    the config leaves them out)."""
+    loader = config["data_loader"]
+    params = _parameters(resolve("data_loader", loader["type"], config["import_roots"]))
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    return {"seed": config["seed"], **{f"data_loader.args.{k}": loader["args"].get(k, defaults.get(k))
+                                       for k in SPLIT_SETTINGS}}
+
+
+def split_change(then, now):
+    """The first split setting that differs between two configs, as `key: old and new`, or None."""
+    ours, theirs = split_of(then), split_of(now)
+    changed = [key for key in ours if ours[key] != theirs[key]]
+    return f"{changed[0]}: {json.dumps(ours[changed[0]])} and {json.dumps(theirs[changed[0]])}" if changed else None
+
+
 def _has_validation(config):
     loader = config["data_loader"]
     if "validation_split" in loader["args"]:

@@ -88,21 +88,23 @@ class Task:
         """The model's output as one (N, width) tensor: heads given as a tuple, list or dict joined in column order,
         each checked to be a tensor of its head's width."""
         if isinstance(output, dict):
-            missing = [column for column, _ in self.heads if column not in output]
-            if missing:
-                raise UserError(f"arch: the model returns a dict with keys {sorted(map(str, output))}; expected one "
-                                f"per label column ({', '.join(c for c, _ in self.heads)})")
+            if set(output) != {column for column, _ in self.heads}:
+                raise UserError(f"arch: the model returns a dict with keys {sorted(map(str, output))}; expected "
+                                f"exactly one per label column ({', '.join(c for c, _ in self.heads)}): the loss "
+                                f"and the predictions use those only")
             output = [output[column] for column, _ in self.heads]
         if isinstance(output, (tuple, list)):
             parts = [part.unsqueeze(1) if isinstance(part, torch.Tensor) and part.dim() == 1 else part
                      for part in output]
-            widths = [part.shape[1] if isinstance(part, torch.Tensor) and part.dim() == 2 else None for part in parts]
+            widths = [part.shape[1] if isinstance(part, torch.Tensor) and part.dim() == 2 and part.is_floating_point()
+                      else None for part in parts]
             expected = list(self.widths) if len(self.heads) > 1 else [self.width]
             if None in widths or None not in expected and len(parts) > 1 and widths != expected:
-                got = [list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in parts]
+                got = [f"{list(p.shape)} {str(p.dtype).removeprefix('torch.')}" if isinstance(p, torch.Tensor)
+                       else type(p).__name__ for p in parts]
                 raise UserError(f"arch: the model returns {len(parts)} heads shaped {got}; expected "
                                 f"{len(self.heads)} of widths {expected} ({self.describe()}), one [samples, width] "
-                                f"tensor per label column in column order")
+                                f"float tensor per label column in column order")
             return torch.cat(parts, dim=1)
         if isinstance(output, torch.Tensor) and output.dim() == 1 and self.kind == "regression":
             return output.unsqueeze(1)
@@ -180,8 +182,11 @@ class Task:
             if not (isinstance(head, list) and len(head) == 2 and isinstance(head[0], str) and (
                     head[1] is None if kind == "regression" else isinstance(head[1], list) and head[1])):
                 raise ValueError(f"head {json.dumps(head)[:100]} is not [column, classes]")
-        if kind == "multilabel" and len(heads) != 1:
-            raise ValueError("a multilabel task has one column")
+        if kind == "multilabel" and (len(heads) != 1 or any(delimiter in str(c) for c in heads[0][1])):
+            raise ValueError("a multilabel task has one column, and no label holds the delimiter")
+        for _, classes in heads:
+            if classes is not None and len(set(map(str, classes))) != len(classes):
+                raise ValueError("a head lists a class twice")
         return cls(kind, tuple((column, None if c is None else tuple(c)) for column, c in heads), delimiter)
 
 
