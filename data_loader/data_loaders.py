@@ -43,7 +43,7 @@ class CsvImageDataLoader(BaseDataLoader):
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         columns = check_columns(id_column, label_column, group_column, extension)
-        task = read_task(data_dir / train_csv, id_column, columns, task, delimiter, classes)
+        task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes)
         common = dict(task=task, id_column=id_column, extension=extension, image_mode=image_mode, cache=cache,
                       cache_dir=cache_dir)
         eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
@@ -87,7 +87,7 @@ def read_classes(source, path):
     csv_file, id_column, label_column, kind, delimiter, classes = source
     columns = json.loads(label_column)
     try:
-        return read_task(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
+        return task_from_csv(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
                          json.loads(classes)).columns
     except UserError as e:
         logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
@@ -116,7 +116,7 @@ def check_columns(id_column, label_column, group_column, extension):
     return columns
 
 
-def read_task(train_csv, id_column, columns, kind, delimiter, classes):
+def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
     """The task the label columns describe, with each head's classes: given, else the sorted labels of the
     training CSV."""
     if kind not in KINDS:
@@ -181,7 +181,7 @@ class BatchMixing:
                     inner.num_classes = task.width
 
     def __call__(self, images, target):
-        target = self.task.one_hot(target)
+        target = self.task.soft_targets(target)
         for transform in self.transforms:
             images, target = transform(images, target)
         return images, target

@@ -158,6 +158,7 @@ def split_labels(value, delimiter):
 
 
 def multi_hot(csv_file, lines, values, classes, delimiter, column):
+    """Each row's labels as 0/1 per class; one line naming the first label that is none of the classes."""
     index = {label_text(c): i for i, c in enumerate(classes)}
     rows = []
     for line, value in zip(lines, values):

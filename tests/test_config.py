@@ -256,7 +256,7 @@ def test_dotted_type_inside_torch_trains(config, tmp_path):
     ("loss", {"type": "CrossEntropyLoss", "args": {"reduction": "none"}}, "loss: returns [16]"),
     ("loss", {"type": "CrossEntropy", "args": {"weight": [1.0, 2.0]}}, "loss: cannot take the model's output"),
     ("loss", "mse_loss", "loss: mse_loss is a loss for regression targets, and this data's task is multiclass"),
-    ("metrics", ["accuracy", {"type": "TopKAccuracy", "args": {"k": 10}}], "metrics: cannot score"),
+    ("metrics", ["accuracy", {"type": "TopKAccuracy", "args": {"k": 10}}], "metrics: TopKAccuracy cannot score"),
     ("optimizer", {"type": "SparseAdam", "args": {}}, "optimizer: SparseAdam cannot take a step"),
     ("optimizer", {"type": "LBFGS", "args": {"lr": 0.01}}, "optimizer: LBFGS cannot take a step"),
     ("optimizer", {"type": "Adam", "args": {"differentiable": True}}, "optimizer: Adam cannot take a step"),

@@ -340,6 +340,11 @@ MISFITS = {
     "class-lists-for-2-of-3-heads": ("multitask", setting("data_loader.args.classes", [["a"], ["b"]], "classes",
                                                           "3 class lists")),
     "focal-loss-on-mixed-targets": ("multitask", focal_loss_on_mixed_targets),
+    "a name among mixing transforms": ("multitask", setting("data_loader.args.batch_transforms", [
+        {"type": "RandomChoice", "args": {"transforms": [{"type": "CutMix"}, "MixUp"]}}],
+        r"batch_transforms\[0\]\.args\.transforms\[1\]")),
+    "top-3-of-a-3-class-head": ("multitask", setting("metrics", ["accuracy", "top_k_acc"],
+                                                     "metrics: top_k_acc_mask cannot")),
 }
 
 
@@ -385,6 +390,8 @@ def test_evaluation_mistakes_of_a_task_are_one_line_and_write_nothing(runs, task
                                           "data_loader.args.fold: 0 and 1"),
         "threshold per label, wrong count": (["-r", group, "-o", "inference.threshold=[0.5, 0.5]"], "2 thresholds"),
         "combine_heads of one column": (["-r", group, "-o", "inference.combine_heads=true"], "combine_heads"),
+        "another task's data": (["-r", group, "-o", "data_loader.args.task=regression", "-o",
+                                 "data_loader.args.label_column=value"], "trained on multilabel targets"),
         "blend over its own input": (["--blend", copy / "probabilities.csv", "--out", copy], "would overwrite"),
         "edited task.json": (["--blend", copy / "probabilities.csv", "--out", tmp_path / "blend"], "task.json"),
     }
@@ -402,3 +409,24 @@ def test_a_one_column_sample_named_after_a_head_gets_that_heads_labels(runs, tas
                      "--out", tmp_path / "out"]) == 0
     predictions = read_text_table(tmp_path / "out" / "predictions.csv")
     assert list(predictions.columns) == ["id", "gender"] and set(predictions["gender"]) <= set(GENDERS)
+
+
+def test_a_metric_keeps_its_own_threshold_in_test_py(runs, tmp_path):
+    """inference.threshold decides the labels and scores the metrics given none of their own."""
+    metrics = '["f1_micro", {"type": "f1_micro", "args": {"threshold": 0.02}, "name": "f1_low"}]'
+    assert evaluate(["-r", runs.group("multilabel"), *TEST_LABELS, "-o", f"metrics={metrics}", "--out", tmp_path]) == 0
+    written, table = json.loads((tmp_path / "metrics.json").read_text()), read_table(tmp_path / "probabilities.csv")
+    targets = targets_from_truth(read_truth(runs.data), table.index, read_task(tmp_path)) == 1
+    predicted = table.to_numpy() >= 0.02
+    f1_low = 2 * (predicted & targets).sum() / (predicted.sum() + targets.sum())
+    assert written["f1_low"] == pytest.approx(f1_low, abs=TOLERANCE) and written["f1_low"] != written["f1_micro"]
+
+
+def test_heads_of_too_many_joint_classes_log_per_head_metrics_only(task_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("utils.task.MAX_JOINT", 10)  # the 3 x 2 x 3 heads have 18 joint classes
+    config = task_config("multitask", task_set, tmp_path / "saved", epochs=1)
+    assert "'val_accuracy' is never produced" in fails(config, tmp_path, capsys)
+    config["trainer"]["monitor"] = "max val_accuracy_mask"
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "multitask")
+    assert "val_accuracy" not in read_history(run)[0] and "val_accuracy_age" in read_history(run)[0]

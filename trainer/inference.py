@@ -17,7 +17,7 @@ from data_loader.data_loaders import class_source, read_classes
 from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
-from utils.config import build, build_loss, build_metrics, split_change
+from utils.config import build, build_loss, build_metrics, metric_name, split_change
 from utils.task import Task, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, worker_died, write_json
 
@@ -47,8 +47,9 @@ def score(config, task, probabilities, targets, threshold=None):
     """The config's loss and metrics of averaged probabilities, over all samples at once; a multilabel decision
     `threshold` replaces the metrics' own."""
     criterion, tracker = build_loss(config, task), EpochMetrics(build_metrics(config, task))
-    for metric in tracker.metrics.values():
-        if threshold is not None and hasattr(metric, "threshold"):
+    own = {metric_name(m) for m in config["metrics"] if isinstance(m, dict) and "threshold" in m.get("args", {})}
+    for name, metric in tracker.metrics.items():
+        if threshold is not None and hasattr(metric, "threshold") and name not in own:
             metric.threshold = torch.as_tensor(threshold, dtype=torch.float32)
     for start in range(0, len(targets), CHUNK):
         scores = task.logits(probabilities[start:start + CHUNK])
@@ -88,9 +89,14 @@ def check_class_order(members, data_config, data_loader):
     """Refuse checkpoints trained on other classes, or on the same ones in another order, than the data's class list:
     an ensemble averages probabilities, and the output files name them, column by column. `members` are (path,
     its config)."""
-    names = data_classes(data_loader)
+    names, kind = data_classes(data_loader), task_of(data_loader.dataset).kind
     if names is None:
         return
+    for path, config in members:
+        source = class_source(config)
+        if source is not None and source[3] != kind:
+            raise UserError(f"-r: checkpoint {str(path)!r} was trained on {source[3]} targets, and the data's task is "
+                            f"{kind} (data_loader.args.task)")
     data_source = class_source(data_config)
     known = {data_source: names} if data_source else {}
     paths, trained = [path for path, _ in members], []
@@ -322,8 +328,8 @@ def submission_columns(probabilities, classes, task, inference, combine):
                                    decided.tolist()]}
     if task.single_label or combine:
         indices = decided[:, 0] if task.single_label else task.joint(decided)
-        labels = [classes[i] for i in indices] if inference["label_format"] == "name" and task.single_label else \
-            indices.tolist()
+        labels = [classes[i] for i in indices.tolist()] if inference["label_format"] == "name" and \
+            task.single_label else indices.tolist()
         return {"label": labels}
     return {column: [heads[i] for i in decided[:, h].tolist()] if inference["label_format"] == "name" else
             decided[:, h].tolist() for h, (column, heads) in enumerate(task.heads)}

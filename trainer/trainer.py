@@ -81,7 +81,11 @@ class Trainer(BaseTrainer):
         try:
             mixing = getattr(self.data_loader, "mixing", None)
             if mixing:
-                data, target = mixing(data, target)
+                try:
+                    data, target = mixing(data, target)
+                except Exception as e:
+                    raise UserError(f"data_loader.args.batch_transforms: cannot mix a training batch of shape "
+                                    f"{list(data.shape)}: {first_line(e)}") from None
             with torch.enable_grad(), self._autocast():
                 output = self.task.flat(model.train()(data))
                 try:
@@ -396,11 +400,13 @@ def checked_loss_and_metrics(criterion, tracker, output, target, what):
     if not torch.isfinite(loss):
         raise UserError(f"loss: {loss.item()} on the first samples of the data, before any training: {what} holds "
                         f"{'NaN or infinite values' if not torch.isfinite(output).all() else 'only finite values'}")
-    try:
-        tracker.update(loss, output, target)
-        tracker.result()
-    except Exception as e:
-        raise UserError(f"metrics: cannot score {what} of shape {list(output.shape)}: {first_line(e)}") from None
+    for name, metric in tracker.metrics.items():
+        try:
+            metric.compute(metric.batch_stats(output.detach(), target))
+        except Exception as e:
+            raise UserError(f"metrics: {name} cannot score {what} of shape {list(output.shape)}: "
+                            f"{first_line(e)}") from None
+    tracker.update(loss, output, target)
 
 
 def grads_finite(model):

@@ -154,13 +154,12 @@ def metric_name(entry):
 
 
 def produced_metrics(config, task=None):
-    """Every name an epoch's log can hold, given the metrics (one per head too, with several label columns: the
-    task's, else the config's) and whether the data loader splits off validation."""
+    """Every name an epoch's log can hold, given the metrics (per head and for the joint class too, with several
+    label columns, once the data's `task` is known) and whether the data loader splits off validation."""
     names = [metric_name(m) for m in config["metrics"]]
-    columns = config["data_loader"]["args"].get("label_column") if task is None else \
-        [column for column, _ in task.heads] if task.kind == "multiclass" else []
-    if isinstance(columns, list) and len(columns) > 1:
-        names += [f"{name}_{head_name(column)}" for name in names for column in columns]
+    if task is not None and task.kind == "multiclass" and len(task.heads) > 1:
+        heads = [f"{name}_{head_name(column)}" for name in names for column, _ in task.heads]
+        names = (names if task.scores_joint else []) + heads
     names = ["loss"] + names
     mixed = bool(config["data_loader"]["args"].get("batch_transforms"))  # training batches then log their loss only
     training = names[:1] if mixed else names
@@ -172,7 +171,7 @@ def produced_metrics(config, task=None):
 
 def check_monitor(config, task=None):
     """The monitor names a metric training produces. Before the data is built (`task` None), a name that may be a
-    per-head one of a data loader other than CsvImageDataLoader is left for the check once it is."""
+    per-head one (`<metric>_<column>`) is left for the check once it is."""
     monitor = config["trainer"]["monitor"]
     if monitor == "off":
         if config["trainer"]["save_top_k"]:
@@ -183,9 +182,7 @@ def check_monitor(config, task=None):
         raise UserError(f"trainer.monitor: expected \"off\", \"min <metric>\" or \"max <metric>\", "
                         f"got {json.dumps(monitor)}")
     produced = produced_metrics(config, task)
-    own_loader = resolve("data_loader", config["data_loader"]["type"], config["import_roots"]).__module__ == \
-        "data_loader.data_loaders"
-    if task is None and not own_loader and any(metric.startswith(name + "_") for name in produced):
+    if task is None and any(metric.startswith(name + "_") for name in produced):
         return
     if metric not in produced:
         hint = did_you_mean(metric, produced) or f"; training produces {', '.join(produced)}"
@@ -506,7 +503,7 @@ def build_transforms(specs, where):
     for i, spec in enumerate(specs):
         spec = check_spec(spec, "transforms", (), where=f"{where}[{i}]")
         inner = spec["args"].get("transforms")
-        if isinstance(inner, list) and inner and all(isinstance(s, dict) for s in inner):
+        if isinstance(inner, list):
             spec = {**spec, "args": {**spec["args"], "transforms": build_transforms(inner, f"{where}[{i}].args"
                                                                                           f".transforms")}}
         built.append(build_spec(spec, "transforms", where=f"{where}[{i}]"))

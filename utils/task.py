@@ -23,7 +23,7 @@ from utils.util import UserError, first_line, write_json
 KINDS = ("multiclass", "multilabel", "regression")
 DEFAULT_LOSS = {"multiclass": "cross_entropy", "multilabel": "binary_cross_entropy_with_logits",
                 "regression": "mse_loss"}
-MAX_JOINT = 10_000  # joint classes of a multi-task run beyond which the joint label is not scored
+MAX_JOINT = 1_000  # joint classes of a multi-task run beyond which the joint label is not scored
 QUANTILE_BINS = 10  # strata of a regression target for stratified splits
 
 
@@ -38,7 +38,14 @@ class Task:
 
     @classmethod
     def single(cls, classes, column="label"):
+        """One label column over `classes` (None when they are unknown): the template's first task."""
         return cls("multiclass", ((column, None if classes is None else tuple(classes)),))
+
+    @property
+    def scores_joint(self):
+        """Whether metrics are logged for the heads' joint class too (several heads of few enough classes)."""
+        return self.kind == "multiclass" and len(self.heads) > 1 and None not in self.widths and \
+            math.prod(self.widths) <= MAX_JOINT
 
     @property
     def single_label(self):
@@ -126,7 +133,7 @@ class Task:
         p = probabilities.clamp(1e-12, 1 - 1e-7 if self.kind == "multilabel" else 1)
         return p.log() - (-p).log1p() if self.kind == "multilabel" else p.log()
 
-    def one_hot(self, target):
+    def soft_targets(self, target):
         """Targets as (N, width) floats, the form batch transforms mix."""
         if target.is_floating_point() and target.dim() == 2 and target.shape[1] == self.width:
             return target
@@ -263,8 +270,7 @@ def task_metrics(metrics, task):
     per_head = {f"{name}_{head_name(column)}": HeadMetric(metric, s, h)
                 for name, metric in metrics.items() for h, ((column, _), s) in enumerate(zip(task.heads,
                                                                                               task.segments))}
-    joint = {name: JointMetric(metric, task) for name, metric in metrics.items()} \
-        if math.prod(task.widths) <= MAX_JOINT else {}
+    joint = {name: JointMetric(metric, task) for name, metric in metrics.items()} if task.scores_joint else {}
     taken = sorted(set(per_head) & set(metrics))
     if taken:
         raise UserError(f"metrics: {taken[0]!r} is also the name of a metric of one head (<metric>_<column>); give "
