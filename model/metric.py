@@ -114,7 +114,8 @@ class MultilabelF1Macro(MultilabelMetric):
 
 class MeanAveragePrecision(Metric):
     """Mean over classes with a positive target of average precision, binned: sigmoid scores are counted in 1000 bins
-    and scores sharing a bin tie, which moves it from the exact value by about 0.001 when scores are spread out."""
+    and scores sharing a bin tie, which moves it from the exact value by up to about 0.01 (0.001 when scores are
+    spread out)."""
 
     tasks = ("multilabel",)
     bins = 1000
