@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_loader.image_cache import DecodedImages, ImageCache
-from data_loader.images import MODES, read_image
+from data_loader.images import MODES, image_file, read_image
 from utils.task import Task
 from utils.util import UserError
 
@@ -76,12 +76,8 @@ class CsvImageDataset(Dataset):
         with its old modification time restored (cp -p, rsync -a) still has a new status-change time."""
         digest = hashlib.sha256()
         for path in self.paths:
-            try:
+            with image_file(path):
                 stat = path.stat()
-            except FileNotFoundError:
-                raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
-            except OSError as e:
-                raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
             digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}\n".encode())
         return digest.hexdigest()
 

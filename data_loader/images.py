@@ -3,6 +3,7 @@
 torchvision's decoders are deprecated in favour of TorchCodec's; Pillow serves where TorchCodec has no build for
 the installed torch. Both give the same pixels (tests/test_data.py compares them on PNG and JPEG).
 """
+import contextlib
 import functools
 import io
 
@@ -21,14 +22,21 @@ MODES = {
 }
 
 
-def read_image(path, mode):
-    """The image file at `path`, decoded; a missing, empty or undecodable file is one line naming it."""
+@contextlib.contextmanager
+def image_file(path):
+    """A missing or unreadable image file, met inside the block, as one line naming it."""
     try:
-        data = path.read_bytes()
+        yield
     except FileNotFoundError:
         raise UserError(f"image {str(path)!r}: no such file (listed in the CSV)") from None
     except OSError as e:
         raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
+
+
+def read_image(path, mode):
+    """The image file at `path`, decoded; a missing, empty or undecodable file is one line naming it."""
+    with image_file(path):
+        data = path.read_bytes()
     if not data:
         raise UserError(f"image {str(path)!r}: the file is empty")
     try:
