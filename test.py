@@ -199,8 +199,8 @@ def evaluate(args, logger):
     threshold = {"threshold": inference["threshold"]} if task.kind == "multilabel" else {}
     summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
                **threshold, "n_samples": len(targets), **metrics} if labelled else None
-    write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), config["inference"],
-                  task, summary)
+    write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), inference, task,
+                  summary)
     if metrics:
         logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     else:

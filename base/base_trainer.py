@@ -294,8 +294,11 @@ def rng_fields(fresh):
 def append_row(path, row):
     """Append `row` to a CSV file; when its keys differ from the file's columns (a run resumed with other metrics),
     the file is first rewritten with the columns of both, so every value stays under its own name."""
-    header = path.read_text().partition("\n")[0].rstrip("\r").split(",") if path.exists() else list(row)
-    if header != list(row):
+    header = None
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    if header is not None and header != list(row):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         columns = list(dict.fromkeys([*header, *row]))
@@ -305,9 +308,8 @@ def append_row(path, row):
         writer.writerows(rows)
         write_text(text.getvalue(), path)
         header = columns
-    new_file = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        if new_file:
+        writer = csv.DictWriter(f, fieldnames=header or list(row))
+        if header is None:
             writer.writeheader()
         writer.writerow(row)

@@ -141,7 +141,7 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
             raise UserError(f"{train_csv}: no column {columns[0]!r} (columns: {', '.join(table)})")
         labels = {c: table[c] for c in columns}
         if kind == "multilabel":
-            labels = {c: [label.strip() for v in values for label in split_labels(v, delimiter)]
+            labels = {c: [label for v in values for label in split_labels(v, delimiter)]
                       for c, values in labels.items()}
         per_column = [sorted_classes(labels[c]) for c in columns]
     elif len(columns) > 1 and not (isinstance(classes, list) and len(classes) == len(columns) and all(

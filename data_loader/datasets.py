@@ -149,8 +149,8 @@ def target_tensor(targets, task, n):
 
 
 def split_labels(value, delimiter):
-    """A multi-label cell's labels (none for an empty cell)."""
-    return [label for label in label_text(value).split(delimiter) if label.strip()]
+    """A multi-label cell's labels, without surrounding spaces (none for an empty cell)."""
+    return [label.strip() for label in label_text(value).split(delimiter) if label.strip()]
 
 
 def multi_hot(csv_file, lines, values, classes, delimiter, column):
@@ -160,10 +160,10 @@ def multi_hot(csv_file, lines, values, classes, delimiter, column):
     for line, value in zip(lines, values):
         row = [0.0] * len(classes)
         for label in split_labels(value, delimiter):
-            if label.strip() not in index:
-                raise UserError(f"{csv_file}: line {line} has label {label.strip()!r} in column {column!r}, not one "
-                                f"of the {len(classes)} labels {list(classes)[:10]}")
-            row[index[label.strip()]] = 1.0
+            if label not in index:
+                raise UserError(f"{csv_file}: line {line} has label {label!r} in column {column!r}, not one of the "
+                                f"{len(classes)} labels {list(classes)[:10]}")
+            row[index[label]] = 1.0
         rows.append(row)
     return rows
 

@@ -64,10 +64,7 @@ class MacroF1(ConfusionMatrix):
 
     def compute(self, total):
         total = total.double()
-        true_pos = total.diag()
-        support = total.sum(dim=1) + total.sum(dim=0)
-        present = support > 0
-        return (2 * true_pos[present] / support[present]).mean().item()
+        return mean_f1(total.diag(), total.sum(dim=1) + total.sum(dim=0))
 
 
 class MultilabelMetric(Metric):
@@ -108,8 +105,7 @@ class MultilabelF1Macro(MultilabelMetric):
 
     def compute(self, total):
         true_pos, predicted, actual = total
-        present = predicted + actual > 0
-        return (2 * true_pos[present] / (predicted + actual)[present]).mean().item()
+        return mean_f1(true_pos, predicted + actual)
 
 
 class MeanAveragePrecision(Metric):
@@ -173,6 +169,12 @@ class R2(RegressionMetric):
         variation = sum_sq - sum_y.square() / count
         varies = variation > 1e-12 * sum_sq
         return (1 - squared_error[varies] / variation[varies]).mean().item()
+
+
+def mean_f1(true_pos, support):
+    """The mean over classes of F1 = 2 TP / (predictions + targets), leaving out classes with neither."""
+    present = support > 0
+    return (2 * true_pos[present] / support[present]).mean().item()
 
 
 class EpochMetrics:

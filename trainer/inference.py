@@ -1,7 +1,8 @@
 """Inference: class probabilities with test-time augmentation, ensembles, out-of-fold files, submissions, blends.
 
-Probabilities are the common currency: models are averaged as probabilities, metrics are computed from them
-(their log is a valid input to cross-entropy and NLL alike), and probability CSVs can be blended later.
+Probabilities are the common currency (values, for regression): models are averaged as probabilities, metrics are
+computed from them (the task turns them back into the scores losses and metrics take), and probability CSVs can be
+blended later.
 """
 import itertools
 import json
@@ -92,16 +93,15 @@ def check_class_order(members, data_config, data_loader):
     names, kind = data_classes(data_loader), task_of(data_loader.dataset).kind
     if names is None:
         return
-    for path, config in members:
-        source = class_source(config)
+    sources = [class_source(config) for _, config in members]
+    for (path, _), source in zip(members, sources):
         if source is not None and source[3] != kind:
             raise UserError(f"-r: checkpoint {str(path)!r} was trained on {source[3]} targets, and the data's task is "
                             f"{kind} (data_loader.args.task)")
     data_source = class_source(data_config)
     known = {data_source: names} if data_source else {}
     paths, trained = [path for path, _ in members], []
-    for path, config in members:
-        source = class_source(config)
+    for path, source in zip(paths, sources):
         if source is not None and source not in known:
             known[source] = read_classes(source, path)
         trained.append(known.get(source))
@@ -250,8 +250,8 @@ def check_finite(probabilities, path, model):
 def check_scoring(config, task, probabilities, targets):
     """Score the probe's probabilities with the config's loss and metrics, so that a loss or metric that cannot take
     them is one line before anything is predicted."""
-    criterion, tracker = build_loss(config, task), EpochMetrics(build_metrics(config, task))
-    checked_loss_and_metrics(criterion, tracker, task.logits(probabilities), targets, "the model's scores")
+    checked_loss_and_metrics(build_loss(config, task), build_metrics(config, task), task.logits(probabilities),
+                             targets, "the model's scores")
 
 
 def write_out_of_fold(trainer, checkpoint, path):

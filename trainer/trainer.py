@@ -70,8 +70,7 @@ class Trainer(BaseTrainer):
         data, target, output = self._first_samples(16)
         check_width(output, self.task, len(data), type(unwrap(self.model)).__name__)
         with self._autocast():
-            checked_loss_and_metrics(self.criterion, self.valid_metrics, output, target, "the model's output")
-        self.valid_metrics.reset()
+            checked_loss_and_metrics(self.criterion, self.valid_metrics.metrics, output, target, "the model's output")
         self._check_one_step(unwrap(self.model), data, target, make_optimizer)
 
     def _check_one_step(self, model, data, target, make_optimizer):
@@ -386,9 +385,9 @@ def check_width(output, task, n, model_name):
                     f"data ({task.describe()}; set its num_classes to {width}, or return one tensor per head)")
 
 
-def checked_loss_and_metrics(criterion, tracker, output, target, what):
-    """Add one batch to `tracker`, refusing in one line a loss or a metric that cannot take `what` (the output) and
-    the targets, and a loss that is not one number."""
+def checked_loss_and_metrics(criterion, metrics, output, target, what):
+    """Score one batch with the loss and each of `metrics` (by name), refusing in one line a loss or a metric that
+    cannot take `what` (the output) and the targets, and a loss that is not one finite number."""
     try:
         loss = criterion(output, target)
     except Exception as e:
@@ -400,13 +399,12 @@ def checked_loss_and_metrics(criterion, tracker, output, target, what):
     if not torch.isfinite(loss):
         raise UserError(f"loss: {loss.item()} on the first samples of the data, before any training: {what} holds "
                         f"{'NaN or infinite values' if not torch.isfinite(output).all() else 'only finite values'}")
-    for name, metric in tracker.metrics.items():
+    for name, metric in metrics.items():
         try:
             metric.compute(metric.batch_stats(output.detach(), target))
         except Exception as e:
             raise UserError(f"metrics: {name} cannot score {what} of shape {list(output.shape)}: "
                             f"{first_line(e)}") from None
-    tracker.update(loss, output, target)
 
 
 def grads_finite(model):

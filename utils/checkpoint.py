@@ -37,8 +37,6 @@ def load_state_dict_file(path):
     return state
 
 
-
-
 def load_checkpoint(path, mmap=False):
     """Load a checkpoint onto the CPU with `weights_only=True`; anything else is refused with one clear line, as are
     weights (read by every use of a checkpoint) that are not names mapped to tensors. With `mmap` its tensors stay

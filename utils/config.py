@@ -23,7 +23,7 @@ from pathlib import Path
 from utils import schedule
 from utils.settings import InferenceSettings, RunSettings, TrainerSettings, check_settings, value_problem
 from utils.task import DEFAULT_LOSS, HeadsLoss, Task, head_name, task_metrics
-from utils.util import UserError, did_you_mean, no_new_folders_on_failure, read_json
+from utils.util import UserError, did_you_mean, first_line, no_new_folders_on_failure, read_json
 
 PROJECT_ROOTS = ("base", "data_loader", "model", "trainer", "logger", "utils")
 LIBRARY_ROOTS = ("torch", "torchvision")
@@ -420,8 +420,7 @@ def build_spec(spec, section, roots=(), *supplied, where=None, **program):
         raise
     except Exception as e:  # a library class fails on the config's arguments; the project's own code on a bug too
         if _module_under(target, LIBRARY_ROOTS):
-            raise UserError(f"{where}: {spec['type']} failed with these arguments: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise UserError(f"{where}: {spec['type']} failed with these arguments: {first_line(e)}") from None
         if not isinstance(e, (ValueError, TypeError)):
             raise
         frame = traceback.extract_tb(e.__traceback__)[-1]
@@ -464,16 +463,15 @@ LOSS_TASKS = {  # losses that would train on something else than the task's targ
 
 def check_loss_fits(criterion, task):
     """Refuse a well-known loss of another task (cross-entropy on numbers learns nothing, yet runs)."""
-    target = getattr(criterion, "func", criterion)
-    name = getattr(target if inspect.isfunction(target) or inspect.isclass(target) else type(target), "__name__", "")
-    module = getattr(target, "__module__", "") or type(target).__module__
-    if not module.startswith(("torch.nn", "model.loss")):
+    target = getattr(criterion, "func", criterion)  # a function with the config's args bound
+    named = target if inspect.isfunction(target) or inspect.isclass(target) else type(target)
+    if not (named.__module__ or "").startswith(("torch.nn", "model.loss")):
         return
     for kind, names in LOSS_TASKS.items():
-        if name in names and kind != task.kind:
-            raise UserError(f"loss: {name} is a loss for {kind} targets, and this data's task is {task.kind}; leave "
-                            f"loss out for the task's own ({DEFAULT_LOSS[task.kind]}) or name one of "
-                            f"{', '.join(LOSS_TASKS[task.kind][:4])}")
+        if named.__name__ in names and kind != task.kind:
+            raise UserError(f"loss: {named.__name__} is a loss for {kind} targets, and this data's task is "
+                            f"{task.kind}; leave loss out for the task's own ({DEFAULT_LOSS[task.kind]}) or name "
+                            f"one of {', '.join(LOSS_TASKS[task.kind][:4])}")
 
 
 def build_metrics(config, task=SINGLE_LABEL):
