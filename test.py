@@ -32,7 +32,7 @@ from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, validate, validate_inference
 from utils.settings import RunSettings
 from utils.task import task_of
-from utils.util import ArgumentParser, UserError, error_line, resolve_device, write_json
+from utils.util import ArgumentParser, Outcome, UserError, error_line, resolve_device, write_json
 
 USED_SECTIONS = ("n_gpu", "seed", "import_roots", "data_loader", "loss", "metrics", "inference")
 UNUSED_SECTIONS = tuple(f.name for f in dataclasses.fields(RunSettings) if f.name not in USED_SECTIONS)
@@ -170,6 +170,7 @@ def run_blend(args, logger):
     ids, probabilities, classes, task = blend(args.blend, args.weights)
     write_outputs(Path(args.out), ids, probabilities, classes, settle_inference(inference, task), task)
     logger.info("blended %d files into %s", len(args.blend), args.out)
+    return Path(args.out)
 
 
 def evaluate(args, logger):
@@ -206,6 +207,7 @@ def evaluate(args, logger):
     else:
         logger.info("the data has no labels: wrote predictions only")
     logger.info("wrote %s", out)
+    return out
 
 
 def write_outputs(out, ids, probabilities, classes, inference, task, metrics=None):
@@ -220,20 +222,22 @@ def write_outputs(out, ids, probabilities, classes, inference, task, metrics=Non
 
 
 def main(argv=None):
+    """Evaluate or blend as the command line says; returns the exit status, whose `out` is the output folder and
+    `files` the files in it (None on failure)."""
     args = parse_args(argv)
     logger = setup_logging(1)
     try:
         check_arguments(args)
         if args.blend:
-            run_blend(args, logger)
+            out = run_blend(args, logger)
         elif args.resume:
-            evaluate(args, logger)
+            out = evaluate(args, logger)
         else:
             raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
     except UserError as e:
         print(error_line(e), file=sys.stderr)
-        return 2
-    return 0
+        return Outcome(2)
+    return Outcome(0, out=out, files=sorted(path for path in out.iterdir() if path.is_file()))
 
 
 if __name__ == "__main__":

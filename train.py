@@ -36,6 +36,7 @@ from utils.schedule import build_schedule
 from utils.task import task_of
 from utils.util import (
     ArgumentParser,
+    Outcome,
     UserError,
     create_run_dir,
     error_line,
@@ -79,7 +80,9 @@ def command_line_overrides(args):
     return shortcuts + args.override
 
 
-def main(argv=None):
+def main(argv=None, hooks=()):
+    """Train as the command line says; returns the exit status, whose `run_dir` is the run folder (or run group) made
+    (None for --fast-dev-run and on failure). `hooks` (base.hooks.Hook) are told of the run's progress."""
     args = parse_args(argv)
     logger = setup_logging()
     quiet_handover_errors()
@@ -112,17 +115,18 @@ def main(argv=None):
                 if config["data_loader"]["args"].get("cache_dir"):
                     config["data_loader"]["args"]["cache_dir"] = None  # decoded in memory: nothing written to disk
             if args.folds == "all":
-                train_all_folds(config, device)
+                run_dir = train_all_folds(config, device, hooks)
             else:
                 run_dir = Path(scratch_dir) / "run" if scratch_dir else dist.broadcast_object(
                     choose_run_dir(config, args, checkpoint) if rank == 0 else None)
-                train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and not args.config)
+                run_dir = train_one(config, device, run_dir, checkpoint, resume=checkpoint is not None and
+                                    not args.config, hooks=hooks).run_dir
     except UserError as e:
         print(error_line(e), file=sys.stderr)
-        return 2
+        return Outcome(2)
     except TrainingStopped as e:
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
-        return e.exit_code
+        return Outcome(e.exit_code)
     except (RuntimeError, ConnectionError, EOFError) as e:
         if hasattr(signal, "SIGCHLD"):
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report a dead worker again, anywhere
@@ -131,13 +135,13 @@ def main(argv=None):
         detail = " ".join(str(e).split()) or type(e).__name__
         print(f"error: DataLoader worker failed: {detail} (out of memory? try fewer data_loader.args.num_workers); "
               f"the last checkpoint is intact: resume with python train.py -r <run folder>", file=sys.stderr)
-        return 1
+        return Outcome(1)
     finally:
         dist.cleanup()
-    return 0
+    return Outcome(0, run_dir=None if args.fast_dev_run else run_dir)
 
 
-def train_one(config, device, run_dir, checkpoint=None, resume=False):
+def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
     """Build everything the config names and train in `run_dir` (created only once all is checked); `checkpoint` is
     resumed, or with resume=False fine-tuned from. Returns the trainer."""
     cfg = config["trainer"]
@@ -171,7 +175,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False):
         model = torch.compile(model)
 
     trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
-                      lr_schedule)
+                      lr_schedule, hooks)
     trainer.check_one_batch(make_optimizer)
     if resume:
         trainer.resume(checkpoint)
@@ -223,8 +227,9 @@ def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, r
                     trainer.global_step)
 
 
-def train_all_folds(config, device):
-    """Train every fold into one run group, then score the out-of-fold predictions over the whole training set."""
+def train_all_folds(config, device, hooks=()):
+    """Train every fold into one run group, then score the out-of-fold predictions over the whole training set;
+    returns the group's folder."""
     from trainer.inference import combine_out_of_fold, write_out_of_fold  # pandas, needed only here
 
     n_folds = config["data_loader"]["args"]["n_folds"]
@@ -235,7 +240,7 @@ def train_all_folds(config, device):
         fold_config = apply_overrides(config, [f"data_loader.args.fold={fold}"])
         run_dir = group_dir / f"fold{fold}"
         logger.info("fold %d/%d", fold + 1, n_folds)
-        trainer = train_one(fold_config, device, run_dir)
+        trainer = train_one(fold_config, device, run_dir, hooks=hooks)
         if dist.is_main_process():
             write_out_of_fold(trainer, load_checkpoint(best_checkpoint(run_dir)), run_dir / "oof.csv")
         dist.barrier()
@@ -243,6 +248,7 @@ def train_all_folds(config, device):
         metrics = combine_out_of_fold(config, trainer.task, [group_dir / f"fold{k}" / "oof.csv"
                                                              for k in range(n_folds)], group_dir)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return group_dir
 
 
 def choose_run_dir(config, args, checkpoint):

@@ -56,8 +56,9 @@ class BaseTrainer:
     and validation values prefixed with `val_`. Only the main process writes logs, events and checkpoints.
     """
 
-    def __init__(self, model, optimizer, config, run_dir, lr_schedule=None):
+    def __init__(self, model, optimizer, config, run_dir, lr_schedule=None, hooks=()):
         self.config = config
+        self.hooks = list(hooks)
         self.cfg = TrainerSettings(**config["trainer"])
         self.logger = logging.getLogger("template")
         self.model = model
@@ -89,6 +90,7 @@ class BaseTrainer:
         if self.is_main:
             self._trim_history()
         try:
+            self.on_run_start()
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 if not (epoch == self.start_epoch and self.resume_batches):
                     seed_everything(epoch_seed(self.config["seed"], epoch) + 7919 * dist.rank())
@@ -102,6 +104,7 @@ class BaseTrainer:
                 if self.is_main:
                     self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
                     self._save_checkpoint(epoch, save_best=improved)
+                    self.on_epoch_end(epoch, log)
                 dist.barrier()
                 if self.stop_signal and epoch < self.cfg.epochs:
                     raise self._stopped(epoch, 0)
@@ -109,11 +112,34 @@ class BaseTrainer:
                     self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric,
                                      self.cfg.early_stop)
                     break
+            self.on_run_end(log)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.writer.close()
         return log
+
+    def should_validate(self, epoch):
+        """Whether `epoch` ends with validation."""
+        return True
+
+    def on_run_start(self):
+        self._call_hooks("on_run_start")
+
+    def on_validation_end(self, epoch, log):
+        self._call_hooks("on_validation_end", epoch, log)
+
+    def on_epoch_end(self, epoch, log):
+        self._call_hooks("on_epoch_end", epoch, log)
+
+    def on_run_end(self, log):
+        self._call_hooks("on_run_end", log)
+
+    def _call_hooks(self, name, *args):
+        """Call `name` on every hook (base.hooks.Hook), in the main process only."""
+        if self.is_main:
+            for hook in self.hooks:
+                getattr(hook, name)(self, *args)
 
     def _request_stop(self, signum, frame):
         """First signal: finish the current optimizer step, save, exit. A second one stops at once."""

@@ -26,8 +26,8 @@ class Trainer(BaseTrainer):
     metrics are accumulated on the device and read once per epoch."""
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, run_dir, data_loader,
-                 valid_data_loader=None, lr_schedule=None):
-        super().__init__(model, optimizer, config, run_dir, lr_schedule)
+                 valid_data_loader=None, lr_schedule=None, hooks=()):
+        super().__init__(model, optimizer, config, run_dir, lr_schedule, hooks)
         self.criterion = criterion
         self.device = device
         self.data_loader = data_loader
@@ -135,8 +135,10 @@ class Trainer(BaseTrainer):
 
         self._check_finite(epoch)
         log = self.train_metrics.result()
-        if self.valid_data_loader is not None:
-            log.update({"val_" + k: v for k, v in self._valid_epoch().items()})
+        if self.valid_data_loader is not None and self.should_validate(epoch):
+            val_log = {"val_" + k: v for k, v in self._valid_epoch().items()}
+            self.on_validation_end(epoch, val_log)
+            log.update(val_log)
         return log
 
     def _start_epoch(self, epoch):

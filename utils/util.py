@@ -21,6 +21,21 @@ class UserError(Exception):
     """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
 
 
+class Outcome(int):
+    """A command's exit status that also carries what it made (`run_dir` of train.py, `out` and `files` of test.py),
+    so a script can chain commands: `run_dir = train.main([...]).run_dir`. What it did not make is None."""
+
+    def __new__(cls, code, **made):
+        outcome = super().__new__(cls, code)
+        outcome.__dict__.update(made)
+        return outcome
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are one `error:` line and a pointer to --help, exit code 2."""
 
