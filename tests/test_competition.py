@@ -611,6 +611,9 @@ def test_new_project_copies_the_project_without_the_templates_own_parts_and_its_
     out = capsys.readouterr().out
     assert f"next: cd {target} && git init && python -m pytest -q tests" in out
     assert "data/mnist5k" in out and "--with-sample-data" in out
+    readme = (target / "README.md").read_text()
+    assert readme.startswith("# new\n") and "`data/mnist5k`" in readme and "digits" not in readme.lower()
+    assert (target / "docs" / "template.md").read_text().startswith("# PyTorch project template")
 
     # the copy's own tests (its fast subset) pass on the stand-in data its helpers generate without data/mnist5k
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -634,6 +637,30 @@ def test_new_project_with_sample_data(tmp_path):
         assert sorted(p.name for p in (copied / split).iterdir()) == source and source
     first = sorted((REPO / "data" / "mnist5k" / "train").iterdir())[0]
     assert (copied / "train" / first.name).read_bytes() == first.read_bytes()
+
+
+def test_new_project_copies_what_git_tracks_not_runs_or_stray_outputs(tmp_path):
+    template = tmp_path / "template"
+    for name in ("train.py", "config.json", "README.md", "docs/guide.md", "benchmarks/benchmark.py"):
+        (template / name).parent.mkdir(parents=True, exist_ok=True)
+        (template / name).write_text(f"{name}\n")
+    (template / "config.json").write_text(json.dumps({"name": "leaf", "data_loader": {"args": {"data_dir": "data/"
+                                                                                                       "leaves"}}}))
+    (template / "README.md").write_text("# PyTorch project template\nsee [the guide](docs/guide.md)\n")
+    subprocess.run(["git", "init", "-q", str(template)], check=True)
+    subprocess.run(["git", "-C", str(template), "add", "."], check=True)
+    (template / "runs" / "leaf" / "1").mkdir(parents=True)  # a custom save_dir's run folder and a stray output
+    (template / "runs" / "leaf" / "1" / "model_best.pth").write_bytes(b"weights")
+    (template / "submission.csv").write_text("id,label\n")
+    (template / "train.py").write_text("edited, not committed\n")
+
+    target = new_project.copy_template(tmp_path / "leaf-competition", template=template)
+    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert copied == ["README.md", "config.json", "docs/guide.md", "docs/template.md", "saved/.gitkeep", "train.py"]
+    assert (target / "train.py").read_text() == "edited, not committed\n"
+    assert (target / "docs" / "template.md").read_text() == "# PyTorch project template\nsee [the guide](guide.md)\n"
+    readme = (target / "README.md").read_text()
+    assert readme.startswith("# leaf-competition\n") and "`data/leaves`" in readme and "saved/leaf/" in readme
 
 
 def test_new_project_refuses_a_folder_that_is_not_empty(tmp_path):
