@@ -134,18 +134,18 @@ def main(argv=None):
     except TrainingStopped as e:
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
-    except (RuntimeError, ConnectionError, EOFError) as e:
+    except (RuntimeError, OSError, EOFError, MemoryError) as e:
         if hasattr(signal, "SIGCHLD"):
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report a dead worker again, anywhere
+        if isinstance(e, (OSError, RecursionError, MemoryError)) and not worker_died(e):
+            print(fault_line(e), file=sys.stderr)  # a full disk, a read-only folder: checkpoints stay whole
+            return 2
         if not worker_died(e):
             raise
         detail = " ".join(str(e).split()) or type(e).__name__
         print(f"error: DataLoader worker failed: {detail} (out of memory? try fewer data_loader.args.num_workers); "
               f"the last checkpoint is intact: resume with python train.py -r <run folder>", file=sys.stderr)
         return 1
-    except (OSError, RecursionError, MemoryError) as e:  # a full disk, a read-only folder: checkpoints stay whole
-        print(fault_line(e), file=sys.stderr)
-        return 2
     finally:
         dist.cleanup()
     return 0
