@@ -599,3 +599,15 @@ def test_any_checkpoint_drawn_loads_or_is_one_line(saved_states, data, name, val
             assert files_under(folder) == ["crafted.pth"]
         else:
             assert code == 0 and (folder / "out" / "predictions.csv").exists(), err.getvalue()
+
+
+def test_a_checkpoint_whose_data_loader_would_download_reaches_no_network(saved_states, tmp_path, capsys):
+    """MnistDataLoader downloads what its data_dir lacks: from a checkpoint, test.py refuses the connection."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    loader = {"type": "MnistDataLoader", "args": {"data_dir": str(empty), "batch_size": 32, "num_workers": 0,
+                                                     "validation_split": 0.1}}
+    path = crafted(saved_states, "end", set_config("data_loader", loader), tmp_path / "crafted.pth")
+    assert evaluate(["-r", path, "--out", tmp_path / "out"]) == 2
+    assert "would reach the network" in error_line(capsys)
+    assert not (tmp_path / "out").exists()

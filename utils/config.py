@@ -334,7 +334,7 @@ def resolve(section, type_name, roots=(), where=None):
                             f"({', '.join(allowed)}); add {root!r} to the config's \"import_roots\" to allow it")
         try:
             target = None if attr.startswith("_") else getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError, SystemExit):  # SystemExit: a module that ends the program on import
             target = None
         if target is None:
             raise UserError(f"{where}.type: {type_name!r} cannot be imported")

@@ -186,13 +186,13 @@ def offline(what):
     came from elsewhere never reaches the network. Local (Unix) sockets, which DataLoader workers use, stay open."""
     import socket
 
-    def refuse(*_, **__):
-        raise UserError(f"{what} would reach the network; give what it needs as local files")
+    def refuse(host, *_, **__):
+        raise UserError(f"{what} would reach the network ({str(host)[:100]}); give what it needs as local files")
 
     def guarded(connect):
         def connect_local(sock, address):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
-                refuse()
+                refuse(address[0])
             return connect(sock, address)
         return connect_local
 
