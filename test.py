@@ -12,6 +12,7 @@ DIR, by default `<run folder>/<split>-<checkpoint name>/`.
 import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from logger.logger import setup_logging
@@ -28,11 +29,22 @@ from trainer.inference import (
     try_one_batch,
     write_predictions,
 )
+from utils import run_group
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
-from utils.config import apply_overrides, build, build_transforms, validate, validate_inference
+from utils.config import apply_overrides, build, build_transforms, overridden_keys, validate, validate_inference
 from utils.settings import RunSettings
-from utils.task import task_of
-from utils.util import ArgumentParser, Outcome, UserError, error_line, resolve_device, write_json
+from utils.task import TASK_FILE, task_of
+from utils.util import (
+    ArgumentParser,
+    Outcome,
+    UserError,
+    error_line,
+    fault_line,
+    no_new_folders_on_failure,
+    offline,
+    resolve_device,
+    write_json,
+)
 
 USED_SECTIONS = ("n_gpu", "seed", "import_roots", "data_loader", "loss", "metrics", "inference")
 UNUSED_SECTIONS = tuple(f.name for f in dataclasses.fields(RunSettings) if f.name not in USED_SECTIONS)
@@ -96,15 +108,6 @@ def check_blend_arguments(args):
         raise UserError("--blend: give --out DIR for the blended submission")
 
 
-def overridden_keys(overrides):
-    """The dotted keys that `-o` overrides set, down to their leaves (`-o inference={...}` sets each key inside)."""
-    def leaves(node, prefix):
-        if not isinstance(node, dict) or not node:
-            return [prefix]
-        return [key for name, child in node.items() for key in leaves(child, f"{prefix}.{name}" if prefix else name)]
-    return leaves(apply_overrides({}, overrides), "") if overrides else []
-
-
 def check_out(out, given):
     """Refuse an output folder that is a file, or lies under one, before any work."""
     for path in (out, *out.parents):
@@ -117,10 +120,10 @@ def check_out(out, given):
 
 def checkpoint_paths(given):
     """Checkpoint files: a run folder stands for its best checkpoint, a run-group folder of a --folds run for each
-    fold's."""
+    fold's (exactly the folds its manifest planned, all finished)."""
     paths = []
     for path in map(Path, given):
-        runs = (sorted(path.glob("fold*/")) or [path]) if path.is_dir() else []
+        runs = run_group.complete_folds(path) if run_group.is_run_group(path) else [path] if path.is_dir() else []
         paths += [best_checkpoint(run) for run in runs] or [path]
     return paths
 
@@ -145,7 +148,7 @@ def load_members(paths, overrides, batch_size, use_ema):
     for path in paths:
         checkpoint = load_checkpoint(path, mmap=True)
         if config is None:
-            config = validate(apply_overrides(checkpoint_config(checkpoint), overrides))
+            config = validate(checkpoint_config(checkpoint, overrides))
         members.append((path, validate({**checkpoint_config(checkpoint), "import_roots": config["import_roots"]})))
         if use_ema and checkpoint.get("ema_state_dict") is None:
             raise UserError(f"--ema: checkpoint {str(path)!r} has no EMA weights (train with trainer.ema_decay)")
@@ -211,14 +214,29 @@ def evaluate(args, logger):
 
 
 def write_outputs(out, ids, probabilities, classes, inference, task, metrics=None):
-    """probabilities.csv, the submission and metrics.json (when given) into `out`; a folder that cannot be written is
-    one line."""
+    """probabilities.csv, the submission and metrics.json (when given) into `out`, all or none: they are written into
+    a temporary folder beside it and moved in once all are complete; a folder that cannot be written is one line."""
     try:
-        write_predictions(out, ids, probabilities, classes, inference, task)
-        if metrics:
-            write_json(metrics, out / "metrics.json")
+        with no_new_folders_on_failure(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+                write_predictions(Path(tmp), ids, probabilities, classes, inference, task)
+                if metrics:
+                    write_json(metrics, Path(tmp) / "metrics.json")
+                move_into(Path(tmp), out)
     except OSError as e:
         raise UserError(f"--out {str(out)!r}: cannot write there ({e.strerror or e})") from None
+
+
+def move_into(written, out):
+    """Move every file of `written` into `out` (renames in one file system), and drop a task.json left there by an
+    earlier task that this one does not have."""
+    out.mkdir(exist_ok=True)
+    names = [path.name for path in written.iterdir()]
+    for name in names:
+        os.replace(written / name, out / name)
+    if TASK_FILE not in names:
+        (out / TASK_FILE).unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -228,14 +246,15 @@ def main(argv=None):
     logger = setup_logging(1)
     try:
         check_arguments(args)
-        if args.blend:
-            out = run_blend(args, logger)
-        elif args.resume:
-            out = evaluate(args, logger)
-        else:
+        if not (args.blend or args.resume):
             raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
+        with offline("test.py"):  # checkpoints and probability files are data: nothing of theirs is fetched
+            out = (run_blend if args.blend else evaluate)(args, logger)
     except UserError as e:
         print(error_line(e), file=sys.stderr)
+        return Outcome(2)
+    except (OSError, RecursionError, MemoryError) as e:  # a full disk, a read-only folder: nothing half-written
+        print(fault_line(e), file=sys.stderr)
         return Outcome(2)
     return Outcome(0, out=out, files=sorted(path for path in out.iterdir() if path.is_file()))
 

@@ -6,6 +6,7 @@
 """
 import gc
 import logging
+import shutil
 import signal
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from base.base_trainer import STEP, TrainingStopped
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from trainer.trainer import Trainer
-from utils import dist
+from utils import dist, run_group
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
 from utils.checkpoint_rules import check_checkpoint
 from utils.config import (
@@ -40,7 +41,9 @@ from utils.util import (
     UserError,
     create_run_dir,
     error_line,
+    fault_line,
     new_run_dir,
+    offline,
     quiet_handover_errors,
     read_json,
     release_folders,
@@ -88,16 +91,22 @@ def main(argv=None, hooks=()):
     quiet_handover_errors()
     steady_allocator()
     try:
+        group = Path(args.resume) if args.resume and run_group.is_run_group(args.resume) else None
         if args.folds and args.resume:
-            raise UserError("--folds all trains every fold from the start and cannot take -r; resume one fold with "
-                            "python train.py -r <run group>/fold<K>")
+            raise UserError("--folds all trains every fold from the start and cannot take -r; finish a run group with "
+                            "python train.py -r <run group>, resume one fold with -r <run group>/fold<K>")
+        if group and (args.config or args.fold is not None):
+            raise UserError(f"-r {args.resume}: a run group resumes as a whole, with its own config (no -c, no "
+                            f"--fold); resume one fold with -r {args.resume}/fold<K>")
         rank, world_size, local_rank = dist.init_distributed()
-        checkpoint = load_checkpoint(args.resume) if args.resume else None
+        checkpoint = load_checkpoint(args.resume) if args.resume and not group else None
         overrides = command_line_overrides(args) + (FAST_DEV_RUN if args.fast_dev_run else [])
         if args.config:
             config = load_config(args.config, overrides)
+        elif group:
+            config = validate(checkpoint_config(run_group.as_checkpoint(group), overrides))
         elif checkpoint is not None:
-            config = validate(apply_overrides(checkpoint_config(checkpoint), overrides))
+            config = validate(checkpoint_config(checkpoint, overrides))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
         logger = setup_logging(config["trainer"]["verbosity"] if rank == 0 else 0)
@@ -109,13 +118,15 @@ def main(argv=None, hooks=()):
         if (args.fold is not None or args.folds) and not config["data_loader"]["args"].get("n_folds"):
             raise UserError("--fold/--folds: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
         scratch = tempfile.TemporaryDirectory(prefix="fast-dev-run-") if args.fast_dev_run else nullcontext()
-        with scratch as scratch_dir:
+        resuming = group or checkpoint is not None and not args.config
+        from_checkpoint = offline(f"resuming {args.resume}") if resuming else None
+        with scratch as scratch_dir, from_checkpoint or nullcontext():
             if scratch_dir:
                 config["trainer"]["save_dir"] = scratch_dir
                 if config["data_loader"]["args"].get("cache_dir"):
                     config["data_loader"]["args"]["cache_dir"] = None  # decoded in memory: nothing written to disk
-            if args.folds == "all":
-                run_dir = train_all_folds(config, device, hooks)
+            if args.folds == "all" or group:
+                run_dir = train_all_folds(config, device, group, hooks)
             else:
                 run_dir = Path(scratch_dir) / "run" if scratch_dir else dist.broadcast_object(
                     choose_run_dir(config, args, checkpoint) if rank == 0 else None)
@@ -127,9 +138,12 @@ def main(argv=None, hooks=()):
     except TrainingStopped as e:
         print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return Outcome(e.exit_code)
-    except (RuntimeError, ConnectionError, EOFError) as e:
+    except (RuntimeError, OSError, EOFError, MemoryError) as e:
         if hasattr(signal, "SIGCHLD"):
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report a dead worker again, anywhere
+        if isinstance(e, (OSError, RecursionError, MemoryError)) and not worker_died(e):
+            print(fault_line(e), file=sys.stderr)  # a full disk, a read-only folder: checkpoints stay whole
+            return Outcome(2)
         if not worker_died(e):
             raise
         detail = " ".join(str(e).split()) or type(e).__name__
@@ -227,26 +241,40 @@ def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, r
                     trainer.global_step)
 
 
-def train_all_folds(config, device, hooks=()):
+def train_all_folds(config, device, group_dir=None, hooks=()):
     """Train every fold into one run group, then score the out-of-fold predictions over the whole training set;
-    returns the group's folder."""
+    returns the group's folder. With `group_dir`, finish that group: its finished folds are kept, a fold with a
+    checkpoint resumes, the others train."""
     from trainer.inference import combine_out_of_fold, write_out_of_fold  # pandas, needed only here
 
     n_folds = config["data_loader"]["args"]["n_folds"]
-    group_dir = dist.broadcast_object(
+    manifest = run_group.read_manifest(group_dir) if group_dir else {"folds": range(n_folds), "finished": []}
+    if len(manifest["folds"]) != n_folds:
+        raise UserError(f"data_loader.args.n_folds: the run group {str(group_dir)!r} planned "
+                        f"{len(manifest['folds'])} folds, not {n_folds}")
+    group_dir = group_dir or dist.broadcast_object(
         new_run_dir(config["trainer"]["save_dir"], config["name"]) if dist.is_main_process() else None)
     logger = logging.getLogger("template")
-    for fold in range(n_folds):
+    trainer = None
+    for fold in (k for k in range(n_folds) if k not in manifest["finished"]):
         fold_config = apply_overrides(config, [f"data_loader.args.fold={fold}"])
         run_dir = group_dir / f"fold{fold}"
         logger.info("fold %d/%d", fold + 1, n_folds)
-        trainer = train_one(fold_config, device, run_dir, hooks=hooks)
+        checkpoint = load_checkpoint(run_dir) if (run_dir / "checkpoint-last.pth").exists() else None
+        if checkpoint is None and run_dir.exists() and dist.is_main_process():  # killed before its first save
+            shutil.rmtree(run_dir)
+        first = dist.is_main_process() and not (group_dir / run_group.MANIFEST).exists()
+        with run_group.planned(group_dir, config, n_folds) if first else nullcontext():
+            trainer = train_one(fold_config, device, run_dir, checkpoint, resume=checkpoint is not None,
+                                hooks=hooks)
         if dist.is_main_process():
             write_out_of_fold(trainer, load_checkpoint(best_checkpoint(run_dir)), run_dir / "oof.csv")
+            run_group.finish(group_dir, fold)
         dist.barrier()
     if dist.is_main_process():
-        metrics = combine_out_of_fold(config, trainer.task, [group_dir / f"fold{k}" / "oof.csv"
-                                                             for k in range(n_folds)], group_dir)
+        task = trainer.task if trainer else task_of(build(config, "data_loader", seed=config["seed"]).dataset)
+        metrics = combine_out_of_fold(config, task, [group_dir / f"fold{k}" / "oof.csv" for k in range(n_folds)],
+                                      group_dir)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return group_dir
 

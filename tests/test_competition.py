@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -204,7 +205,7 @@ def fold_ids(data_slice, config, fold):
 
 def test_all_folds_write_one_best_checkpoint_each_and_out_of_fold_predictions(folds_run, data_slice):
     group = folds_run.group
-    assert sorted(p.name for p in group.iterdir()) == ["fold0", "fold1", "oof.csv", "oof_metrics.json"]
+    assert sorted(p.name for p in group.iterdir()) == ["fold0", "fold1", "group.json", "oof.csv", "oof_metrics.json"]
     for k in range(N_FOLDS):
         best = load(group / f"fold{k}" / "model_best.pth")
         assert best["config"]["data_loader"]["args"]["fold"] == k
@@ -287,6 +288,69 @@ def test_a_run_group_folder_ensembles_its_folds(folds_run, tmp_path):
     metrics = json.loads((tmp_path / "group" / "metrics.json").read_text())
     assert metrics["checkpoints"] == [str(f) for f in folds]
     assert_same_probabilities(tmp_path / "group" / "probabilities.csv", tmp_path / "explicit" / "probabilities.csv")
+
+
+def copied_group(folds_run, folder, change):
+    """A copy of the run group in `folder`, changed by `change(group, manifest)` (the manifest written back)."""
+    group = folder / "group"
+    shutil.copytree(folds_run.group, group)
+    manifest = json.loads((group / "group.json").read_text())
+    change(group, manifest)
+    (group / "group.json").write_text(json.dumps(manifest))
+    return group
+
+
+def unfinished_fold1(group, manifest):
+    """As a group killed while fold 1 trained: fold 1's checkpoint is there, its out-of-fold file and the group's
+    are not."""
+    manifest["finished"] = [0]
+    for name in ("oof.csv", "oof_metrics.json", "fold1/oof.csv"):
+        (group / name).unlink()
+
+
+def without_fold1(group, manifest):
+    """As a group killed before fold 1 began."""
+    unfinished_fold1(group, manifest)
+    shutil.rmtree(group / "fold1")
+
+
+@pytest.mark.parametrize("change, culprit", [
+    (without_fold1, "fold(s) 1 of 2 not finished"),
+    (unfinished_fold1, "fold(s) 1 of 2 not finished"),
+    (lambda group, manifest: shutil.copytree(group / "fold1", group / "fold2"), "fold2/ is no fold it planned"),
+    (lambda group, manifest: manifest.pop("folds"), "not a run-group manifest"),
+], ids=["fold-missing", "fold-unfinished", "extra-fold", "no-plan"])
+def test_an_incomplete_run_group_is_refused(change, culprit, folds_run, tmp_path, capsys):
+    group = copied_group(folds_run, tmp_path, change)
+    assert evaluate(["-r", group, "--out", tmp_path / "out"]) == 2
+    assert culprit in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_beside_the_folds_is_no_fold(folds_run, tmp_path):
+    group = copied_group(folds_run, tmp_path, lambda group, _: shutil.copytree(group / "fold0", group / "fold0_old"))
+    assert evaluate(["-r", group, "--out", tmp_path / "out"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["checkpoints"] == [str(group / f"fold{k}" / "model_best.pth") for k in range(N_FOLDS)]
+
+
+@pytest.mark.parametrize("change", [without_fold1, unfinished_fold1], ids=["fold-missing", "fold-unfinished"])
+def test_a_killed_run_group_is_finished_by_resuming_it(change, folds_run, tmp_path):
+    """train.py -r <group> keeps the finished folds, resumes or trains the others, and writes the group's files."""
+    group = copied_group(folds_run, tmp_path, change)
+    fold0 = (group / "fold0" / "model_best.pth").read_bytes()
+    assert train.main(["-r", str(group)]) == 0
+    assert (group / "fold0" / "model_best.pth").read_bytes() == fold0
+    assert json.loads((group / "group.json").read_text())["finished"] == [0, 1]
+    assert sorted(row["id"] for row in read_csv_rows(group / "oof.csv")) == sorted(
+        row["id"] for row in read_csv_rows(folds_run.group / "oof.csv"))
+    assert evaluate(["-r", group, "--out", tmp_path / "out"]) == 0
+
+
+def test_a_run_group_that_fails_its_checks_leaves_nothing(data_slice, tmp_path, capsys):
+    config = fold_config(data_slice, tmp_path / "saved")
+    config["trainer"]["monitor"] = "max val_accuracy_label"  # a per-head name: known wrong once the data is read
+    assert "trainer.monitor" in fails(config, tmp_path, capsys, "--folds", "all")
 
 
 @pytest.fixture(scope="module")

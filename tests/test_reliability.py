@@ -5,6 +5,7 @@ train.py runs as a real process wherever the user would see the difference (sign
 one intra-op thread (OMP_NUM_THREADS=1, for reference and resumed runs alike) on this small, shared machine.
 Nothing here asserts on time: waits are for files and process exits, with generous timeouts.
 """
+import errno
 import io
 import math
 import os
@@ -28,6 +29,8 @@ from base.base_data_loader import BaseDataLoader
 from tests.helpers import (
     DATA,
     REPO,
+    error_line,
+    evaluate,
     load,
     make_config,
     process_error_line,
@@ -39,6 +42,7 @@ from tests.helpers import (
     write_config,
 )
 from utils import checkpoint as checkpoint_module
+from utils.checkpoint import best_checkpoint
 
 pytestmark = pytest.mark.slow  # real processes throughout, and runs interrupted and resumed
 
@@ -558,3 +562,43 @@ def test_a_worker_dying_mid_handover_adds_no_thread_traceback(capfd, monkeypatch
     assert capfd.readouterr().err == ""
     sys.excepthook(ValueError, ValueError("shown"), None)  # anything else still reaches the previous hook
     assert "ValueError: shown" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("fault, words", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device; free some space"),
+    (OSError(errno.EROFS, "Read-only file system", "saved/x.pth"), "Read-only file system on 'saved/x.pth'"),
+    (MemoryError(), "out of memory"),
+    (RecursionError(), "nested too deeply"),
+], ids=["disk-full", "read-only", "memory", "recursion"])
+def test_a_fault_while_training_is_one_line_and_exit_2(fault, words, data_slice, tmp_path, monkeypatch, capsys):
+    def save(obj, f, *args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    config = small_config(data_slice, tmp_path / "saved")
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 2
+    assert words in error_line(capsys)
+
+
+def test_test_py_on_a_full_disk_writes_none_of_its_files(in_process_reference, tmp_path, monkeypatch, capsys):
+    """The second file fails to write: the first is not left behind, and an earlier result in --out stays whole."""
+    import pandas as pd
+
+    out = tmp_path / "out"
+    best = best_checkpoint(in_process_reference.run)
+    assert evaluate(["-r", best, "--out", out]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_to_csv, calls = pd.DataFrame.to_csv, []
+
+    def to_csv(frame, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) % 2 == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_to_csv(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    assert evaluate(["-r", best, "--out", out, "-o", 'inference.tta=[{"type": "Identity"}]']) == 2
+    assert "No space left on device" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert evaluate(["-r", best, "--out", tmp_path / "new" / "out"]) == 2
+    assert not (tmp_path / "new").exists()

@@ -432,3 +432,182 @@ def test_any_field_of_a_checkpoint_replaced_resumes_correctly_or_is_one_line(sav
             (run,) = (folder / "saved" / "tiny").iterdir()
             last = torch.load(run / "checkpoint-last.pth", weights_only=True)
             assert (last["epoch"], last["batches_done"]) == (2, 0)
+
+
+# --- the checkpoint boundary: what loading a checkpoint reads, fetches and allocates ---------------------------------
+
+def set_config(key, value):
+    """A change that sets the dotted `key` of a checkpoint's config."""
+    def change(state):
+        node = state["config"]
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return change
+
+
+@pytest.mark.parametrize("key, value, culprit", [
+    ("inference.sample_submission", "http://127.0.0.1:9/sample.csv", "URL"),
+    ("data_loader.args.test_csv", "../../../../../../../../etc/passwd", "outside"),
+    ("data_loader.args.cache_dir", "/tmp/../var/tmp/elsewhere", "outside"),
+    ("data_loader.args.data_dir", "/", "root"),
+    ("data_loader.args.data_dir", "{folder}/made/by/the/checkpoint", "no folder"),
+], ids=["url", "test-csv-outside", "cache-dir-outside", "root", "missing-data-dir"])
+@pytest.mark.parametrize("script", ["test", "resume"])
+def test_a_checkpoint_reaches_nothing_outside_its_folders(script, key, value, culprit, saved_states, tmp_path,
+                                                          capsys):
+    """A path only the checkpoint names must lie in its run folder, its data folder or the working folder: no URL
+    is fetched, no file elsewhere read (or echoed), no folder made."""
+    path = crafted(saved_states, "end", set_config(key, value.replace("{folder}", str(tmp_path))),
+                   tmp_path / "crafted.pth")
+    code = evaluate(["-r", path, "--out", tmp_path / "out"]) if script == "test" else train.main(["-r", str(path)])
+    line = error_line(capsys)
+    assert code == 2 and key in line and culprit in line and "root:" not in line, line
+    assert files_under(tmp_path) == ["crafted.pth"]
+
+
+def test_a_path_the_user_gives_for_a_checkpoint_is_used(saved_states, data_slice, tmp_path, capsys):
+    """The same path given on the command line is the user's choice: used."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "test.csv").write_text((data_slice / "test.csv").read_text())
+    path = crafted(saved_states, "end", lambda state: None, tmp_path / "crafted.pth")
+    assert evaluate(["-r", path, "--out", tmp_path / "out", "-o",
+                     f"data_loader.args.test_csv={outside / 'test.csv'}"]) == 0
+    assert (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_a_checkpoint_naming_pretrained_weights_downloads_nothing(saved_states, tmp_path, monkeypatch):
+    """`weights: DEFAULT` in a checkpoint's config: its own weights replace them, so none are fetched."""
+    import torch.hub
+
+    from model.model import TorchvisionClassifier
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *a, **k: pytest.fail(f"downloaded {url}"))
+    arch = {"type": "TorchvisionClassifier", "args": {"name": "mobilenet_v3_small", "num_classes": 10,
+                                                      "in_channels": 1, "weights": "DEFAULT"}}
+    model = TorchvisionClassifier(**{**arch["args"], "weights": None})
+
+    def pretrained(state):
+        state["config"]["arch"] = arch
+        state["state_dict"] = model.state_dict()
+        state.pop("ema_state_dict", None)
+
+    path = crafted(saved_states, "end", pretrained, tmp_path / "crafted.pth")
+    assert evaluate(["-r", path, "--out", tmp_path / "out"]) == 0
+    assert (tmp_path / "out" / "predictions.csv").exists() and not (tmp_path / "torch-home").exists()
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_is_read(saved_states, tmp_path, capsys):
+    """torch.save stores its records uncompressed; a compressed one could unpack to far more than the file holds."""
+    import zipfile
+
+    plain = crafted(saved_states, "end", lambda state: None, tmp_path / "plain.pth")
+    path = tmp_path / "packed.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as packed:
+        for record in source.infolist():
+            packed.writestr(record.filename, source.read(record))
+    plain.unlink()
+    assert train.main(["-r", str(path)]) == 2
+    line = error_line(capsys)
+    assert str(path) in line and "compressed" in line, line
+    assert files_under(tmp_path) == ["packed.pth"]
+
+
+def nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_deeply_nested_checkpoint_or_config_is_one_line(saved_states, data_slice, tmp_path, capsys):
+    path = crafted(saved_states, "end", set_config("trainer.note", nested(200)), tmp_path / "crafted.pth")
+    assert evaluate(["-r", path]) == 2
+    assert "nested more than" in error_line(capsys)
+    config = tmp_path / "config.json"
+    config.write_text("[" * 100_000 + "]" * 100_000)
+    assert train.main(["-c", str(config)]) == 2
+    assert "nested more than" in error_line(capsys)
+    assert files_under(tmp_path) == ["config.json", "crafted.pth"]
+
+
+def test_a_repeated_key_among_many_is_named(data_slice, tmp_path, capsys):
+    config = make_config(data_slice, tmp_path / "saved")
+    keys = ", ".join(f'"k{i}": {i}' for i in range(60_000))
+    text = json.dumps(config)[:-1] + f', "extra": {{{keys}, "k59999": 0}}}}'
+    assert train.main(["-c", str(write_config_text(text, tmp_path / "config.json"))]) == 2
+    assert "'k59999' appears twice" in error_line(capsys)
+
+
+def write_config_text(text, path):
+    path.write_text(text)
+    return path
+
+
+def test_a_builder_that_ends_the_program_is_one_line(data_slice, tmp_path, capsys, monkeypatch):
+    """A package's command-line `main` named as `arch` calls sys.exit(0): the run did not train, so not exit 0."""
+    package = tmp_path / "cli"
+    package.mkdir()
+    (package / "__init__.py").write_text("import sys\n\n\ndef main(num_classes):\n    sys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(data_slice, tmp_path / "saved")
+    config["import_roots"] = ["cli"]
+    config["arch"] = {"type": "cli.main", "args": {"num_classes": 10}}
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 2
+    assert error_line(capsys).startswith("error: arch: cli.main tried to end the program")
+    assert not (tmp_path / "saved").exists()
+
+
+NESTED_VALUES = st.recursive(PLAIN_VALUES.filter(lambda v: v is not REMOVED),
+                             lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                     st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                             max_leaves=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), name=st.text(min_size=1, max_size=12), value=NESTED_VALUES, depth=st.integers(0, 150),
+       shape=st.lists(st.integers(0, 4), max_size=3), dtype=st.sampled_from([torch.float32, torch.int64, torch.bool]))
+def test_any_checkpoint_drawn_loads_or_is_one_line(saved_states, data, name, value, depth, shape, dtype):
+    """A checkpoint with a key added anywhere (any name, nesting and value) or a weight of another shape and type:
+    test.py predicts with it, or refuses it in one line, writing nothing."""
+    where = data.draw(st.sampled_from(["top", "config", "config.trainer", "state_dict"]), label="where")
+
+    def change(state):
+        if where == "state_dict":
+            key = data.draw(st.sampled_from(sorted(state["state_dict"])), label="weight")
+            state["state_dict"][key] = torch.zeros(shape, dtype=dtype)
+            return
+        node = state if where == "top" else state["config"] if where == "config" else state["config"]["trainer"]
+        for _ in range(depth):
+            value_ = {name: None}
+            node[name] = value_
+            node = value_
+        node[name] = value
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        path = crafted(saved_states, "end", change, folder / "crafted.pth")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = evaluate(["-r", path, "--out", folder / "out"])
+        assert "Traceback" not in err.getvalue(), err.getvalue()
+        if code == 2:
+            assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+            assert files_under(folder) == ["crafted.pth"]
+        else:
+            assert code == 0 and (folder / "out" / "predictions.csv").exists(), err.getvalue()
+
+
+def test_a_checkpoint_whose_data_loader_would_download_reaches_no_network(saved_states, tmp_path, capsys):
+    """MnistDataLoader downloads what its data_dir lacks: from a checkpoint, test.py refuses the connection."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    loader = {"type": "MnistDataLoader", "args": {"data_dir": str(empty), "batch_size": 32, "num_workers": 0,
+                                                     "validation_split": 0.1}}
+    path = crafted(saved_states, "end", set_config("data_loader", loader), tmp_path / "crafted.pth")
+    assert evaluate(["-r", path, "--out", tmp_path / "out"]) == 2
+    assert "would reach the network" in error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,6 @@
-"""Writing and reading checkpoints: atomic saves, `weights_only` loads, clean state-dict keys."""
+"""Writing and reading checkpoints: atomic saves, `weights_only` loads, clean state-dict keys, and the config a
+checkpoint carries, read as data: it imports nothing, downloads nothing and names no path outside its folders."""
+import os
 import pickle
 import warnings
 import zipfile
@@ -7,7 +9,8 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint_rules import MayLack, OneOf, Weights, check_checkpoint
-from utils.util import UserError, atomic_write
+from utils.config import apply_overrides, overridden_keys
+from utils.util import MAX_NESTING, UserError, atomic_write
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REQUIRED_KEYS = ("state_dict", "config")
@@ -50,18 +53,81 @@ def load_checkpoint(path, mmap=False):
         raise UserError(f"checkpoint {str(path)!r}: not a checkpoint of this template "
                         f"(expected a dict with keys {', '.join(REQUIRED_KEYS)})")
     state["path"] = str(path)
+    if nesting_over(state, MAX_NESTING):
+        raise UserError(f"checkpoint {str(path)!r}: nested more than {MAX_NESTING} levels deep")
     check_checkpoint(state, {"state_dict": Weights(), "ema_state_dict": MayLack(OneOf(None, Weights()))})
     return state
 
 
-def checkpoint_config(checkpoint):
-    """A checkpoint's config, to be validated like any other, without its `import_roots`: code outside the project,
-    torch and torchvision is imported only when the user's own config or command line allows it."""
-    return {**checkpoint["config"], "import_roots": []}
+def checkpoint_config(checkpoint, overrides=()):
+    """A checkpoint's config with the command line's `overrides`, to be validated like any other. What only the
+    checkpoint says is data: its `import_roots` are dropped (code outside the project, torch and torchvision is
+    imported only when the user's own config or command line allows it), pretrained weights are not fetched (its
+    own weights replace them), and a path it names must lie in its run folder, its data folder or the working
+    folder, and must not be a URL."""
+    config = apply_overrides({**checkpoint["config"], "import_roots": []}, overrides)
+    own = set(overridden_keys(overrides))
+    args = config.get("arch", {}).get("args") if isinstance(config.get("arch"), dict) else None
+    if isinstance(args, dict):
+        for key, off in OFFLINE_ARGS.items():
+            if key in args and f"arch.args.{key}" not in own:
+                args[key] = off
+    _confine_paths(config, Path(checkpoint["path"]).parent, own, checkpoint["path"])
+    return config
+
+
+OFFLINE_ARGS = {"weights": None, "weights_backbone": None, "pretrained": False}  # what fetches pretrained weights
+IN_DATA_DIR = ("train_csv", "test_csv", "train_images", "test_images")  # data loader paths relative to data_dir
+IN_WORKING_DIR = ("data_loader.args.data_dir", "data_loader.args.cache_dir", "inference.sample_submission",
+                  "arch.args.weights_file")
+
+
+def _confine_paths(config, run_dir, own, source):
+    """Refuse a path that only the checkpoint names (not `own`, the command line's keys) outside the run folder, the
+    data folder and the working folder, or a URL: loading a checkpoint reads and creates nothing elsewhere."""
+    def value(key):
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node if isinstance(node, str) and node else None
+
+    data_dir = Path(os.path.realpath(value("data_loader.args.data_dir") or "."))
+    if "data_loader.args.data_dir" not in own and (data_dir == data_dir.parent or not data_dir.is_dir()):
+        raise UserError(f"checkpoint {source!r}: data_loader.args.data_dir {str(data_dir)!r} is "
+                        f"{'the file system root' if data_dir.is_dir() else 'no folder'}; give the data folder with "
+                        f"-o data_loader.args.data_dir=...")
+    keys = IN_WORKING_DIR + tuple(f"data_loader.args.{k}" for k in IN_DATA_DIR)
+    roots = [data_dir, Path(os.path.realpath(run_dir)), Path.cwd().resolve()]
+    for key in (k for k in keys if value(k) and k not in own):
+        named = value(key)
+        path = Path(os.path.realpath(data_dir / named if key.split(".")[-1] in IN_DATA_DIR else named))
+        if "://" in named:
+            problem = "a URL"
+        elif not any(path.is_relative_to(root) for root in roots):
+            problem = "outside its run folder, data folder and the working folder"
+        else:
+            continue
+        raise UserError(f"checkpoint {source!r}: {key} {named[:200]!r} is {problem}; a checkpoint may not name it "
+                        f"(give it with -o {key}=... to use it)")
+
+
+
+def nesting_over(value, limit):
+    """Whether lists, tuples and dicts nest more than `limit` deep in `value` (walked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def read_torch_file(path, what, mmap=False):
-    """A file written by torch.save, loaded with `weights_only=True` onto the CPU; anything else is one clear line."""
+    """A file written by torch.save, loaded with `weights_only=True` onto the CPU; anything else is one clear line.
+    Its records are checked to be stored uncompressed, as torch.save writes them, before any is read: loading then
+    allocates no more than the file's size (and with `mmap` reads tensors only when used)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r}: no such file")
@@ -69,6 +135,7 @@ def read_torch_file(path, what, mmap=False):
         raise UserError(f"{what} {str(path)!r}: the file is empty")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{what} {str(path)!r}: not a file written by torch.save (a zip archive), or a truncated one")
+    _check_records(path, what)
     try:
         with warnings.catch_warnings():  # what torch says of a sparse or legacy tensor it reads is no concern here
             warnings.simplefilter("ignore")
@@ -81,6 +148,19 @@ def read_torch_file(path, what, mmap=False):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"{what} {str(path)!r}: not readable (truncated or another format): "
                         f"{str(e).splitlines()[0]}") from None
+
+
+def _check_records(path, what):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{what} {str(path)!r}: not readable as a zip archive: {str(e)[:200]}") from None
+    size = path.stat().st_size
+    packed = next((r for r in records if r.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None or sum(r.file_size for r in records) > size:
+        detail = f"record {packed.filename[:100]!r} is compressed" if packed else "records larger than the file"
+        raise UserError(f"{what} {str(path)!r}: not a file as torch.save writes it ({detail})")
 
 
 def clean_state_dict(state_dict):

@@ -81,6 +81,15 @@ def apply_overrides(config, overrides):
     return config
 
 
+def overridden_keys(overrides):
+    """The dotted keys that `-o` overrides set, down to their leaves (`-o inference={...}` sets each key inside)."""
+    def leaves(node, prefix):
+        if not isinstance(node, dict) or not node:
+            return [prefix]
+        return [key for name, child in node.items() for key in leaves(child, f"{prefix}.{name}" if prefix else name)]
+    return leaves(apply_overrides({}, overrides), "") if overrides else []
+
+
 def validate(config):
     """Check every key, type, argument and the monitor; return a copy with defaults filled in."""
     config = check_settings(RunSettings, config)
@@ -325,7 +334,7 @@ def resolve(section, type_name, roots=(), where=None):
                             f"({', '.join(allowed)}); add {root!r} to the config's \"import_roots\" to allow it")
         try:
             target = None if attr.startswith("_") else getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError, SystemExit):  # SystemExit: a module that ends the program on import
             target = None
         if target is None:
             raise UserError(f"{where}.type: {type_name!r} cannot be imported")
@@ -418,6 +427,9 @@ def build_spec(spec, section, roots=(), *supplied, where=None, **program):
             built = target(*supplied, **args)
     except UserError:
         raise
+    except SystemExit as e:  # a package's command-line main, say: the run must not end as if it had finished
+        raise UserError(f"{where}: {spec['type']} tried to end the program (sys.exit({e.code!r})) while being built; "
+                        f"it is not {KIND_NAMES[SECTIONS[section].kind]}") from None
     except Exception as e:  # a library class fails on the config's arguments; the project's own code on a bug too
         if _module_under(target, LIBRARY_ROOTS):
             raise UserError(f"{where}: {spec['type']} failed with these arguments: {first_line(e)}") from None

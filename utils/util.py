@@ -6,6 +6,7 @@ import difflib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -80,6 +81,19 @@ def error_line(error):
     return "error: " + " ".join(text.split())
 
 
+def fault_line(error):
+    """An OSError (a full disk, a read-only folder), a RecursionError or a MemoryError as the one line the scripts
+    print: what failed and on which file, never a traceback."""
+    if isinstance(error, MemoryError):
+        return "error: out of memory (MemoryError); try a smaller data_loader.args.batch_size or fewer images"
+    if isinstance(error, RecursionError):
+        return "error: an input is nested too deeply to process (RecursionError)"
+    reason = error.strerror or first_line(error)
+    where = f" on {str(error.filename)!r}" if error.filename else ""
+    hint = "; free some space or point trainer.save_dir, --out or TMPDIR elsewhere" if error.errno == 28 else ""
+    return f"error: {reason}{where}{hint}"
+
+
 def first_line(error):
     """An exception as one line: its type and first line, or the original last line of one raised in a worker."""
     text = str(error).strip()
@@ -105,6 +119,8 @@ def read_json(path):
         raise UserError(f"{path}: not a UTF-8 text file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if nesting_depth_over(text, MAX_NESTING):
+        raise UserError(f"{path}: nested more than {MAX_NESTING} levels deep")
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
@@ -113,12 +129,28 @@ def read_json(path):
         raise UserError(f"{path}: {e}") from None
 
 
+MAX_NESTING = 100  # levels of objects and lists in a config or a checkpoint; real ones use fewer than 10
+
+
+def nesting_depth_over(text, limit):
+    """Whether JSON text opens more than `limit` brackets at once (counted outside strings, without parsing)."""
+    opening = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    depth = deepest = 0
+    for char in re.findall(r"[\[\]{}]", opening):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return True
+    return False
+
+
 def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ValueError(f"the key {repeated[0]!r} appears twice in one object")
-    return dict(pairs)
+    result = dict(pairs)
+    if len(result) < len(pairs):
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {repeated!r} appears twice in one object")
+    return result
 
 
 def _no_constant(name):
@@ -161,6 +193,31 @@ def no_new_folders_on_failure(path):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def offline(what):
+    """Refuse every connection to another machine inside the block, naming `what` asked for it: reading data that
+    came from elsewhere never reaches the network. Local (Unix) sockets, which DataLoader workers use, stay open."""
+    import socket
+
+    def refuse(host, *_, **__):
+        raise UserError(f"{what} would reach the network ({str(host)[:100]}); give what it needs as local files")
+
+    def guarded(connect):
+        def connect_local(sock, address):
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                refuse(address[0])
+            return connect(sock, address)
+        return connect_local
+
+    saved = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
+    socket.getaddrinfo = refuse
+    socket.socket.connect, socket.socket.connect_ex = guarded(saved[1]), guarded(saved[2])
+    try:
+        yield
+    finally:
+        socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = saved
 
 
 def link_or_copy(source, tmp):
