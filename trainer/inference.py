@@ -19,7 +19,7 @@ from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
-from utils.task import Task, as_targets, read_task, task_of, write_task
+from utils.task import Task, WholeLoss, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, worker_died, write_json
 
 CHUNK = 4096
@@ -47,7 +47,7 @@ def predict(model, data_loader, device, tta=()):
 def score(config, task, probabilities, targets, threshold=None):
     """The config's loss and metrics of averaged probabilities, over all samples at once; a multilabel decision
     `threshold` replaces the metrics' own."""
-    criterion, tracker = build_loss(config, task), EpochMetrics(build_metrics(config, task))
+    criterion, tracker = scoring_loss(config, task), EpochMetrics(build_metrics(config, task))
     own = {metric_name(m) for m in config["metrics"] if isinstance(m, dict) and "threshold" in m.get("args", {})}
     for name, metric in tracker.metrics.items():
         if threshold is not None and hasattr(metric, "threshold") and name not in own:
@@ -57,6 +57,13 @@ def score(config, task, probabilities, targets, threshold=None):
         target = targets[start:start + CHUNK]
         tracker.update(criterion(scores, target), scores, target)
     return tracker.result()
+
+
+def scoring_loss(config, task):
+    """The loss that scores saved or averaged probabilities: the config's, or the task's default one when the
+    config's takes the model's whole output (probabilities keep the heads only, not what else the model returns)."""
+    criterion = build_loss(config, task)
+    return build_loss({**config, "loss": None}, task) if isinstance(criterion, WholeLoss) else criterion
 
 
 def row_ids(data_loader):
@@ -250,7 +257,7 @@ def check_finite(probabilities, path, model):
 def check_scoring(config, task, probabilities, targets):
     """Score the probe's probabilities with the config's loss and metrics, so that a loss or metric that cannot take
     them is one line before anything is predicted."""
-    checked_loss_and_metrics(build_loss(config, task), build_metrics(config, task), task.logits(probabilities),
+    checked_loss_and_metrics(scoring_loss(config, task), build_metrics(config, task), task.logits(probabilities),
                              targets, "the model's scores")
 
 

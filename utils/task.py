@@ -5,12 +5,15 @@ metrics, folds, out-of-fold files, ensembles, blends and test.py's outputs follo
 - "multilabel": one column of labels separated by `delimiter`; any number per sample, each scored on its own.
 - "regression": one or more numeric columns, one value each.
 
-A model emits the heads' outputs concatenated in column order, or a tuple (or a dict keyed by column) of them;
-`flat` joins those into one (N, width) tensor right after the forward, and everything downstream sees that.
+A model emits the heads' outputs concatenated in column order, or a tuple (or a dict keyed by column) of them,
+possibly with outputs only a loss of its own uses after them (a tuple's further parts, a dict's other keys);
+`flat` joins the heads into one (N, width) tensor, which metrics and predictions see. A loss of the project's own
+gets the whole output and the whole target (`split_targets`); the built-in ones are applied per head (HeadsLoss).
 """
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,16 +94,26 @@ class Task:
             return f"{' + '.join(f'{c} {w}' for (c, _), w in zip(self.heads, self.widths))} = {self.width}"
         return str(self.width)
 
-    def flat(self, output):
-        """The model's output as one (N, width) tensor: heads given as a tuple, list or dict joined in column order,
-        each checked to be a tensor of its head's width."""
+    def extras(self, output):
+        """The parts of a model's output beyond its heads, by name or position: what only a loss of its own uses."""
         if isinstance(output, dict):
-            if set(output) != {column for column, _ in self.heads}:
+            return [str(key) for key in output if key not in {column for column, _ in self.heads}]
+        if isinstance(output, (tuple, list)):
+            return [f"part {i}" for i in range(len(self.heads), len(output))]
+        return []
+
+    def flat(self, output):
+        """The model's heads as one (N, width) tensor: heads given as a tuple, list or dict joined in column order,
+        each checked to be a tensor of its head's width; parts beyond the heads are left to the loss."""
+        if isinstance(output, dict):
+            missing = [column for column, _ in self.heads if column not in output]
+            if missing:
                 raise UserError(f"arch: the model returns a dict with keys {sorted(map(str, output))}; expected "
-                                f"exactly one per label column ({', '.join(c for c, _ in self.heads)}): the loss "
-                                f"and the predictions use those only")
+                                f"one per label column ({', '.join(c for c, _ in self.heads)}), and "
+                                f"{missing[0]!r} is missing")
             output = [output[column] for column, _ in self.heads]
         if isinstance(output, (tuple, list)):
+            output = output[:len(self.heads)]
             parts = [part.unsqueeze(1) if isinstance(part, torch.Tensor) and part.dim() == 1 else part
                      for part in output]
             widths = [part.shape[1] if isinstance(part, torch.Tensor) and part.dim() == 2 and part.is_floating_point()
@@ -141,6 +154,15 @@ class Task:
             return target.float().reshape(len(target), -1)
         target = target.reshape(len(target), -1)
         return torch.cat([F.one_hot(target[:, h], w).float() for h, w in enumerate(self.widths)], dim=1)
+
+    def split_targets(self, target):
+        """A batch's targets as a loss of its own takes them: one per head in column order (class indices, or soft
+        targets of the head's width; values), or the tensor itself for a task of one head (and for multilabel)."""
+        if len(self.heads) == 1 or self.kind == "multilabel":
+            return target
+        if target.is_floating_point() and self.kind == "multiclass" and target.shape[1:] == (self.width,):
+            return tuple(target[:, s] for s in self.segments)
+        return tuple(target[:, h] for h in range(len(self.heads)))
 
     def joint(self, indices):
         """Per-head class indices (N, heads) as one class of the heads combined, first head most significant."""
@@ -237,8 +259,9 @@ def read_task(folder):
 
 
 class HeadsLoss(torch.nn.Module):
-    """A multi-task loss: `loss` on each head's columns of the output and its targets (class indices, or soft
-    targets of the head's width), weighted and summed."""
+    """A built-in loss on a model's heads: for several label columns `loss` on each head's columns of the output and
+    its targets (class indices, or soft targets of the head's width), weighted and summed; else `loss` on the whole
+    (joined) output. Outputs beyond the heads are refused: this loss would leave them untrained."""
 
     def __init__(self, loss, task, weights=()):
         super().__init__()
@@ -248,13 +271,51 @@ class HeadsLoss(torch.nn.Module):
             raise UserError(f"head_weights: expected {len(task.heads)} numbers >= 0, not all 0, one per label column "
                             f"({', '.join(c for c, _ in task.heads)}), got {json.dumps(weights)}")
         self.loss = loss
-        self.segments = task.segments
+        self.task = task
+        self.per_head = task.kind == "multiclass" and len(task.heads) > 1
         self.weights = list(weights) or [1.0] * len(task.heads)
 
     def forward(self, output, target):
+        extras = self.task.extras(output)
+        if extras:
+            raise UserError(f"loss: the model returns {', '.join(map(repr, extras))} beyond its heads "
+                            f"({', '.join(c for c, _ in self.task.heads)}), which the built-in loss leaves unused; "
+                            f"name a loss of your own that takes the whole output (docs/tasks.md)")
+        output = self.task.flat(output)
+        if not self.per_head:
+            return self.loss(output, target)
         soft = target.is_floating_point()
         return sum(w * self.loss(output[:, s], target[:, s] if soft else target[:, h])
-                   for h, (s, w) in enumerate(zip(self.segments, self.weights)))
+                   for h, (s, w) in enumerate(zip(self.task.segments, self.weights)))
+
+
+class WholeLoss(torch.nn.Module):
+    """A loss of the project's own on the model's whole output (tensor, tuple or dict, as the model returns it) and
+    the whole target (`Task.split_targets`). On its first batch (the pre-run check) a result that is not one number,
+    or one computed from shapes torch had to broadcast, is one line."""
+
+    def __init__(self, loss, task):
+        super().__init__()
+        self.loss = loss
+        self.task = task
+        self.checked = False
+
+    def forward(self, output, target):
+        if self.checked:
+            return self.loss(output, self.task.split_targets(target))
+        name = getattr(getattr(self.loss, "func", self.loss), "__name__", type(self.loss).__name__)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Using a target size", category=UserWarning)
+            try:
+                loss = self.loss(output, self.task.split_targets(target))
+            except UserWarning as e:
+                raise UserError(f"loss: {name} compares tensors of different shapes, which torch broadcasts into "
+                                f"wrong pairs ({first_line(e)})") from None
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise UserError(f"loss: {name} returns {shape}; expected one number per batch (a 0-dim tensor)")
+        self.checked = True
+        return loss
 
 
 def head_name(column):
