@@ -27,14 +27,17 @@ class CsvImageDataLoader(BaseDataLoader):
     `<images folder>/<id><extension>`; ids may be relative paths below the folder, never out of it (see
     CsvImageDataset). `task` says what the label columns hold (utils/task.py): one class per column
     ("multiclass"; a list of columns trains one head each), labels separated by `delimiter` ("multilabel"), or
-    numbers ("regression"). `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
+    numbers ("regression"); per column (`{"mask": "multiclass", "age": "regression"}`) for heads of both kinds,
+    where `bins` (`{"age": [30, 60]}`) cuts a column of numbers into classes of the heads' joint label.
+    `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
-                 id_column="id", label_column: str | list = "label", task="multiclass", delimiter=" ",
+                 id_column="id", label_column: str | list = "label", task: str | dict = "multiclass", delimiter=" ",
                  extension=".png", classes: list | None = None, image_mode="unchanged", train_transforms=(),
                  eval_transforms=(), batch_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
-                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
+                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0,
+                 bins: dict | None = None):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}; put the competition's "
@@ -43,7 +46,10 @@ class CsvImageDataLoader(BaseDataLoader):
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         columns = check_columns(id_column, label_column, group_column, extension)
-        task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes)
+        task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes, bins)
+        if task.values and batch_transforms:
+            raise UserError("data_loader.args.batch_transforms: mix class targets; this task has heads of numbers "
+                            f"({', '.join(task.values)})")
         common = dict(task=task, id_column=id_column, extension=extension, image_mode=image_mode, cache=cache,
                       cache_dir=cache_dir)
         eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
@@ -77,18 +83,19 @@ def class_source(config):
         return None
     params = inspect.signature(CsvImageDataLoader).parameters
     args = {**{name: param.default for name, param in params.items()}, **spec["args"]}
+    kind = args["task"] if isinstance(args["task"], str) else "multiclass"
     return (Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], json.dumps(args["label_column"]),
-            args["task"], args["delimiter"], json.dumps(args["classes"]))
+            kind, args["delimiter"], json.dumps(args["classes"]), json.dumps([args["task"], args["bins"]]))
 
 
 def read_classes(source, path):
     """The output's column names a source gives, as CsvImageDataLoader finds them; None (with a note) when its
     training CSV cannot be read any more."""
-    csv_file, id_column, label_column, kind, delimiter, classes = source
-    columns = json.loads(label_column)
+    csv_file, id_column, label_column, _, delimiter, classes, kind_and_bins = source
+    columns, (kind, bins) = json.loads(label_column), json.loads(kind_and_bins)
     try:
         return task_from_csv(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
-                         json.loads(classes)).columns
+                             json.loads(classes), bins).columns
     except UserError as e:
         logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
                                               path, e)
@@ -116,9 +123,16 @@ def check_columns(id_column, label_column, group_column, extension):
     return columns
 
 
-def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
+def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=None):
     """The task the label columns describe, with each head's classes: given, else the sorted labels of the
     training CSV."""
+    kinds = column_kinds(kind, columns)
+    if len(set(kinds)) > 1:
+        return mixed_task(train_csv, id_column, columns, kinds, delimiter, classes, bins)
+    if bins is not None:
+        raise UserError("data_loader.args.bins: cuts a column of numbers into classes of the heads' joint label, in "
+                        "a task of class and number columns (task per column); this task has none")
+    kind = kinds[0]
     if kind not in KINDS:
         raise UserError(f"data_loader.args.task: expected one of {', '.join(map(json.dumps, KINDS))}, "
                         f"got {json.dumps(kind)}")
@@ -155,6 +169,42 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
         raise UserError(f"data_loader.args.classes: the label {label_text(joined[0])!r} holds the delimiter "
                         f"{delimiter!r}, so it could not be told from two labels in predictions.csv")
     return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter)
+
+
+def column_kinds(kind, columns):
+    """Each label column's kind: the task's, or the one a per-column task gives it."""
+    if not isinstance(kind, dict):
+        return [kind] * len(columns)
+    if list(kind) != columns or not all(k in ("multiclass", "regression") for k in kind.values()):
+        raise UserError(f"data_loader.args.task: per column, expected {{column: \"multiclass\" or \"regression\"}} "
+                        f"for exactly the label columns {json.dumps(columns)} in their order, got "
+                        f"{json.dumps(kind)[:200]}")
+    return list(kind.values())
+
+
+def mixed_task(train_csv, id_column, columns, kinds, delimiter, classes, bins):
+    """A task of class heads and heads of numbers (`values`); `bins` cut some of the latter into joint classes."""
+    values = [c for c, k in zip(columns, kinds) if k == "regression"]
+    named = [c for c in columns if c not in values]
+    if classes is not None:
+        if not (isinstance(classes, list) and len(classes) == len(columns) and all(
+                (c is None) == (column in values) for c, column in zip(classes, columns))):
+            raise UserError(f"data_loader.args.classes: expected a list of {len(columns)} entries in column order, "
+                            f"a class list for each class column and null for each number column "
+                            f"({', '.join(values)}), got {json.dumps(classes)[:200]}")
+        classes = [c for c in classes if c is not None]
+        classes = classes[0] if len(named) == 1 else classes
+    heads = dict(task_from_csv(train_csv, id_column, named, "multiclass", delimiter, classes).heads)
+    read_csv(train_csv, id_column, required=values)
+    bins = {} if bins is None else bins
+    for column, edges in bins.items() if isinstance(bins, dict) else [(None, None)]:
+        if column not in values or not (isinstance(edges, list) and edges and all(
+                isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in edges)
+                and edges == sorted(set(edges))):
+            raise UserError(f"data_loader.args.bins: expected {{column: [increasing numbers]}} for columns of "
+                            f"numbers ({', '.join(values)}), got {json.dumps(bins)[:200]}")
+    return Task("multiclass", tuple((c, heads.get(c)) for c in columns), delimiter, tuple(values),
+                tuple((c, tuple(bins[c])) for c in values if c in bins))
 
 
 def refuse_num_classes(specs, where, task):

@@ -133,15 +133,17 @@ def read_targets(csv_file, table, task):
         return multi_hot(csv_file, table.lines, table[columns[0]], task.heads[0][1], task.delimiter, columns[0])
     if task.kind == "regression":
         return [list(row) for row in zip(*(numbers(csv_file, table.lines, table[c], c) for c in columns))]
-    per_head = [class_indices(csv_file, table.lines, table[c], list(classes), c) for c, classes in task.heads]
+    per_head = [numbers(csv_file, table.lines, table[c], c) if c in task.values else
+                class_indices(csv_file, table.lines, table[c], list(classes), c) for c, classes in task.heads]
     return per_head[0] if task.single_label else [list(row) for row in zip(*per_head)]
 
 
 def target_tensor(targets, task, n):
-    """The targets as one tensor (int64 classes, float32 labels or values); unlabelled rows hold -1 or NaN."""
+    """The targets as one tensor (int64 classes, float32 labels or values, or both as float32); unlabelled rows hold
+    -1 or NaN."""
     if task.single_label:
         return torch.tensor(targets if targets is not None else [NO_LABEL] * n)
-    dtype = torch.int64 if task.kind == "multiclass" else torch.float32
+    dtype = torch.int64 if task.kind == "multiclass" and not task.values else torch.float32
     if targets is None:
         return torch.full((n, len(task.heads) if task.kind == "multiclass" else task.width),
                           NO_LABEL if dtype is torch.int64 else float("nan"), dtype=dtype)

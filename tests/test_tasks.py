@@ -430,3 +430,77 @@ def test_heads_of_too_many_joint_classes_log_per_head_metrics_only(task_set, tmp
     assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
     (run,) = run_dirs(tmp_path / "saved", "multitask")
     assert "val_accuracy" not in read_history(run)[0] and "val_accuracy_age" in read_history(run)[0]
+
+
+# --- heads of both kinds: classes and numbers -----------------------------------------------------------------------
+
+MIXED = {"mask": "multiclass", "gender": "multiclass", "value": "regression"}
+TEAM_CODE = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.model import ConvNet
+
+
+class MaskGenderAge(ConvNet):
+    def __init__(self):
+        super().__init__(num_classes=6, in_channels=3, width=8)
+
+    def forward(self, x):
+        mask, gender, age = super().forward(x).split([3, 2, 1], dim=1)
+        return mask, gender, age.squeeze(1)
+
+
+class MaskGenderAgeLoss(nn.Module):
+    def forward(self, output, target):
+        mask, gender, age = output
+        mask_target, gender_target, age_target = target
+        return F.cross_entropy(mask, mask_target) + F.cross_entropy(gender, gender_target) + \\
+            0.015 * F.mse_loss(age, age_target)
+'''
+
+
+def mixed_config(task_set, save_dir, **args):
+    config = task_config("multitask", task_set, save_dir)
+    config["data_loader"]["args"].update(label_column=list(MIXED), task=MIXED, **args)
+    config["arch"]["args"]["num_classes"] = 6
+    config["metrics"] = ["accuracy", "rmse"]
+    config["trainer"]["monitor"] = "max val_accuracy_mask"
+    return config
+
+
+def test_heads_of_classes_and_numbers_train_by_config_and_combine_through_bins(task_set, tmp_path):
+    config = mixed_config(task_set, tmp_path / "saved", bins={"value": [1.0]})
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "multitask")
+    assert {"val_accuracy", "val_accuracy_mask", "val_accuracy_gender", "val_rmse_value"} <= set(read_history(run)[0])
+    assert not {"val_rmse_mask", "val_accuracy_value", "val_rmse"} & set(read_history(run)[0])
+    out = tmp_path / "test"
+    assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "--out", out]) == 0
+    table, truth = read_table(out / "probabilities.csv"), read_truth(task_set)
+    assert list(read_text_table(out / "predictions.csv").columns) == ["id", "mask", "gender", "value"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rmse = np.sqrt(np.mean((table["value"].to_numpy() - truth.loc[table.index, "value"].to_numpy()) ** 2))
+    assert metrics["rmse_value"] == pytest.approx(rmse, rel=1e-5) and rmse < truth["value"].std()
+    assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "-o", "inference.combine_heads=true",
+                     "--out", tmp_path / "combined"]) == 0
+    combined = read_text_table(tmp_path / "combined" / "predictions.csv")
+    mask = table[[f"mask:{m}" for m in MASKS]].to_numpy().argmax(axis=1)
+    gender = table[[f"gender:{g}" for g in GENDERS]].to_numpy().argmax(axis=1)
+    expected = mask * 4 + gender * 2 + (table["value"].to_numpy() >= 1.0)
+    assert list(combined["label"].astype(int)) == list(expected)
+
+
+def test_a_teams_three_head_model_and_loss_drop_in_unchanged(task_set, tmp_path, monkeypatch):
+    (tmp_path / "maskteam").mkdir()
+    (tmp_path / "maskteam" / "__init__.py").write_text(TEAM_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = mixed_config(task_set, tmp_path / "saved")
+    config.update(import_roots=["maskteam"], arch={"type": "maskteam.MaskGenderAge", "args": {}},
+                  loss={"type": "maskteam.MaskGenderAgeLoss", "args": {}})
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "multitask")
+    assert float(read_history(run)[-1]["val_accuracy_mask"]) > 0.8
+    assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "-o", 'import_roots=["maskteam"]',
+                     "--out", tmp_path / "test"]) == 0
+    assert list(read_text_table(tmp_path / "test" / "predictions.csv").columns) == ["id", "mask", "gender", "value"]

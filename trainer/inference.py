@@ -284,8 +284,8 @@ def combine_out_of_fold(config, task, paths, group_dir):
     n_targets = len(task.target_columns)
     probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].to_numpy(), dtype=torch.float32)
     targets = torch.tensor(table.iloc[:, 1:1 + n_targets].to_numpy())
-    targets = targets.squeeze(1) if task.single_label else targets.to(torch.float32 if task.kind != "multiclass"
-                                                                       else torch.int64)
+    targets = targets.squeeze(1) if task.single_label else targets.to(
+        torch.int64 if task.kind == "multiclass" and not task.values else torch.float32)
     metrics = score(config, task, probabilities, targets)
     write_json({"n_samples": len(table), **metrics}, group_dir / "oof_metrics.json")
     return metrics
@@ -314,6 +314,10 @@ def write_predictions(out, ids, probabilities, classes, inference, task=None):
     heads = [column for column, _ in task.heads]
     combine = inference["combine_heads"] or sample is not None and len(sample.columns) == 2 and \
         sample.columns[1] not in heads
+    if combine and None in task.joint_widths:
+        column = task.heads[task.joint_widths.index(None)][0]
+        raise UserError(f"inference.sample_submission: its one label column asks for the heads combined, and the "
+                        f"column {column!r} holds numbers; give it data_loader.args.bins to cut it into classes")
     submission = pd.DataFrame({"id": ids, **submission_columns(probabilities, classes, task, inference, combine)})
     if sample is not None:
         submission = match_sample_submission(submission, table, sample, inference["sample_submission"])
@@ -338,8 +342,9 @@ def submission_columns(probabilities, classes, task, inference, combine):
         labels = [classes[i] for i in indices.tolist()] if inference["label_format"] == "name" and \
             task.single_label else indices.tolist()
         return {"label": labels}
-    return {column: [heads[i] for i in decided[:, h].tolist()] if inference["label_format"] == "name" else
-            decided[:, h].tolist() for h, (column, heads) in enumerate(task.heads)}
+    return {column: decided[:, h].tolist() if task.is_value(h) else
+            [heads[int(i)] for i in decided[:, h].tolist()] if inference["label_format"] == "name" else
+            decided[:, h].long().tolist() for h, (column, heads) in enumerate(task.heads)}
 
 
 THRESHOLDS = np.linspace(0.05, 0.95, 19)  # tried for each label when the threshold comes from oof.csv
@@ -353,6 +358,10 @@ def settle_inference(inference, task, paths=()):
     if inference["combine_heads"] and not several:
         raise UserError(f"inference.combine_heads: combines the heads of several label columns; this data's task is "
                         f"{task.kind} with {len(task.heads)} column(s)")
+    unbinned = [c for c, w in zip(task.values, task.joint_widths) if w is None] if several else []
+    if inference["combine_heads"] and unbinned:
+        raise UserError(f"inference.combine_heads: the column {unbinned[0]!r} holds numbers; give it "
+                        f"data_loader.args.bins to cut it into classes of the combined label")
     if inference["label_format"] != "name" and task.kind != "multiclass":
         raise UserError(f"inference.label_format: chooses class names or indices of a multiclass task; this one is "
                         f"{task.kind}")
@@ -482,16 +491,19 @@ def read_probabilities(path, task=None):
                         f"names {', '.join(task.columns)[:200]}")
     numbers = table.apply(pd.to_numeric, errors="coerce").astype(float)
     values = numbers.to_numpy()
-    regression = task is not None and task.kind == "regression"
+    regression = np.array([task is not None and (task.kind == "regression" or column in task.values)
+                           for column in table.columns])
     bad = ~np.isfinite(values) | (~regression & ((values < 0) | (values > 1 + SUM_TOLERANCE)))
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        expected = "a finite number" if regression else "probabilities in [0, 1]"
+        expected = "a finite number" if regression[column] else "probabilities in [0, 1]"
         raise UserError(f"--blend: {path}: id {table.index[row]!r} has {table.iat[row, column]!r} in column "
                         f"{table.columns[column]!r}; expected {expected}")
     if task is not None and task.kind != "multiclass":
         return numbers
-    for s in (task.segments if task is not None else [slice(None)]):
+    for h, s in enumerate(task.segments if task is not None else [slice(None)]):
+        if task is not None and task.is_value(h):
+            continue
         sums = values[:, s].sum(axis=1)
         off = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
         if len(off):
