@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, fails, make_config, read_csv_rows
+from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, fails, make_config, read_csv_rows, write_config
 
 TEAM_CODE = '''
 import torch
@@ -99,6 +99,21 @@ class TeamLoss(nn.Module):
 
 def undersample(samples):
     return collate(samples[::2])
+
+
+def stack_pairs(samples):
+    images, labels = zip(*samples)
+    return torch.stack(images), torch.tensor(labels)
+
+
+class DigitsLoader(BaseDataLoader):
+    def __init__(self, data_dir, images, batch_size, shuffle=True, validation_split=0.2, num_workers=0,
+                 training=True, seed=0):
+        csv = "train.csv" if training else "test_labels.csv"
+        dataset = CsvImageDataset(f"{data_dir}/{csv}", images + ("/train" if training else "/test"),
+                                  classes=list(range(10)), transform=ImageTransform([], [0.13], [0.31]))
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=stack_pairs,
+                         seed=seed)
 
 
 class DigitParityLoader(BaseDataLoader):
@@ -206,3 +221,11 @@ def test_a_loss_that_does_not_fit_the_output_is_one_line_before_anything_is_writ
     if loss is not None:
         config["loss"] = {"type": "team.TeamLoss", "args": loss}
     assert culprit in fails(config, tmp_path, capsys)
+
+
+def test_a_collate_function_of_pairs_gets_samples_from_a_data_set_that_serves_whole_batches(team_code, data_slice,
+                                                                                          tmp_path):
+    config = make_config(data_slice, tmp_path / "saved", epochs=1)
+    config.update(import_roots=["team"], data_loader={"type": "team.DigitsLoader", "args": {
+        "data_dir": str(data_slice), "images": str(DATA), "batch_size": 32}})
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
