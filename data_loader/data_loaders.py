@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from base import BaseDataLoader
-from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv, sorted_classes, split_labels
+from data_loader.datasets import (
+    NOT_IN_A_NAME,
+    CsvImageDataset,
+    label_text,
+    read_csv,
+    reads_as_numbers,
+    sorted_classes,
+    split_labels,
+)
 from utils.config import build_transforms, resolve
 from utils.task import KINDS, Task
 from utils.util import UserError
@@ -149,6 +157,7 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=
         read_csv(train_csv, id_column, required=columns)
         return Task(kind, tuple((c, None) for c in columns), delimiter)
     per_column = [classes] if len(columns) == 1 else classes
+    sorted_text = ()
     if classes is None:
         table = read_csv(train_csv, id_column, required=() if kind == "multilabel" else columns)
         if columns[0] not in table:
@@ -158,6 +167,8 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=
             labels = {c: [label for v in values for label in split_labels(v, delimiter)]
                       for c, values in labels.items()}
         per_column = [sorted_classes(labels[c]) for c in columns]
+        sorted_text = tuple(c for c, cl in zip(columns, per_column) if kind == "multiclass" and
+                            not reads_as_numbers(cl))
     elif len(columns) > 1 and not (isinstance(classes, list) and len(classes) == len(columns) and all(
             isinstance(c, list) for c in classes)):
         raise UserError(f"data_loader.args.classes: with {len(columns)} label columns, expected a list of "
@@ -168,7 +179,8 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=
     if joined:
         raise UserError(f"data_loader.args.classes: the label {label_text(joined[0])!r} holds the delimiter "
                         f"{delimiter!r}, so it could not be told from two labels in predictions.csv")
-    return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter)
+    return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter,
+                sorted_text=sorted_text)
 
 
 def column_kinds(kind, columns):
@@ -194,7 +206,8 @@ def mixed_task(train_csv, id_column, columns, kinds, delimiter, classes, bins):
                             f"({', '.join(values)}), got {json.dumps(classes)[:200]}")
         classes = [c for c in classes if c is not None]
         classes = classes[0] if len(named) == 1 else classes
-    heads = dict(task_from_csv(train_csv, id_column, named, "multiclass", delimiter, classes).heads)
+    named_task = task_from_csv(train_csv, id_column, named, "multiclass", delimiter, classes)
+    heads = dict(named_task.heads)
     read_csv(train_csv, id_column, required=values)
     bins = {} if bins is None else bins
     for column, edges in bins.items() if isinstance(bins, dict) else [(None, None)]:
@@ -204,7 +217,7 @@ def mixed_task(train_csv, id_column, columns, kinds, delimiter, classes, bins):
             raise UserError(f"data_loader.args.bins: expected {{column: [increasing numbers]}} for columns of "
                             f"numbers ({', '.join(values)}), got {json.dumps(bins)[:200]}")
     return Task("multiclass", tuple((c, heads.get(c)) for c in columns), delimiter, tuple(values),
-                tuple((c, tuple(bins[c])) for c in values if c in bins))
+                tuple((c, tuple(bins[c])) for c in values if c in bins), named_task.sorted_text)
 
 
 def refuse_num_classes(specs, where, task):

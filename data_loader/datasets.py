@@ -270,12 +270,16 @@ def label_text(label):
     return label if isinstance(label, str) else repr(label)
 
 
+def reads_as_numbers(labels):
+    return all(n is not None and math.isfinite(n) for n in map(_number, labels))
+
+
 def sorted_classes(labels):
     """The distinct labels in numeric order when every one reads as a number (2 < 10, and "07" < "8" < "10"),
     else in text order."""
     distinct = list({label_text(label): label for label in labels}.values())
     numbers = [_number(label) for label in distinct]
-    if all(n is not None and math.isfinite(n) for n in numbers):
+    if reads_as_numbers(distinct):
         return [label for _, _, label in sorted(zip(numbers, map(label_text, distinct), distinct))]
     return sorted(distinct)
 

@@ -46,6 +46,8 @@ def task_config(name, data, save_dir, **trainer):
     args.update(label_column=task.label_column, test_csv="test.csv", batch_size=16, group_column="group")
     if task.task:
         args["task"] = task.task
+    if name == "multitask":  # text classes in the competition's order: the combined label's indices follow it
+        args["classes"] = [MASKS, GENDERS, AGES]
     config["metrics"] = task.metrics
     del config["loss"]
     config["optimizer"]["args"]["lr"] = 0.01
@@ -363,11 +365,13 @@ def test_a_resumed_run_keeps_its_targets_and_validation_rows(runs, tmp_path, cap
     run = runs.group("multitask") / "fold0"
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     permuted = '[["none", "incorrect", "correct"], ["female", "male"], [0, 1, 2]]'
-    for change, culprit in ((f"data_loader.args.classes={permuted}", "keeps its targets"),
-                            ('data_loader.args.label_column=["mask", "gender"]', "keeps its targets"),
-                            ("data_loader.args.fold=1", "keeps its validation rows (data_loader.args.fold: 0 "),
-                            ("seed=5", "keeps its validation rows (seed: ")):
-        assert train.main(["-r", str(run), "-o", change, "-o", "trainer.epochs=20"]) == 2
+    two_columns = ['data_loader.args.label_column=["mask", "gender"]', "-o",
+                   f"data_loader.args.classes={json.dumps([MASKS, GENDERS])}"]
+    for change, culprit in (([f"data_loader.args.classes={permuted}"], "keeps its targets"),
+                            (two_columns, "keeps its targets"),
+                            (["data_loader.args.fold=1"], "keeps its validation rows (data_loader.args.fold: 0 "),
+                            (["seed=5"], "keeps its validation rows (seed: ")):
+        assert train.main(["-r", str(run), "-o", *change, "-o", "trainer.epochs=20"]) == 2
         assert culprit in error_line(capsys), change
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
@@ -462,6 +466,7 @@ class MaskGenderAgeLoss(nn.Module):
 
 def mixed_config(task_set, save_dir, **args):
     config = task_config("multitask", task_set, save_dir)
+    del config["data_loader"]["args"]["classes"]
     config["data_loader"]["args"].update(label_column=list(MIXED), task=MIXED, **args)
     config["arch"]["args"]["num_classes"] = 6
     config["metrics"] = ["accuracy", "rmse"]
@@ -469,7 +474,7 @@ def mixed_config(task_set, save_dir, **args):
     return config
 
 
-def test_heads_of_classes_and_numbers_train_by_config_and_combine_through_bins(task_set, tmp_path):
+def test_heads_of_classes_and_numbers_train_by_config_and_combine_through_bins(task_set, tmp_path, capsys):
     config = mixed_config(task_set, tmp_path / "saved", bins={"value": [1.0]})
     assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
     (run,) = run_dirs(tmp_path / "saved", "multitask")
@@ -482,8 +487,11 @@ def test_heads_of_classes_and_numbers_train_by_config_and_combine_through_bins(t
     metrics = json.loads((out / "metrics.json").read_text())
     rmse = np.sqrt(np.mean((table["value"].to_numpy() - truth.loc[table.index, "value"].to_numpy()) ** 2))
     assert metrics["rmse_value"] == pytest.approx(rmse, rel=1e-5) and rmse < truth["value"].std()
-    assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "-o", "inference.combine_heads=true",
-                     "--out", tmp_path / "combined"]) == 0
+    combine = ["-r", run / "model_best.pth", *TEST_LABELS, "-o", "inference.combine_heads=true"]
+    assert evaluate([*combine, "--out", tmp_path / "refused"]) == 2
+    assert "list them in data_loader.args.classes" in error_line(capsys) and not (tmp_path / "refused").exists()
+    classes = json.dumps([MASKS, GENDERS, None])
+    assert evaluate([*combine, "-o", f"data_loader.args.classes={classes}", "--out", tmp_path / "combined"]) == 0
     combined = read_text_table(tmp_path / "combined" / "predictions.csv")
     mask = table[[f"mask:{m}" for m in MASKS]].to_numpy().argmax(axis=1)
     gender = table[[f"gender:{g}" for g in GENDERS]].to_numpy().argmax(axis=1)

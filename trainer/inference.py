@@ -314,6 +314,8 @@ def write_predictions(out, ids, probabilities, classes, inference, task=None):
     heads = [column for column, _ in task.heads]
     combine = inference["combine_heads"] or sample is not None and len(sample.columns) == 2 and \
         sample.columns[1] not in heads
+    if combine:
+        refuse_sorted_text(task, "inference.sample_submission")
     if combine and None in task.joint_widths:
         column = task.heads[task.joint_widths.index(None)][0]
         raise UserError(f"inference.sample_submission: its one label column asks for the heads combined, and the "
@@ -347,6 +349,17 @@ def submission_columns(probabilities, classes, task, inference, combine):
             decided[:, h].long().tolist() for h, (column, heads) in enumerate(task.heads)}
 
 
+def refuse_sorted_text(task, setting):
+    """Class indices written out (a combined label, label_format "index") follow the order the config gives a
+    column's text classes, never one the program made up by sorting them."""
+    if task.sorted_text:
+        column = task.sorted_text[0]
+        classes = dict(task.heads)[column]
+        raise UserError(f"{setting}: writes class indices, and the text classes of column {column!r} "
+                        f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}) have no order "
+                        f"given; list them in data_loader.args.classes in the competition's order")
+
+
 THRESHOLDS = np.linspace(0.05, 0.95, 19)  # tried for each label when the threshold comes from oof.csv
 
 
@@ -362,6 +375,8 @@ def settle_inference(inference, task, paths=()):
     if inference["combine_heads"] and unbinned:
         raise UserError(f"inference.combine_heads: the column {unbinned[0]!r} holds numbers; give it "
                         f"data_loader.args.bins to cut it into classes of the combined label")
+    if inference["combine_heads"] or inference["label_format"] == "index":
+        refuse_sorted_text(task, "inference.combine_heads" if inference["combine_heads"] else "inference.label_format")
     if inference["label_format"] != "name" and task.kind != "multiclass":
         raise UserError(f"inference.label_format: chooses class names or indices of a multiclass task; this one is "
                         f"{task.kind}")

@@ -37,13 +37,15 @@ class Task:
     """A kind of target and its heads: (label column, classes) pairs in column order (one for a multilabel task,
     whose classes are its labels; classes None for regression columns, or when a dataset does not name them).
     `values`: the columns of a multiclass task that hold numbers; `bins`: (column, edges) of those that join the
-    heads' joint class, bin i holding the values from edges[i - 1] up to below edges[i]."""
+    heads' joint class, bin i holding the values from edges[i - 1] up to below edges[i]. `sorted_text`: the columns
+    whose text classes were put in text order because the config gave none (their indices follow no given order)."""
 
     kind: str = "multiclass"
     heads: tuple = (("label", None),)
     delimiter: str = " "
     values: tuple = ()
     bins: tuple = ()
+    sorted_text: tuple = ()
 
     @classmethod
     def single(cls, classes, column="label"):
@@ -241,18 +243,21 @@ class Task:
     def to_json(self):
         values = {"values": list(self.values), "bins": [[column, list(edges)] for column, edges in self.bins]}
         return {"kind": self.kind, "heads": [[column, None if c is None else list(c)] for column, c in self.heads],
-                "delimiter": self.delimiter, **(values if self.values else {})}
+                "delimiter": self.delimiter, **(values if self.values else {}),
+                **({"sorted_text": list(self.sorted_text)} if self.sorted_text else {})}
 
     @classmethod
     def from_json(cls, data):
         """A task as to_json wrote it; anything else raises ValueError."""
         kind, heads, delimiter = data["kind"], data["heads"], data["delimiter"]
-        values, bins = data.get("values", []), data.get("bins", [])
+        values, bins, sorted_text = data.get("values", []), data.get("bins", []), data.get("sorted_text", [])
         names = [head[0] for head in heads if isinstance(head, list) and head]
         if not (isinstance(values, list) and set(values) <= set(names) and isinstance(bins, list) and all(
                 isinstance(b, list) and len(b) == 2 and b[0] in values and isinstance(b[1], list) and b[1] and
                 all(isinstance(e, (int, float)) and math.isfinite(e) for e in b[1]) for b in bins)):
             raise ValueError("values name label columns, and bins pair one of them with a list of numbers")
+        if not (isinstance(sorted_text, list) and set(sorted_text) <= set(names)):
+            raise ValueError("sorted_text names label columns")
         if kind not in KINDS or not isinstance(heads, list) or not heads or not isinstance(delimiter, str) or \
                 not delimiter:
             raise ValueError("expected a kind of " + ", ".join(KINDS) + ", a list of heads and a delimiter")
@@ -267,7 +272,7 @@ class Task:
             if classes is not None and len(set(map(str, classes))) != len(classes):
                 raise ValueError("a head lists a class twice")
         return cls(kind, tuple((column, None if c is None else tuple(c)) for column, c in heads), delimiter,
-                   tuple(values), tuple((column, tuple(edges)) for column, edges in bins))
+                   tuple(values), tuple((column, tuple(edges)) for column, edges in bins), tuple(sorted_text))
 
 
 def quantile_bins(values, n=QUANTILE_BINS):
