@@ -55,6 +55,11 @@ class CsvImageDataLoader(BaseDataLoader):
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         columns = check_columns(id_column, label_column, group_column, extension)
         task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes, bins)
+        clash = task.clashing_name()
+        if clash is not None:
+            raise UserError(f"data_loader.args.label_column and classes: {clash!r} would name two columns of "
+                            f"predictions.csv, probabilities.csv or oof.csv (their ids are 'id', their targets "
+                            f"'target' or 'target:<column>'); rename that column or label in the CSV")
         if task.values and batch_transforms:
             raise UserError("data_loader.args.batch_transforms: mix class targets; this task has heads of numbers "
                             f"({', '.join(task.values)})")

@@ -14,6 +14,7 @@ from utils.task import Task
 from utils.util import UserError
 
 NO_LABEL = -1
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 IMAGE_MODES = tuple(MODES)
 NOT_IN_A_NAME = re.compile(r"[\\\x00-\x1f\x7f]")  # backslashes and control characters
 
@@ -139,11 +140,12 @@ def read_targets(csv_file, table, task):
 
 
 def target_tensor(targets, task, n):
-    """The targets as one tensor (int64 classes, float32 labels or values, or both as float32); unlabelled rows hold
-    -1 or NaN."""
+    """The targets as one tensor (int64 classes, float32 labels, float64 values, or classes and values as float64:
+    values keep every digit the CSV gives); unlabelled rows hold -1 or NaN."""
     if task.single_label:
         return torch.tensor(targets if targets is not None else [NO_LABEL] * n)
-    dtype = torch.int64 if task.kind == "multiclass" and not task.values else torch.float32
+    dtype = torch.int64 if task.kind == "multiclass" and not task.values else \
+        torch.float32 if task.kind == "multilabel" else torch.float64
     if targets is None:
         return torch.full((n, len(task.heads) if task.kind == "multiclass" else task.width),
                           NO_LABEL if dtype is torch.int64 else float("nan"), dtype=dtype)
@@ -171,13 +173,17 @@ def multi_hot(csv_file, lines, values, classes, delimiter, column):
 
 
 def numbers(csv_file, lines, values, column):
-    """A regression column's values; one line naming the first row that holds no finite number."""
+    """A regression column's values; one line naming the first row that holds no finite number, or one beyond what
+    float32, which the model computes in, holds."""
     result = []
     for line, value in zip(lines, values):
         number = None if "_" in str(value) else _number(value)  # float() would read "1_000"
         if number is None or not math.isfinite(number):
             raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
                             f"needs a finite number in every row")
+        if abs(number) > FLOAT32_MAX:
+            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
+                            f"must lie within ±{FLOAT32_MAX:.4g} (float32, in which the model computes)")
         result.append(number)
     return result
 

@@ -365,7 +365,8 @@ def test_blend_is_the_weighted_mean(tmp_path):
     write_csv(tmp_path / "a.csv", ["id", *classes], [(i, *p) for i, p in a.items()])
     write_csv(tmp_path / "b.csv", ["id", *classes], [(i, *b[i]) for i in ("NA", "a1", "a2")])  # another row order
     out = tmp_path / "blend"
-    assert evaluate(["--blend", tmp_path / "a.csv", tmp_path / "b.csv", "--weights", "3", "1", "--out", out]) == 0
+    weights = ["--weights", "1.5e308", "0.5e308"]  # 3 to 1, and a sum beyond float64
+    assert evaluate(["--blend", tmp_path / "a.csv", tmp_path / "b.csv", *weights, "--out", out]) == 0
     blended, blended_classes = read_table(out / "probabilities.csv")
     assert blended_classes == classes and list(blended) == ["a1", "a2", "NA"]
     for i in a:

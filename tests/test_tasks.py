@@ -512,3 +512,57 @@ def test_a_teams_three_head_model_and_loss_drop_in_unchanged(task_set, tmp_path,
     assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "-o", 'import_roots=["maskteam"]',
                      "--out", tmp_path / "test"]) == 0
     assert list(read_text_table(tmp_path / "test" / "predictions.csv").columns) == ["id", "mask", "gender", "value"]
+
+
+# --- the files the program writes and reads back ------------------------------------------------------------------
+
+def rewritten_set(task_set, folder, change):
+    """A copy of the task set's train.csv and images in `folder`, the rows changed by `change(table)`."""
+    import shutil
+
+    shutil.copytree(task_set / "train", folder / "train")
+    table = read_text_table(task_set / "train.csv")
+    table = change(table)
+    table.to_csv(folder / "train.csv", index=False)
+    return folder
+
+
+def test_ids_and_regression_targets_come_back_from_oof_csv_exactly_as_the_csv_gives_them(task_set, tmp_path):
+    """Ids NA, null and None stay ids; targets near 1.7e9 that float32 would merge keep every digit."""
+    def change(table):
+        for old, new in zip(table["id"][:3], ("NA", "null", "None")):
+            (tmp_path / "data" / "train" / f"{old}.png").rename(tmp_path / "data" / "train" / f"{new}.png")
+        table["id"] = ["NA", "null", "None", *table["id"][3:]]
+        table["value"] = [str(1_700_000_000 + i) for i in range(len(table))]
+        return table
+
+    data = rewritten_set(task_set, tmp_path / "data", change)
+    config = task_config("regression", data, tmp_path / "saved", epochs=1)
+    config["data_loader"]["args"]["n_folds"] = 2
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json")), "--folds", "all"]) == 0
+    (group,) = run_dirs(tmp_path / "saved", "regression")
+    oof = read_text_table(group / "oof.csv").set_index("id")
+    truth = read_text_table(data / "train.csv").set_index("id")
+    assert {"NA", "null", "None"} <= set(oof.index) and len(oof) == len(truth)
+    assert [float(v) for v in oof["target:value"]] == [float(truth.loc[i, "value"]) for i in oof.index]
+    error = oof["value"].astype(float) - oof["target:value"].astype(float)
+    rmse = json.loads((group / "oof_metrics.json").read_text())["rmse"]
+    assert rmse == pytest.approx(float(np.sqrt(np.mean(error ** 2))), rel=1e-6)
+
+
+@pytest.mark.parametrize("name, change, args, culprit", [
+    ("regression", lambda t: t.assign(value=["3.5e38", *t["value"][1:]]), {}, "must lie within"),
+    ("multitask", lambda t: t.assign(mask=["target", *t["mask"][1:]]), {"label_column": "mask"},
+     "'target' would name two columns"),
+    ("multilabel", lambda t: t.assign(tags=["id", *t["tags"][1:]]), {}, "'id' would name two columns"),
+    ("regression", lambda t: t.rename(columns={"id": "image", "value": "id"}), {"id_column": "image",
+                                                                                 "label_column": "id"},
+     "'id' would name two columns"),
+])
+def test_labels_the_written_files_cannot_hold_are_one_line_before_training(name, change, args, culprit, task_set,
+                                                                            tmp_path, capsys):
+    data = rewritten_set(task_set, tmp_path / "data", change)
+    config = task_config(name, data, tmp_path / "saved", epochs=1)
+    config["data_loader"]["args"].pop("classes", None)
+    config["data_loader"]["args"].update(args)
+    assert culprit in fails(config, tmp_path, capsys)

@@ -275,20 +275,26 @@ def write_out_of_fold(trainer, checkpoint, path):
 
 
 def combine_out_of_fold(config, task, paths, group_dir):
-    """Join the folds' out-of-fold files into oof.csv (every training row once) and score it."""
-    table = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in paths], ignore_index=True)
+    """Join the folds' out-of-fold files into oof.csv (every training row once, as the folds wrote it) and score
+    it."""
+    table = pd.concat([read_text_csv(p) for p in paths], ignore_index=True)
     if table["id"].duplicated().any():
         raise UserError(f"out-of-fold rows overlap between folds: {table['id'][table['id'].duplicated()].iloc[0]!r}")
     table.to_csv(group_dir / "oof.csv", index=False)
     write_task(task, group_dir)
     n_targets = len(task.target_columns)
-    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].to_numpy(), dtype=torch.float32)
-    targets = torch.tensor(table.iloc[:, 1:1 + n_targets].to_numpy())
-    targets = targets.squeeze(1) if task.single_label else targets.to(
-        torch.int64 if task.kind == "multiclass" and not task.values else torch.float32)
+    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].astype(float).to_numpy(), dtype=torch.float32)
+    targets = torch.tensor(table.iloc[:, 1:1 + n_targets].astype(float).to_numpy())
+    targets = targets.squeeze(1).to(torch.int64) if task.single_label else targets.to(
+        torch.int64 if task.kind == "multiclass" and not task.values else torch.float64)
     metrics = score(config, task, probabilities, targets)
     write_json({"n_samples": len(table), **metrics}, group_dir / "oof_metrics.json")
     return metrics
+
+
+def read_text_csv(path):
+    """A CSV the program wrote, every cell as its text: ids such as `NA`, `null` or `None` stay ids."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def load_model(path, config, use_ema, device):
@@ -394,7 +400,7 @@ def settle_inference(inference, task, paths=()):
             raise UserError("inference.threshold: \"oof\" takes the thresholds from the oof.csv of one run group "
                             "(train with --folds all and give its checkpoints with -r)"
                             + ("" if found else "; none was found beside them"))
-        return {**inference, "threshold": best_f1_thresholds(pd.read_csv(found[0], dtype={"id": str}), task)}
+        return {**inference, "threshold": best_f1_thresholds(read_text_csv(found[0]), task)}
     if isinstance(setting, list) and len(setting) != len(labels):
         raise UserError(f"inference.threshold: {len(setting)} thresholds for the {len(labels)} labels "
                         f"({', '.join(labels)[:200]}); give one, or one per label")
@@ -403,8 +409,8 @@ def settle_inference(inference, task, paths=()):
 
 def best_f1_thresholds(table, task):
     """Per label, the threshold of THRESHOLDS with the best F1 on an oof.csv table (the first of equals)."""
-    targets = table[task.target_columns].to_numpy() > 0.5
-    scores = table[task.columns].to_numpy()
+    targets = table[task.target_columns].astype(float).to_numpy() > 0.5
+    scores = table[task.columns].astype(float).to_numpy()
     chosen = []
     for label in range(targets.shape[1]):
         predicted = scores[:, label, None] >= THRESHOLDS
@@ -457,9 +463,11 @@ def blend(paths, weights):
     weights = weights or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise UserError(f"--weights: {len(weights)} weights for {len(paths)} probability files")
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not max(weights) > 0:
         raise UserError(f"--weights: expected finite numbers >= 0 with a positive sum, got "
                         f"{' '.join(map(str, weights))}")
+    top = max(weights)
+    weights = [w / top for w in weights]  # 1e308 and 1e308 sum to no finite number
     tasks = [read_task(Path(path).parent) for path in paths]
     for path, task in zip(paths[1:], tasks[1:]):
         if task != tasks[0]:

@@ -109,6 +109,14 @@ class Task:
         names = self.columns if self.kind == "multilabel" else [column for column, _ in self.heads]
         return [f"target:{name}" for name in names]
 
+    def clashing_name(self):
+        """A name that two columns of a file the program writes would share (predictions.csv: id and the heads;
+        oof.csv and probabilities.csv: id, the targets and the outputs), or None."""
+        if "id" in [column for column, _ in self.heads]:
+            return "id"
+        names = ["id", *self.target_columns, *(self.columns or [])]
+        return next((name for i, name in enumerate(names) if name in names[:i]), None)
+
     def describe(self):
         """The expected output width in words, for messages."""
         if self.kind == "multiclass" and len(self.heads) > 1:
@@ -346,9 +354,9 @@ class HeadsLoss(torch.nn.Module):
                             f"name a loss of your own that takes the whole output (docs/tasks.md)")
         output = self.task.flat(output)
         if not self.per_head:
-            return self.loss(output, target)
+            return self.loss(output, target.float() if target.dtype == torch.float64 else target)
         soft = target.is_floating_point() and not self.task.values
-        return sum(w * (F.mse_loss(output[:, s], target[:, h:h + 1].to(output.dtype)) if self.task.is_value(h) else
+        return sum(w * (F.mse_loss(output[:, s], target[:, h:h + 1].float()) if self.task.is_value(h) else
                         self.loss(output[:, s], target[:, s] if soft else target[:, h].long()))
                    for h, (s, w) in enumerate(zip(self.task.segments, self.weights)))
 
