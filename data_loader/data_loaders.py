@@ -1,6 +1,7 @@
 """Data loaders named by the config's `data_loader.type`; `training=False` gives test.py the test split."""
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import logging
@@ -16,6 +17,7 @@ from data_loader.datasets import (
     NOT_IN_A_NAME,
     CsvImageDataset,
     label_text,
+    numbers,
     read_csv,
     reads_as_numbers,
     sorted_classes,
@@ -36,7 +38,8 @@ class CsvImageDataLoader(BaseDataLoader):
     CsvImageDataset). `task` says what the label columns hold (utils/task.py): one class per column
     ("multiclass"; a list of columns trains one head each), labels separated by `delimiter` ("multilabel"), or
     numbers ("regression"); per column (`{"mask": "multiclass", "age": "regression"}`) for heads of both kinds,
-    where `bins` (`{"age": [30, 60]}`) cuts a column of numbers into classes of the heads' joint label.
+    where `bins` (`{"age": [30, 60]}`) cuts a column of numbers into classes of the heads' joint label. Columns of
+    numbers train `standardize`d by the training CSV's mean and standard deviation (utils/task.py).
     `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
@@ -45,7 +48,7 @@ class CsvImageDataLoader(BaseDataLoader):
                  extension=".png", classes: list | None = None, image_mode="unchanged", train_transforms=(),
                  eval_transforms=(), batch_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
                  group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0,
-                 bins: dict | None = None):
+                 bins: dict | None = None, standardize=True):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}; put the competition's "
@@ -55,6 +58,8 @@ class CsvImageDataLoader(BaseDataLoader):
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         columns = check_columns(id_column, label_column, group_column, extension)
         task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes, bins)
+        if standardize and (task.kind == "regression" or task.values):
+            task = dataclasses.replace(task, scale=column_scales(data_dir / train_csv, id_column, task))
         clash = task.clashing_name()
         if clash is not None:
             raise UserError(f"data_loader.args.label_column and classes: {clash!r} would name two columns of "
@@ -186,6 +191,19 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=
                         f"{delimiter!r}, so it could not be told from two labels in predictions.csv")
     return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter,
                 sorted_text=sorted_text)
+
+
+def column_scales(train_csv, id_column, task):
+    """(column, mean, std) of each column of numbers over the training CSV's rows: the same for every fold and for
+    test.py, which rebuilds them from the same file (a constant column keeps std 1)."""
+    table = read_csv(train_csv, id_column)
+    scales = []
+    for h, (column, _) in enumerate(task.heads):
+        if task.is_value(h):
+            values = np.array(numbers(train_csv, table.lines, table[column], column), dtype=np.float64)
+            std = float(values.std())
+            scales.append((column, float(values.mean()), std if std > 0 and math.isfinite(std) else 1.0))
+    return tuple(scales)
 
 
 def column_kinds(kind, columns):

@@ -566,3 +566,20 @@ def test_labels_the_written_files_cannot_hold_are_one_line_before_training(name,
     config["data_loader"]["args"].pop("classes", None)
     config["data_loader"]["args"].update(args)
     assert culprit in fails(config, tmp_path, capsys)
+
+
+def test_the_default_regression_config_beats_the_mean_within_three_epochs_on_targets_of_1_to_100(tmp_path):
+    """Targets train standardised, and come back in their own units."""
+    bigger = make_task_set(tmp_path / "bigger", n_train=480, n_test=8)
+    data = rewritten_set(bigger, tmp_path / "data",
+                         lambda t: t.assign(value=[repr(1 + 49.5 * float(v)) for v in t["value"]]))
+    config = task_config("regression", data, tmp_path / "saved", epochs=3)
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "regression")
+    assert evaluate(["-r", run / "model_best.pth", "--split", "valid", "--out", tmp_path / "valid"]) == 0
+    truth = read_text_table(data / "train.csv").set_index("id")["value"].astype(float)
+    predicted = read_text_table(tmp_path / "valid" / "predictions.csv").set_index("id")["value"].astype(float)
+    mean = truth.drop(predicted.index).mean()
+    rmse = json.loads((tmp_path / "valid" / "metrics.json").read_text())["rmse"]
+    assert rmse == pytest.approx(float(np.sqrt(((predicted - truth[predicted.index]) ** 2).mean())), rel=1e-6)
+    assert rmse < float(np.sqrt(((truth[predicted.index] - mean) ** 2).mean()))

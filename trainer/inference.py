@@ -283,7 +283,7 @@ def combine_out_of_fold(config, task, paths, group_dir):
     table.to_csv(group_dir / "oof.csv", index=False)
     write_task(task, group_dir)
     n_targets = len(task.target_columns)
-    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].astype(float).to_numpy(), dtype=torch.float32)
+    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].astype(float).to_numpy())
     targets = torch.tensor(table.iloc[:, 1:1 + n_targets].astype(float).to_numpy())
     targets = targets.squeeze(1).to(torch.int64) if task.single_label else targets.to(
         torch.int64 if task.kind == "multiclass" and not task.values else torch.float64)

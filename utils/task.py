@@ -38,7 +38,9 @@ class Task:
     whose classes are its labels; classes None for regression columns, or when a dataset does not name them).
     `values`: the columns of a multiclass task that hold numbers; `bins`: (column, edges) of those that join the
     heads' joint class, bin i holding the values from edges[i - 1] up to below edges[i]. `sorted_text`: the columns
-    whose text classes were put in text order because the config gave none (their indices follow no given order)."""
+    whose text classes were put in text order because the config gave none (their indices follow no given order).
+    `scale`: (column, mean, std) of the columns of numbers that train standardised: the model's output and what the
+    loss compares are in standard units, probabilities (the values written) and metrics in the column's own."""
 
     kind: str = "multiclass"
     heads: tuple = (("label", None),)
@@ -46,6 +48,7 @@ class Task:
     values: tuple = ()
     bins: tuple = ()
     sorted_text: tuple = ()
+    scale: tuple = ()
 
     @classmethod
     def single(cls, classes, column="label"):
@@ -160,24 +163,52 @@ class Task:
         return output
 
     def probabilities(self, flat):
-        """Scores as probabilities (each head's softmax; each label's sigmoid), or values for regression."""
+        """Scores as probabilities (each head's softmax; each label's sigmoid), or values for regression (in their
+        own units, float64, when trained standardised)."""
         flat = flat.float()
         if self.kind == "multilabel":
             return flat.sigmoid()
         if self.kind == "regression" or self.single_label or self.width is None:
-            return flat if self.kind == "regression" else flat.softmax(dim=1)
-        return torch.cat([flat[:, s] if self.is_value(h) else flat[:, s].softmax(dim=1)
-                          for h, s in enumerate(self.segments)], dim=1)
+            return self.in_units(flat) if self.kind == "regression" else flat.softmax(dim=1)
+        return self.in_units(torch.cat([flat[:, s] if self.is_value(h) else flat[:, s].softmax(dim=1)
+                                        for h, s in enumerate(self.segments)], dim=1))
 
     def logits(self, probabilities):
         """Scores that `probabilities` turns back into the same probabilities: what losses and metrics take."""
         if self.kind == "regression":
-            return probabilities
+            return self.in_units(probabilities, inverse=True)
         p = probabilities.clamp(1e-12, 1 - 1e-7 if self.kind == "multilabel" else 1)
         if self.values:
-            return torch.cat([probabilities[:, s] if self.is_value(h) else p[:, s].log()
+            values = self.in_units(probabilities, inverse=True)
+            return torch.cat([values[:, s] if self.is_value(h) else p[:, s].log().to(values.dtype)
                               for h, s in enumerate(self.segments)], dim=1)
         return p.log() - (-p).log1p() if self.kind == "multilabel" else p.log()
+
+    def _units(self, per_head, like):
+        """(mean, std) of the standardised columns as float64 tensors on `like`'s device, 0 and 1 elsewhere: one
+        entry per head (`per_head`) or per output column."""
+        units = {column: (mean, std) for column, mean, std in self.scale}
+        n = len(self.heads) if per_head else self.width
+        mean, std = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+        for h, ((column, _), s) in enumerate(zip(self.heads, self.segments)):
+            if column in units:
+                mean[h if per_head else s], std[h if per_head else s] = units[column]
+        return mean.to(like.device), std.to(like.device)
+
+    def in_units(self, output, inverse=False):
+        """A joined output's standardised columns in their own units (from them, `inverse`); unchanged when the
+        task standardises none."""
+        if not self.scale:
+            return output
+        mean, std = self._units(False, output)
+        return (output.double() - mean) / std if inverse else output.double() * std + mean
+
+    def standardised(self, target):
+        """A batch's targets (N, heads) with the standardised columns in standard units, as the loss takes them."""
+        if not self.scale:
+            return target
+        mean, std = self._units(True, target)
+        return (target.double() - mean) / std
 
     def soft_targets(self, target):
         """Targets as (N, width) floats, the form batch transforms mix."""
@@ -352,7 +383,7 @@ class HeadsLoss(torch.nn.Module):
             raise UserError(f"loss: the model returns {', '.join(map(repr, extras))} beyond its heads "
                             f"({', '.join(c for c, _ in self.task.heads)}), which the built-in loss leaves unused; "
                             f"name a loss of your own that takes the whole output (docs/tasks.md)")
-        output = self.task.flat(output)
+        output, target = self.task.flat(output), self.task.standardised(target)
         if not self.per_head:
             return self.loss(output, target.float() if target.dtype == torch.float64 else target)
         soft = target.is_floating_point() and not self.task.values
@@ -373,6 +404,7 @@ class WholeLoss(torch.nn.Module):
         self.checked = False
 
     def forward(self, output, target):
+        target = self.task.standardised(target)
         if self.checked:
             return self.loss(output, self.task.split_targets(target))
         name = getattr(getattr(self.loss, "func", self.loss), "__name__", type(self.loss).__name__)
@@ -403,9 +435,11 @@ def task_metrics(metrics, task):
     """The metrics as logged for `task`: unchanged for one head; for several, each one per head of a kind it scores
     (`<name>_<column>`) and, for a class metric, for the heads' joint class (`<name>`, as the mixed-radix label a
     one-column submission holds)."""
+    if task.kind == "regression" and task.scale:
+        return {name: InUnits(metric, task) for name, metric in metrics.items()}
     if task.kind != "multiclass" or len(task.heads) == 1:
         return metrics
-    per_head = {f"{name}_{head_name(column)}": HeadMetric(metric, s, h, task.is_value(h))
+    per_head = {f"{name}_{head_name(column)}": HeadMetric(metric, s, h, task)
                 for name, metric in metrics.items() for h, ((column, _), s) in enumerate(zip(task.heads,
                                                                                               task.segments))
                 if head_kind(task, h) in getattr(metric, "tasks", ("multiclass",))}
@@ -421,12 +455,27 @@ def task_metrics(metrics, task):
 class HeadMetric:
     """A metric on one head of a multi-task output."""
 
-    def __init__(self, metric, segment, head, values=False):
-        self.metric, self.segment, self.head, self.values = metric, segment, head, values
+    def __init__(self, metric, segment, head, task):
+        self.metric, self.segment, self.head, self.task = metric, segment, head, task
 
     def batch_stats(self, output, target):
         target = target[:, self.head]
-        return self.metric.batch_stats(output[:, self.segment], target if self.values else target.long())
+        if self.task.is_value(self.head):
+            return self.metric.batch_stats(self.task.in_units(output)[:, self.segment], target)
+        return self.metric.batch_stats(output[:, self.segment], target.long())
+
+    def compute(self, total):
+        return self.metric.compute(total)
+
+
+class InUnits:
+    """A metric of values in their own units, from an output in standard units."""
+
+    def __init__(self, metric, task):
+        self.metric, self.task = metric, task
+
+    def batch_stats(self, output, target):
+        return self.metric.batch_stats(self.task.in_units(output), target)
 
     def compute(self, total):
         return self.metric.compute(total)
@@ -442,7 +491,8 @@ class JointMetric:
         joint = None
         for h, (s, w) in enumerate(zip(self.task.segments, self.task.joint_widths)):
             if self.task.is_value(h):  # a value's bin is certain: log-probability 0 there, -inf elsewhere
-                log_p = F.one_hot(self.task.binned(output[:, s.start].float(), h), w).float().log()
+                values = self.task.in_units(output)[:, s.start]
+                log_p = F.one_hot(self.task.binned(values, h), w).float().log()
             else:
                 log_p = output[:, s].float().log_softmax(dim=1)
             joint = log_p if joint is None else (joint[:, :, None] + log_p[:, None, :]).flatten(1)
