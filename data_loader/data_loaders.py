@@ -40,6 +40,7 @@ class CsvImageDataLoader(BaseDataLoader):
     numbers ("regression"); per column (`{"mask": "multiclass", "age": "regression"}`) for heads of both kinds,
     where `bins` (`{"age": [30, 60]}`) cuts a column of numbers into classes of the heads' joint label. Columns of
     numbers train `standardize`d by the training CSV's mean and standard deviation (utils/task.py).
+    `feature_columns` hand numeric CSV columns to the model with the image: model(image, features).
     `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
@@ -48,7 +49,7 @@ class CsvImageDataLoader(BaseDataLoader):
                  extension=".png", classes: list | None = None, image_mode="unchanged", train_transforms=(),
                  eval_transforms=(), batch_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
                  group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0,
-                 bins: dict | None = None, standardize=True):
+                 bins: dict | None = None, standardize=True, feature_columns: list | None = None):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}; put the competition's "
@@ -57,6 +58,7 @@ class CsvImageDataLoader(BaseDataLoader):
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         columns = check_columns(id_column, label_column, group_column, extension)
+        feature_columns = check_feature_columns(feature_columns, id_column, columns, group_column, batch_transforms)
         task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes, bins)
         if standardize and (task.kind == "regression" or task.values):
             task = dataclasses.replace(task, scale=column_scales(data_dir / train_csv, id_column, task))
@@ -69,7 +71,7 @@ class CsvImageDataLoader(BaseDataLoader):
             raise UserError("data_loader.args.batch_transforms: mix class targets; this task has heads of numbers "
                             f"({', '.join(task.values)})")
         common = dict(task=task, id_column=id_column, extension=extension, image_mode=image_mode, cache=cache,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, feature_columns=feature_columns)
         eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
         if training:
             train_transform = image_transform(train_transforms, mean, std, "train_transforms")
@@ -191,6 +193,25 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=
                         f"{delimiter!r}, so it could not be told from two labels in predictions.csv")
     return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter,
                 sorted_text=sorted_text)
+
+
+def check_feature_columns(feature_columns, id_column, label_columns, group_column, batch_transforms):
+    """The feature columns as a list: distinct names, none of them the ids, a label or the groups; not with batch
+    transforms, which mix images alone."""
+    if feature_columns is None:
+        return []
+    if not isinstance(feature_columns, list) or not feature_columns or not all(
+            isinstance(c, str) and c for c in feature_columns) or len(set(feature_columns)) < len(feature_columns):
+        raise UserError(f"data_loader.args.feature_columns: expected a list of distinct column names, got "
+                        f"{json.dumps(feature_columns)[:200]}")
+    taken = next((c for c in feature_columns if c in (id_column, group_column, *label_columns)), None)
+    if taken is not None:
+        raise UserError(f"data_loader.args.feature_columns: {taken!r} is the id, label or group column; a feature "
+                        f"is a column of its own")
+    if batch_transforms:
+        raise UserError("data_loader.args.batch_transforms: mix images alone, not the feature_columns given with "
+                        "them")
+    return feature_columns
 
 
 def column_scales(train_csv, id_column, task):

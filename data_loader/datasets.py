@@ -33,11 +33,15 @@ class CsvImageDataset(Dataset):
     quick, which also surfaces a missing or corrupt file before training starts, else as each image is first read
     (such a file then surfaces when first read, as with `cache` false). With `cache_dir` as well, they are kept
     there once all decoded, shared by the machine's processes and reused by later runs while the files are unchanged.
+    `feature_columns` are numeric columns handed to the model with the image: a sample's input is then
+    (image, features), a float32 vector in the columns' order, and the model is called as model(image, features).
     """
 
     def __init__(self, csv_file, image_dir, classes=None, id_column="id", label_column="label", extension=".png",
-                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None, task=None):
-        table = read_csv(csv_file, id_column, required=(group_column,) if group_column else ())
+                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None, task=None,
+                 feature_columns=()):
+        table = read_csv(csv_file, id_column, required=((group_column,) if group_column else ()) + tuple(
+            feature_columns))
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise UserError(f"image folder {str(self.image_dir)!r}: no such folder")
@@ -50,6 +54,8 @@ class CsvImageDataset(Dataset):
         self.classes = list(self.task.heads[0][1] or ()) if self.task.single_label else self.task.columns
         self.targets = read_targets(csv_file, table, self.task)
         self.groups = table[group_column] if group_column else None
+        self.features = torch.tensor([numbers(csv_file, table.lines, table[c], c, "feature") for c in feature_columns],
+                                     dtype=torch.float32).T.contiguous() if feature_columns else None
         self.transform = transform
         self.images = self.cache = None
         if cache:
@@ -106,7 +112,8 @@ class CsvImageDataset(Dataset):
         `finish_batch` to scale and normalise on the device."""
         index = torch.as_tensor(indices)
         images = self.stacked[index]
-        return (self.finish_batch(images) if finish else images), self.target_tensor[index]
+        images = self.finish_batch(images) if finish else images
+        return (images if self.features is None else (images, self.features[index])), self.target_tensor[index]
 
     def finish_batch(self, images):
         return self.transform(images) if self.transform is not None else images
@@ -115,6 +122,8 @@ class CsvImageDataset(Dataset):
         image = self.images.get(index, self.read) if self.images is not None else self.read(index)
         if self.transform is not None:
             image = self.transform(image)
+        if self.features is not None:
+            image = (image, self.features[index])
         if not self.task.single_label:
             return image, self.target_tensor[index]
         return image, self.targets[index] if self.targets is not None else NO_LABEL
@@ -172,18 +181,18 @@ def multi_hot(csv_file, lines, values, classes, delimiter, column):
     return rows
 
 
-def numbers(csv_file, lines, values, column):
-    """A regression column's values; one line naming the first row that holds no finite number, or one beyond what
-    float32, which the model computes in, holds."""
+def numbers(csv_file, lines, values, column, what="regression target"):
+    """A regression column's (or feature column's) values; one line naming the first row that holds no finite
+    number, or one beyond what float32, which the model computes in, holds."""
     result = []
     for line, value in zip(lines, values):
         number = None if "_" in str(value) else _number(value)  # float() would read "1_000"
         if number is None or not math.isfinite(number):
-            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
-                            f"needs a finite number in every row")
+            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a {what} needs a finite "
+                            f"number in every row")
         if abs(number) > FLOAT32_MAX:
-            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
-                            f"must lie within ±{FLOAT32_MAX:.4g} (float32, in which the model computes)")
+            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a {what} must lie "
+                            f"within ±{FLOAT32_MAX:.4g} (float32, in which the model computes)")
         result.append(number)
     return result
 

@@ -583,3 +583,37 @@ def test_the_default_regression_config_beats_the_mean_within_three_epochs_on_tar
     rmse = json.loads((tmp_path / "valid" / "metrics.json").read_text())["rmse"]
     assert rmse == pytest.approx(float(np.sqrt(((predicted - truth[predicted.index]) ** 2).mean())), rel=1e-6)
     assert rmse < float(np.sqrt(((truth[predicted.index] - mean) ** 2).mean()))
+
+
+# --- inputs beyond one image --------------------------------------------------------------------------------------
+
+def test_feature_columns_reach_the_model_with_the_image_in_every_batch(task_set, tmp_path):
+    from model.model import ImageAndFeatures
+    from utils.config import build, validate
+
+    config = task_config("regression", task_set, tmp_path / "saved")
+    config["data_loader"]["args"].update(feature_columns=["age"], test_csv="test_labels.csv")
+    config = validate(config)
+    training = build(config, "data_loader", seed=1)
+    test = build(config, "data_loader", training=False, shuffle=False, validation_split=0.0, seed=1)
+    for loader, csv in ((training.split_validation(), "train.csv"), (training, "train.csv"),
+                        (test.evaluation_loader(), "test_labels.csv")):
+        (images, features), _ = next(iter(loader))
+        ages = set(read_truth(task_set, csv)["age"].astype(float).tolist())
+        assert images.shape[1:] == (3, 16, 16) and features.shape == (len(images), 1) and \
+            set(features[:, 0].tolist()) <= ages
+    rows = loader.sampler.indices.tolist()[:len(images)]
+    truth = read_truth(task_set, "test_labels.csv")
+    assert features[:, 0].tolist() == [float(truth.loc[loader.dataset.ids[i], "age"]) for i in rows]
+    model = ImageAndFeatures(num_classes=1, num_features=1, name="resnet18").eval()
+    assert model(images, features).shape == (len(images), 1)
+
+
+@pytest.mark.parametrize("columns, culprit", [(["gender"], "a feature needs a finite number"),
+                                              (["value"], "is the id, label or group column"),
+                                              ("age", "expected a list of distinct column names")])
+def test_feature_columns_that_are_not_numbers_of_their_own_are_one_line(columns, culprit, task_set, tmp_path,
+                                                                        capsys):
+    config = task_config("regression", task_set, tmp_path / "saved", epochs=1)
+    config["data_loader"]["args"]["feature_columns"] = columns
+    assert culprit in fails(config, tmp_path, capsys)

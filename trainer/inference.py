@@ -194,13 +194,17 @@ def probe_batch(data_loader, device):
         if worker_died(e):
             raise
         raise UserError(f"data_loader: cannot load a batch of the data: {first_line(e)}") from None
-    return inputs_to(device, data[:PROBE], data_loader), as_targets(target)[:PROBE]
+    data = [part[:PROBE] for part in data] if isinstance(data, (tuple, list)) else data[:PROBE]
+    return inputs_to(device, data, data_loader), as_targets(target)[:PROBE]
 
 
 def tta_views(probe, tta):
-    """Every TTA transform applied to the probe batch, named by its place in `inference.tta`; one that fails, or that
-    gives anything but a batch of as many images, is refused in one line."""
+    """Every TTA transform applied to the probe batch's images (the first input, with feature columns), named by its
+    place in `inference.tta`; one that fails, or that gives anything but a batch of as many images, is refused in one
+    line."""
     views = []
+    rest = tuple(probe[1:]) if isinstance(probe, (tuple, list)) else None
+    probe = probe[0] if rest is not None else probe
     for i, transform in enumerate(tta):
         where = f"inference.tta[{i}]: {type(transform).__name__}"
         with torch.random.fork_rng(devices=[]):  # random TTA draws as if the probe had not run
@@ -213,7 +217,7 @@ def tta_views(probe, tta):
             got = list(view.shape) if isinstance(view, torch.Tensor) else f"a {type(view).__name__}"
             raise UserError(f"{where} turns a batch of shape {list(probe.shape)} into {got}; a TTA transform must "
                             f"give a batch of as many images")
-        views.append((f"inference.tta[{i}]", view))
+        views.append((f"inference.tta[{i}]", view if rest is None else (view, *rest)))
     return views
 
 
@@ -222,15 +226,18 @@ def check_model(model, path, probe, views, task):
     """Run the model on the probe batch and on each TTA view of it: each must give finite scores of shape
     [samples, the task's width] (the first one's width when the task does not know it). Returns the probe's
     probabilities, averaged over the views."""
-    name, n = type(unwrap(model)).__name__, len(probe)
+    inputs = tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+    name, n = type(unwrap(model)).__name__, len(inputs[0])
     probabilities = []
     for where, view in [(None, probe), *views]:
         prefix = f"{where}: checkpoint {str(path)!r}:" if where else f"checkpoint {str(path)!r}:"
+        view = tuple(view) if isinstance(view, (tuple, list)) else (view,)
         try:
-            output = task.flat(model(view))
+            output = task.flat(model(*view))
         except MODEL_ERRORS as e:
+            shapes = ", ".join(str(list(part.shape)) for part in view)
             raise UserError(f"{prefix} {name} cannot take {'the view it makes' if where else 'a batch of the data'} "
-                            f"(shape {list(view.shape)}): {first_line(e)}") from None
+                            f"(shape {shapes}): {first_line(e)}") from None
         try:
             check_width(output, task, n, name)
         except UserError as e:
@@ -485,7 +492,9 @@ def blend(paths, weights):
             raise UserError(f"--blend: {path} and {paths[0]} list other ids: {other[0]!r} is in one only")
     total = sum(w * t.loc[first.index].to_numpy() for w, t in zip(weights, tables)) / sum(weights)
     columns = list(first.columns)
-    return list(first.index), torch.tensor(total, dtype=torch.float32), columns, tasks[0] or Task.single(columns)
+    task = tasks[0] or Task.single(columns)
+    dtype = torch.float32 if task.kind != "regression" and not task.values else torch.float64  # values keep digits
+    return list(first.index), torch.tensor(total, dtype=dtype), columns, task
 
 
 def read_probabilities(path, task=None):
