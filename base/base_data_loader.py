@@ -67,9 +67,10 @@ class SeededDataset(Dataset):
     """Seeds Python, NumPy and torch before each sample is loaded, so augmentation depends on the sample's seed
     alone (not on which worker loads it, nor on where a resumed epoch starts). Other attributes pass through."""
 
-    def __init__(self, dataset, finish_on_device=False):
+    def __init__(self, dataset, finish_on_device=False, batches=True):
         self.dataset = dataset
         self.finish_on_device = finish_on_device
+        self.batches = batches  # False: always sample by sample (a collate function of the project's takes samples)
 
     def __getitem__(self, item):
         index, seed = item
@@ -80,7 +81,7 @@ class SeededDataset(Dataset):
         """A batch: in one piece from a dataset that can serve it so (nothing random per sample), else sample by
         sample. Either way the random state is left seeded by the last sample's seed: a dataset may serve batches
         only once its decoded-image cache is complete, so one run (or its resumption) may load either way."""
-        if getattr(self.dataset, "serves_batches", False):
+        if self.batches and getattr(self.dataset, "serves_batches", False):
             seed_sample(items[-1][1])
             return Batch(self.dataset.get_batch([index for index, _ in items], finish=not self.finish_on_device))
         return [self[item] for item in items]
@@ -101,7 +102,10 @@ def device_finisher(dataset):
 
 
 def inputs_to(device, data, loader):
-    """A batch's inputs on `device`, finished there when `loader` left that to the device."""
+    """A batch's inputs on `device`, the images finished there when `loader` left that to the device: one tensor, or
+    a tuple (images, features, ...) of which the first is finished and the rest moved."""
+    if isinstance(data, (tuple, list)):
+        return (inputs_to(device, data[0], loader), *(part.to(device, non_blocking=True) for part in data[1:]))
     data = data.to(device, non_blocking=True)
     finish = getattr(loader, "finish", None)
     return data if finish is None else finish(data)
@@ -189,8 +193,9 @@ class BaseDataLoader(Loader):
     `eval_dataset` holds the same samples with evaluation transforms; the validation split is drawn from it so
     validation never sees training augmentation. The split and every epoch's order derive from `seed` (the
     config's, passed by the program), so runs and resumes repeat exactly. `collate_fn` serves training batches
-    only: validation, test and out-of-fold predictions are always collated plainly. `num_workers` is refused above
-    4 per available CPU: results do not depend on it, and thousands of worker processes exhaust the memory. A
+    only, and always gets a list of samples: validation, test and out-of-fold predictions are collated plainly.
+    `num_workers` is refused above 4 per available CPU: results do not depend on it, and thousands of worker
+    processes exhaust the memory. A
     training epoch never ends in a batch of one sample, on which batch norm cannot train: that sample is left to
     the next epoch's order. `mixing(images, targets)` (CutMix, MixUp) is applied to training batches only.
     """
@@ -231,11 +236,12 @@ class BaseDataLoader(Loader):
                 raise UserError("data_loader.args.balanced: class-balanced sampling needs a dataset with `targets`")
             train_strata = torch.as_tensor(np.unique(strata[self.train_indices], return_inverse=True)[1])
             weights = 1.0 / torch.bincount(train_strata)[train_strata].double()
-        finish = None if mixing else device_finisher(dataset)  # mixing takes finished images
+        plain = collate_fn is collate  # another collate function takes a list of samples, never a whole batch
+        finish = None if mixing or not plain else device_finisher(dataset)  # mixing takes finished images
         sampler = EpochSampler(self.train_indices, shuffle, self.seed, weights=weights)
         lone_last = len(sampler) > 1 and len(sampler) % batch_size == 1  # batch norm cannot train on one sample
         training_kwargs = {**self.init_kwargs, "collate_fn": MixedCollate(collate_fn, mixing) if mixing else collate_fn}
-        super().__init__(SeededDataset(dataset, finish is not None), sampler=sampler, drop_last=lone_last,
+        super().__init__(SeededDataset(dataset, finish is not None, plain), sampler=sampler, drop_last=lone_last,
                          **training_kwargs)
         self.finish = finish
         self.mixing = mixing

@@ -1,6 +1,7 @@
 """Data loaders named by the config's `data_loader.type`; `training=False` gives test.py the test split."""
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import logging
@@ -12,7 +13,16 @@ import numpy as np
 import torch
 
 from base import BaseDataLoader
-from data_loader.datasets import NOT_IN_A_NAME, CsvImageDataset, label_text, read_csv, sorted_classes, split_labels
+from data_loader.datasets import (
+    NOT_IN_A_NAME,
+    CsvImageDataset,
+    label_text,
+    numbers,
+    read_csv,
+    reads_as_numbers,
+    sorted_classes,
+    split_labels,
+)
 from utils.config import build_transforms, resolve
 from utils.task import KINDS, Task
 from utils.util import UserError
@@ -27,14 +37,19 @@ class CsvImageDataLoader(BaseDataLoader):
     `<images folder>/<id><extension>`; ids may be relative paths below the folder, never out of it (see
     CsvImageDataset). `task` says what the label columns hold (utils/task.py): one class per column
     ("multiclass"; a list of columns trains one head each), labels separated by `delimiter` ("multilabel"), or
-    numbers ("regression"). `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
+    numbers ("regression"); per column (`{"mask": "multiclass", "age": "regression"}`) for heads of both kinds,
+    where `bins` (`{"age": [30, 60]}`) cuts a column of numbers into classes of the heads' joint label. Columns of
+    numbers train `standardize`d by the training CSV's mean and standard deviation (utils/task.py).
+    `feature_columns` hand numeric CSV columns to the model with the image: model(image, features).
+    `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
-                 id_column="id", label_column: str | list = "label", task="multiclass", delimiter=" ",
+                 id_column="id", label_column: str | list = "label", task: str | dict = "multiclass", delimiter=" ",
                  extension=".png", classes: list | None = None, image_mode="unchanged", train_transforms=(),
                  eval_transforms=(), batch_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
-                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0):
+                 group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0,
+                 bins: dict | None = None, standardize=True, feature_columns: list | None = None):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}; put the competition's "
@@ -43,9 +58,20 @@ class CsvImageDataLoader(BaseDataLoader):
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
         columns = check_columns(id_column, label_column, group_column, extension)
-        task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes)
+        feature_columns = check_feature_columns(feature_columns, id_column, columns, group_column, batch_transforms)
+        task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes, bins)
+        if standardize and (task.kind == "regression" or task.values):
+            task = dataclasses.replace(task, scale=column_scales(data_dir / train_csv, id_column, task))
+        clash = task.clashing_name()
+        if clash is not None:
+            raise UserError(f"data_loader.args.label_column and classes: {clash!r} would name two columns of "
+                            f"predictions.csv, probabilities.csv or oof.csv (their ids are 'id', their targets "
+                            f"'target' or 'target:<column>'); rename that column or label in the CSV")
+        if task.values and batch_transforms:
+            raise UserError("data_loader.args.batch_transforms: mix class targets; this task has heads of numbers "
+                            f"({', '.join(task.values)})")
         common = dict(task=task, id_column=id_column, extension=extension, image_mode=image_mode, cache=cache,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, feature_columns=feature_columns)
         eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
         if training:
             train_transform = image_transform(train_transforms, mean, std, "train_transforms")
@@ -77,18 +103,19 @@ def class_source(config):
         return None
     params = inspect.signature(CsvImageDataLoader).parameters
     args = {**{name: param.default for name, param in params.items()}, **spec["args"]}
+    kind = args["task"] if isinstance(args["task"], str) else "multiclass"
     return (Path(args["data_dir"], args["train_csv"]).absolute(), args["id_column"], json.dumps(args["label_column"]),
-            args["task"], args["delimiter"], json.dumps(args["classes"]))
+            kind, args["delimiter"], json.dumps(args["classes"]), json.dumps([args["task"], args["bins"]]))
 
 
 def read_classes(source, path):
     """The output's column names a source gives, as CsvImageDataLoader finds them; None (with a note) when its
     training CSV cannot be read any more."""
-    csv_file, id_column, label_column, kind, delimiter, classes = source
-    columns = json.loads(label_column)
+    csv_file, id_column, label_column, _, delimiter, classes, kind_and_bins = source
+    columns, (kind, bins) = json.loads(label_column), json.loads(kind_and_bins)
     try:
         return task_from_csv(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
-                         json.loads(classes)).columns
+                             json.loads(classes), bins).columns
     except UserError as e:
         logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
                                               path, e)
@@ -116,9 +143,16 @@ def check_columns(id_column, label_column, group_column, extension):
     return columns
 
 
-def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
+def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=None):
     """The task the label columns describe, with each head's classes: given, else the sorted labels of the
     training CSV."""
+    kinds = column_kinds(kind, columns)
+    if len(set(kinds)) > 1:
+        return mixed_task(train_csv, id_column, columns, kinds, delimiter, classes, bins)
+    if bins is not None:
+        raise UserError("data_loader.args.bins: cuts a column of numbers into classes of the heads' joint label, in "
+                        "a task of class and number columns (task per column); this task has none")
+    kind = kinds[0]
     if kind not in KINDS:
         raise UserError(f"data_loader.args.task: expected one of {', '.join(map(json.dumps, KINDS))}, "
                         f"got {json.dumps(kind)}")
@@ -135,6 +169,7 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
         read_csv(train_csv, id_column, required=columns)
         return Task(kind, tuple((c, None) for c in columns), delimiter)
     per_column = [classes] if len(columns) == 1 else classes
+    sorted_text = ()
     if classes is None:
         table = read_csv(train_csv, id_column, required=() if kind == "multilabel" else columns)
         if columns[0] not in table:
@@ -144,6 +179,8 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
             labels = {c: [label for v in values for label in split_labels(v, delimiter)]
                       for c, values in labels.items()}
         per_column = [sorted_classes(labels[c]) for c in columns]
+        sorted_text = tuple(c for c, cl in zip(columns, per_column) if kind == "multiclass" and
+                            not reads_as_numbers(cl))
     elif len(columns) > 1 and not (isinstance(classes, list) and len(classes) == len(columns) and all(
             isinstance(c, list) for c in classes)):
         raise UserError(f"data_loader.args.classes: with {len(columns)} label columns, expected a list of "
@@ -154,7 +191,77 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes):
     if joined:
         raise UserError(f"data_loader.args.classes: the label {label_text(joined[0])!r} holds the delimiter "
                         f"{delimiter!r}, so it could not be told from two labels in predictions.csv")
-    return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter)
+    return Task(kind, tuple((c, tuple(cl)) for c, cl in zip(columns, per_column)), delimiter,
+                sorted_text=sorted_text)
+
+
+def check_feature_columns(feature_columns, id_column, label_columns, group_column, batch_transforms):
+    """The feature columns as a list: distinct names, none of them the ids, a label or the groups; not with batch
+    transforms, which mix images alone."""
+    if feature_columns is None:
+        return []
+    if not isinstance(feature_columns, list) or not feature_columns or not all(
+            isinstance(c, str) and c for c in feature_columns) or len(set(feature_columns)) < len(feature_columns):
+        raise UserError(f"data_loader.args.feature_columns: expected a list of distinct column names, got "
+                        f"{json.dumps(feature_columns)[:200]}")
+    taken = next((c for c in feature_columns if c in (id_column, group_column, *label_columns)), None)
+    if taken is not None:
+        raise UserError(f"data_loader.args.feature_columns: {taken!r} is the id, label or group column; a feature "
+                        f"is a column of its own")
+    if batch_transforms:
+        raise UserError("data_loader.args.batch_transforms: mix images alone, not the feature_columns given with "
+                        "them")
+    return feature_columns
+
+
+def column_scales(train_csv, id_column, task):
+    """(column, mean, std) of each column of numbers over the training CSV's rows: the same for every fold and for
+    test.py, which rebuilds them from the same file (a constant column keeps std 1)."""
+    table = read_csv(train_csv, id_column)
+    scales = []
+    for h, (column, _) in enumerate(task.heads):
+        if task.is_value(h):
+            values = np.array(numbers(train_csv, table.lines, table[column], column), dtype=np.float64)
+            std = float(values.std())
+            scales.append((column, float(values.mean()), std if std > 0 and math.isfinite(std) else 1.0))
+    return tuple(scales)
+
+
+def column_kinds(kind, columns):
+    """Each label column's kind: the task's, or the one a per-column task gives it."""
+    if not isinstance(kind, dict):
+        return [kind] * len(columns)
+    if list(kind) != columns or not all(k in ("multiclass", "regression") for k in kind.values()):
+        raise UserError(f"data_loader.args.task: per column, expected {{column: \"multiclass\" or \"regression\"}} "
+                        f"for exactly the label columns {json.dumps(columns)} in their order, got "
+                        f"{json.dumps(kind)[:200]}")
+    return list(kind.values())
+
+
+def mixed_task(train_csv, id_column, columns, kinds, delimiter, classes, bins):
+    """A task of class heads and heads of numbers (`values`); `bins` cut some of the latter into joint classes."""
+    values = [c for c, k in zip(columns, kinds) if k == "regression"]
+    named = [c for c in columns if c not in values]
+    if classes is not None:
+        if not (isinstance(classes, list) and len(classes) == len(columns) and all(
+                (c is None) == (column in values) for c, column in zip(classes, columns))):
+            raise UserError(f"data_loader.args.classes: expected a list of {len(columns)} entries in column order, "
+                            f"a class list for each class column and null for each number column "
+                            f"({', '.join(values)}), got {json.dumps(classes)[:200]}")
+        classes = [c for c in classes if c is not None]
+        classes = classes[0] if len(named) == 1 else classes
+    named_task = task_from_csv(train_csv, id_column, named, "multiclass", delimiter, classes)
+    heads = dict(named_task.heads)
+    read_csv(train_csv, id_column, required=values)
+    bins = {} if bins is None else bins
+    for column, edges in bins.items() if isinstance(bins, dict) else [(None, None)]:
+        if column not in values or not (isinstance(edges, list) and edges and all(
+                isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in edges)
+                and edges == sorted(set(edges))):
+            raise UserError(f"data_loader.args.bins: expected {{column: [increasing numbers]}} for columns of "
+                            f"numbers ({', '.join(values)}), got {json.dumps(bins)[:200]}")
+    return Task("multiclass", tuple((c, heads.get(c)) for c in columns), delimiter, tuple(values),
+                tuple((c, tuple(bins[c])) for c in values if c in bins), named_task.sorted_text)
 
 
 def refuse_num_classes(specs, where, task):

@@ -14,6 +14,7 @@ from utils.task import Task
 from utils.util import UserError
 
 NO_LABEL = -1
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 IMAGE_MODES = tuple(MODES)
 NOT_IN_A_NAME = re.compile(r"[\\\x00-\x1f\x7f]")  # backslashes and control characters
 
@@ -32,11 +33,15 @@ class CsvImageDataset(Dataset):
     quick, which also surfaces a missing or corrupt file before training starts, else as each image is first read
     (such a file then surfaces when first read, as with `cache` false). With `cache_dir` as well, they are kept
     there once all decoded, shared by the machine's processes and reused by later runs while the files are unchanged.
+    `feature_columns` are numeric columns handed to the model with the image: a sample's input is then
+    (image, features), a float32 vector in the columns' order, and the model is called as model(image, features).
     """
 
     def __init__(self, csv_file, image_dir, classes=None, id_column="id", label_column="label", extension=".png",
-                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None, task=None):
-        table = read_csv(csv_file, id_column, required=(group_column,) if group_column else ())
+                 image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None, task=None,
+                 feature_columns=()):
+        table = read_csv(csv_file, id_column, required=((group_column,) if group_column else ()) + tuple(
+            feature_columns))
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise UserError(f"image folder {str(self.image_dir)!r}: no such folder")
@@ -49,6 +54,8 @@ class CsvImageDataset(Dataset):
         self.classes = list(self.task.heads[0][1] or ()) if self.task.single_label else self.task.columns
         self.targets = read_targets(csv_file, table, self.task)
         self.groups = table[group_column] if group_column else None
+        self.features = torch.tensor([numbers(csv_file, table.lines, table[c], c, "feature") for c in feature_columns],
+                                     dtype=torch.float32).T.contiguous() if feature_columns else None
         self.transform = transform
         self.images = self.cache = None
         if cache:
@@ -105,7 +112,8 @@ class CsvImageDataset(Dataset):
         `finish_batch` to scale and normalise on the device."""
         index = torch.as_tensor(indices)
         images = self.stacked[index]
-        return (self.finish_batch(images) if finish else images), self.target_tensor[index]
+        images = self.finish_batch(images) if finish else images
+        return (images if self.features is None else (images, self.features[index])), self.target_tensor[index]
 
     def finish_batch(self, images):
         return self.transform(images) if self.transform is not None else images
@@ -114,6 +122,8 @@ class CsvImageDataset(Dataset):
         image = self.images.get(index, self.read) if self.images is not None else self.read(index)
         if self.transform is not None:
             image = self.transform(image)
+        if self.features is not None:
+            image = (image, self.features[index])
         if not self.task.single_label:
             return image, self.target_tensor[index]
         return image, self.targets[index] if self.targets is not None else NO_LABEL
@@ -133,15 +143,18 @@ def read_targets(csv_file, table, task):
         return multi_hot(csv_file, table.lines, table[columns[0]], task.heads[0][1], task.delimiter, columns[0])
     if task.kind == "regression":
         return [list(row) for row in zip(*(numbers(csv_file, table.lines, table[c], c) for c in columns))]
-    per_head = [class_indices(csv_file, table.lines, table[c], list(classes), c) for c, classes in task.heads]
+    per_head = [numbers(csv_file, table.lines, table[c], c) if c in task.values else
+                class_indices(csv_file, table.lines, table[c], list(classes), c) for c, classes in task.heads]
     return per_head[0] if task.single_label else [list(row) for row in zip(*per_head)]
 
 
 def target_tensor(targets, task, n):
-    """The targets as one tensor (int64 classes, float32 labels or values); unlabelled rows hold -1 or NaN."""
+    """The targets as one tensor (int64 classes, float32 labels, float64 values, or classes and values as float64:
+    values keep every digit the CSV gives); unlabelled rows hold -1 or NaN."""
     if task.single_label:
         return torch.tensor(targets if targets is not None else [NO_LABEL] * n)
-    dtype = torch.int64 if task.kind == "multiclass" else torch.float32
+    dtype = torch.int64 if task.kind == "multiclass" and not task.values else \
+        torch.float32 if task.kind == "multilabel" else torch.float64
     if targets is None:
         return torch.full((n, len(task.heads) if task.kind == "multiclass" else task.width),
                           NO_LABEL if dtype is torch.int64 else float("nan"), dtype=dtype)
@@ -168,14 +181,18 @@ def multi_hot(csv_file, lines, values, classes, delimiter, column):
     return rows
 
 
-def numbers(csv_file, lines, values, column):
-    """A regression column's values; one line naming the first row that holds no finite number."""
+def numbers(csv_file, lines, values, column, what="regression target"):
+    """A regression column's (or feature column's) values; one line naming the first row that holds no finite
+    number, or one beyond what float32, which the model computes in, holds."""
     result = []
     for line, value in zip(lines, values):
         number = None if "_" in str(value) else _number(value)  # float() would read "1_000"
         if number is None or not math.isfinite(number):
-            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a regression target "
-                            f"needs a finite number in every row")
+            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a {what} needs a finite "
+                            f"number in every row")
+        if abs(number) > FLOAT32_MAX:
+            raise UserError(f"{csv_file}: line {line} has {value!r} in column {column!r}; a {what} must lie "
+                            f"within ±{FLOAT32_MAX:.4g} (float32, in which the model computes)")
         result.append(number)
     return result
 
@@ -268,12 +285,16 @@ def label_text(label):
     return label if isinstance(label, str) else repr(label)
 
 
+def reads_as_numbers(labels):
+    return all(n is not None and math.isfinite(n) for n in map(_number, labels))
+
+
 def sorted_classes(labels):
     """The distinct labels in numeric order when every one reads as a number (2 < 10, and "07" < "8" < "10"),
     else in text order."""
     distinct = list({label_text(label): label for label in labels}.values())
     numbers = [_number(label) for label in distinct]
-    if all(n is not None and math.isfinite(n) for n in numbers):
+    if reads_as_numbers(distinct):
         return [label for _, _, label in sorted(zip(numbers, map(label_text, distinct), distinct))]
     return sorted(distinct)
 

@@ -1,4 +1,8 @@
-"""Loss functions named by the config's `loss`; torch.nn classes and torch.nn.functional functions are found too."""
+"""Loss functions named by the config's `loss`; torch.nn classes and torch.nn.functional functions are found too.
+
+A loss here marked `per_head = True` (like torch's) is applied to each head's columns of the output; any other takes
+the model's whole output (tensor, tuple or dict) and the whole target (one per head with several label columns).
+"""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -8,8 +12,13 @@ def nll_loss(output, target):
     return F.nll_loss(output, target)
 
 
+nll_loss.per_head = True
+
+
 class CrossEntropy(nn.Module):
     """Cross-entropy with optional label smoothing and per-class weights given as a JSON list."""
+
+    per_head = True
 
     def __init__(self, weight=None, label_smoothing=0.0):
         super().__init__()
@@ -23,6 +32,8 @@ class CrossEntropy(nn.Module):
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al., 2017): cross-entropy scaled by (1 - p_target)^gamma to focus on hard samples;
     `weight` is an optional per-class list (the alpha term)."""
+
+    per_head = True
 
     def __init__(self, gamma=2.0, weight=None):
         super().__init__()

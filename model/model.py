@@ -101,6 +101,31 @@ class TorchvisionClassifier(BaseModel):
                 p.requires_grad_(trainable)
 
 
+class ImageAndFeatures(BaseModel):
+    """A torchvision backbone on the image and a small MLP on the feature columns (`data_loader.args.feature_columns`,
+    `num_features` of them), joined by one linear layer: forward(image, features). The backbone is built as
+    TorchvisionClassifier builds it (`name`, `weights` none by default, `weights_file`, `in_channels`), without its
+    classifier; the features pass batch norm first, so columns of any scale work."""
+
+    def __init__(self, num_classes, num_features, name="resnet18", weights=None, weights_file=None, in_channels=3,
+                 hidden=64):
+        super().__init__()
+        classifier = TorchvisionClassifier(name, 1, weights, weights_file, in_channels)
+        width = classifier.head.in_features
+        _set_module(classifier.net, next(n for n, m in classifier.net.named_modules() if m is classifier.head),
+                    nn.Identity())
+        self.backbone = classifier.net
+        self.features = nn.Sequential(nn.BatchNorm1d(num_features), nn.Linear(num_features, hidden),
+                                      nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.head = nn.Linear(width + hidden, num_classes)
+
+    def forward(self, image, features):
+        return self.head(torch.cat([self.backbone(image), self.features(features)], dim=1))
+
+    def set_backbone_trainable(self, trainable):
+        self.backbone.requires_grad_(trainable)
+
+
 def _set_module(root, dotted_name, module):
     parent_name, _, child = dotted_name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

@@ -404,10 +404,14 @@ def words_run(data_slice, tmp_path_factory):
     return run_dir
 
 
-def test_label_format_name_or_index(words_run, tmp_path):
+def test_label_format_name_or_index_in_the_order_given(words_run, tmp_path, capsys):
     best = words_run / "model_best.pth"
     assert evaluate(["-r", best, "--out", tmp_path / "name"]) == 0
-    assert evaluate(["-r", best, "--out", tmp_path / "index", "-o", "inference.label_format=index"]) == 0
+    index = ["-r", best, "-o", "inference.label_format=index"]
+    assert evaluate([*index, "--out", tmp_path / "index"]) == 2  # text classes the program sorted: no order given
+    assert "inference.label_format" in error_line(capsys) and not (tmp_path / "index").exists()
+    classes = json.dumps(sorted(WORDS))
+    assert evaluate([*index, "-o", f"data_loader.args.classes={classes}", "--out", tmp_path / "index"]) == 0
     names = read_csv_rows(tmp_path / "name" / "predictions.csv")
     indices = read_csv_rows(tmp_path / "index" / "predictions.csv")
     assert len(names) == N_TEST and [r["id"] for r in names] == [r["id"] for r in indices]
@@ -425,7 +429,8 @@ def test_blend_is_the_weighted_mean(tmp_path):
     write_csv(tmp_path / "a.csv", ["id", *classes], [(i, *p) for i, p in a.items()])
     write_csv(tmp_path / "b.csv", ["id", *classes], [(i, *b[i]) for i in ("NA", "a1", "a2")])  # another row order
     out = tmp_path / "blend"
-    assert evaluate(["--blend", tmp_path / "a.csv", tmp_path / "b.csv", "--weights", "3", "1", "--out", out]) == 0
+    weights = ["--weights", "1.5e308", "0.5e308"]  # 3 to 1, and a sum beyond float64
+    assert evaluate(["--blend", tmp_path / "a.csv", tmp_path / "b.csv", *weights, "--out", out]) == 0
     blended, blended_classes = read_table(out / "probabilities.csv")
     assert blended_classes == classes and list(blended) == ["a1", "a2", "NA"]
     for i in a:

@@ -46,6 +46,8 @@ def task_config(name, data, save_dir, **trainer):
     args.update(label_column=task.label_column, test_csv="test.csv", batch_size=16, group_column="group")
     if task.task:
         args["task"] = task.task
+    if name == "multitask":  # text classes in the competition's order: the combined label's indices follow it
+        args["classes"] = [MASKS, GENDERS, AGES]
     config["metrics"] = task.metrics
     del config["loss"]
     config["optimizer"]["args"]["lr"] = 0.01
@@ -363,11 +365,13 @@ def test_a_resumed_run_keeps_its_targets_and_validation_rows(runs, tmp_path, cap
     run = runs.group("multitask") / "fold0"
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     permuted = '[["none", "incorrect", "correct"], ["female", "male"], [0, 1, 2]]'
-    for change, culprit in ((f"data_loader.args.classes={permuted}", "keeps its targets"),
-                            ('data_loader.args.label_column=["mask", "gender"]', "keeps its targets"),
-                            ("data_loader.args.fold=1", "keeps its validation rows (data_loader.args.fold: 0 "),
-                            ("seed=5", "keeps its validation rows (seed: ")):
-        assert train.main(["-r", str(run), "-o", change, "-o", "trainer.epochs=20"]) == 2
+    two_columns = ['data_loader.args.label_column=["mask", "gender"]', "-o",
+                   f"data_loader.args.classes={json.dumps([MASKS, GENDERS])}"]
+    for change, culprit in (([f"data_loader.args.classes={permuted}"], "keeps its targets"),
+                            (two_columns, "keeps its targets"),
+                            (["data_loader.args.fold=1"], "keeps its validation rows (data_loader.args.fold: 0 "),
+                            (["seed=5"], "keeps its validation rows (seed: ")):
+        assert train.main(["-r", str(run), "-o", *change, "-o", "trainer.epochs=20"]) == 2
         assert culprit in error_line(capsys), change
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
@@ -430,3 +434,186 @@ def test_heads_of_too_many_joint_classes_log_per_head_metrics_only(task_set, tmp
     assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
     (run,) = run_dirs(tmp_path / "saved", "multitask")
     assert "val_accuracy" not in read_history(run)[0] and "val_accuracy_age" in read_history(run)[0]
+
+
+# --- heads of both kinds: classes and numbers -----------------------------------------------------------------------
+
+MIXED = {"mask": "multiclass", "gender": "multiclass", "value": "regression"}
+TEAM_CODE = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.model import ConvNet
+
+
+class MaskGenderAge(ConvNet):
+    def __init__(self):
+        super().__init__(num_classes=6, in_channels=3, width=8)
+
+    def forward(self, x):
+        mask, gender, age = super().forward(x).split([3, 2, 1], dim=1)
+        return mask, gender, age.squeeze(1)
+
+
+class MaskGenderAgeLoss(nn.Module):
+    def forward(self, output, target):
+        mask, gender, age = output
+        mask_target, gender_target, age_target = target
+        return F.cross_entropy(mask, mask_target) + F.cross_entropy(gender, gender_target) + \\
+            0.015 * F.mse_loss(age, age_target)
+'''
+
+
+def mixed_config(task_set, save_dir, **args):
+    config = task_config("multitask", task_set, save_dir)
+    del config["data_loader"]["args"]["classes"]
+    config["data_loader"]["args"].update(label_column=list(MIXED), task=MIXED, **args)
+    config["arch"]["args"]["num_classes"] = 6
+    config["metrics"] = ["accuracy", "rmse"]
+    config["trainer"]["monitor"] = "max val_accuracy_mask"
+    return config
+
+
+def test_heads_of_classes_and_numbers_train_by_config_and_combine_through_bins(task_set, tmp_path, capsys):
+    config = mixed_config(task_set, tmp_path / "saved", bins={"value": [1.0]})
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "multitask")
+    assert {"val_accuracy", "val_accuracy_mask", "val_accuracy_gender", "val_rmse_value"} <= set(read_history(run)[0])
+    assert not {"val_rmse_mask", "val_accuracy_value", "val_rmse"} & set(read_history(run)[0])
+    out = tmp_path / "test"
+    assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "--out", out]) == 0
+    table, truth = read_table(out / "probabilities.csv"), read_truth(task_set)
+    assert list(read_text_table(out / "predictions.csv").columns) == ["id", "mask", "gender", "value"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rmse = np.sqrt(np.mean((table["value"].to_numpy() - truth.loc[table.index, "value"].to_numpy()) ** 2))
+    assert metrics["rmse_value"] == pytest.approx(rmse, rel=1e-5) and rmse < truth["value"].std()
+    combine = ["-r", run / "model_best.pth", *TEST_LABELS, "-o", "inference.combine_heads=true"]
+    assert evaluate([*combine, "--out", tmp_path / "refused"]) == 2
+    assert "list them in data_loader.args.classes" in error_line(capsys) and not (tmp_path / "refused").exists()
+    classes = json.dumps([MASKS, GENDERS, None])
+    assert evaluate([*combine, "-o", f"data_loader.args.classes={classes}", "--out", tmp_path / "combined"]) == 0
+    combined = read_text_table(tmp_path / "combined" / "predictions.csv")
+    mask = table[[f"mask:{m}" for m in MASKS]].to_numpy().argmax(axis=1)
+    gender = table[[f"gender:{g}" for g in GENDERS]].to_numpy().argmax(axis=1)
+    expected = mask * 4 + gender * 2 + (table["value"].to_numpy() >= 1.0)
+    assert list(combined["label"].astype(int)) == list(expected)
+
+
+def test_a_teams_three_head_model_and_loss_drop_in_unchanged(task_set, tmp_path, monkeypatch):
+    (tmp_path / "maskteam").mkdir()
+    (tmp_path / "maskteam" / "__init__.py").write_text(TEAM_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = mixed_config(task_set, tmp_path / "saved")
+    config.update(import_roots=["maskteam"], arch={"type": "maskteam.MaskGenderAge", "args": {}},
+                  loss={"type": "maskteam.MaskGenderAgeLoss", "args": {}})
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "multitask")
+    assert float(read_history(run)[-1]["val_accuracy_mask"]) > 0.8
+    assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "-o", 'import_roots=["maskteam"]',
+                     "--out", tmp_path / "test"]) == 0
+    assert list(read_text_table(tmp_path / "test" / "predictions.csv").columns) == ["id", "mask", "gender", "value"]
+
+
+# --- the files the program writes and reads back ------------------------------------------------------------------
+
+def rewritten_set(task_set, folder, change):
+    """A copy of the task set's train.csv and images in `folder`, the rows changed by `change(table)`."""
+    import shutil
+
+    shutil.copytree(task_set / "train", folder / "train")
+    table = read_text_table(task_set / "train.csv")
+    table = change(table)
+    table.to_csv(folder / "train.csv", index=False)
+    return folder
+
+
+def test_ids_and_regression_targets_come_back_from_oof_csv_exactly_as_the_csv_gives_them(task_set, tmp_path):
+    """Ids NA, null and None stay ids; targets near 1.7e9 that float32 would merge keep every digit."""
+    def change(table):
+        for old, new in zip(table["id"][:3], ("NA", "null", "None")):
+            (tmp_path / "data" / "train" / f"{old}.png").rename(tmp_path / "data" / "train" / f"{new}.png")
+        table["id"] = ["NA", "null", "None", *table["id"][3:]]
+        table["value"] = [str(1_700_000_000 + i) for i in range(len(table))]
+        return table
+
+    data = rewritten_set(task_set, tmp_path / "data", change)
+    config = task_config("regression", data, tmp_path / "saved", epochs=1)
+    config["data_loader"]["args"]["n_folds"] = 2
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json")), "--folds", "all"]) == 0
+    (group,) = run_dirs(tmp_path / "saved", "regression")
+    oof = read_text_table(group / "oof.csv").set_index("id")
+    truth = read_text_table(data / "train.csv").set_index("id")
+    assert {"NA", "null", "None"} <= set(oof.index) and len(oof) == len(truth)
+    assert [float(v) for v in oof["target:value"]] == [float(truth.loc[i, "value"]) for i in oof.index]
+    error = oof["value"].astype(float) - oof["target:value"].astype(float)
+    rmse = json.loads((group / "oof_metrics.json").read_text())["rmse"]
+    assert rmse == pytest.approx(float(np.sqrt(np.mean(error ** 2))), rel=1e-6)
+
+
+@pytest.mark.parametrize("name, change, args, culprit", [
+    ("regression", lambda t: t.assign(value=["3.5e38", *t["value"][1:]]), {}, "must lie within"),
+    ("multitask", lambda t: t.assign(mask=["target", *t["mask"][1:]]), {"label_column": "mask"},
+     "'target' would name two columns"),
+    ("multilabel", lambda t: t.assign(tags=["id", *t["tags"][1:]]), {}, "'id' would name two columns"),
+    ("regression", lambda t: t.rename(columns={"id": "image", "value": "id"}), {"id_column": "image",
+                                                                                 "label_column": "id"},
+     "'id' would name two columns"),
+])
+def test_labels_the_written_files_cannot_hold_are_one_line_before_training(name, change, args, culprit, task_set,
+                                                                            tmp_path, capsys):
+    data = rewritten_set(task_set, tmp_path / "data", change)
+    config = task_config(name, data, tmp_path / "saved", epochs=1)
+    config["data_loader"]["args"].pop("classes", None)
+    config["data_loader"]["args"].update(args)
+    assert culprit in fails(config, tmp_path, capsys)
+
+
+def test_the_default_regression_config_beats_the_mean_within_three_epochs_on_targets_of_1_to_100(tmp_path):
+    """Targets train standardised, and come back in their own units."""
+    bigger = make_task_set(tmp_path / "bigger", n_train=480, n_test=8)
+    data = rewritten_set(bigger, tmp_path / "data",
+                         lambda t: t.assign(value=[repr(1 + 49.5 * float(v)) for v in t["value"]]))
+    config = task_config("regression", data, tmp_path / "saved", epochs=3)
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    (run,) = run_dirs(tmp_path / "saved", "regression")
+    assert evaluate(["-r", run / "model_best.pth", "--split", "valid", "--out", tmp_path / "valid"]) == 0
+    truth = read_text_table(data / "train.csv").set_index("id")["value"].astype(float)
+    predicted = read_text_table(tmp_path / "valid" / "predictions.csv").set_index("id")["value"].astype(float)
+    mean = truth.drop(predicted.index).mean()
+    rmse = json.loads((tmp_path / "valid" / "metrics.json").read_text())["rmse"]
+    assert rmse == pytest.approx(float(np.sqrt(((predicted - truth[predicted.index]) ** 2).mean())), rel=1e-6)
+    assert rmse < float(np.sqrt(((truth[predicted.index] - mean) ** 2).mean()))
+
+
+# --- inputs beyond one image --------------------------------------------------------------------------------------
+
+def test_feature_columns_reach_the_model_with_the_image_in_every_batch(task_set, tmp_path):
+    from model.model import ImageAndFeatures
+    from utils.config import build, validate
+
+    config = task_config("regression", task_set, tmp_path / "saved")
+    config["data_loader"]["args"].update(feature_columns=["age"], test_csv="test_labels.csv")
+    config = validate(config)
+    training = build(config, "data_loader", seed=1)
+    test = build(config, "data_loader", training=False, shuffle=False, validation_split=0.0, seed=1)
+    for loader, csv in ((training.split_validation(), "train.csv"), (training, "train.csv"),
+                        (test.evaluation_loader(), "test_labels.csv")):
+        (images, features), _ = next(iter(loader))
+        ages = set(read_truth(task_set, csv)["age"].astype(float).tolist())
+        assert images.shape[1:] == (3, 16, 16) and features.shape == (len(images), 1) and \
+            set(features[:, 0].tolist()) <= ages
+    rows = loader.sampler.indices.tolist()[:len(images)]
+    truth = read_truth(task_set, "test_labels.csv")
+    assert features[:, 0].tolist() == [float(truth.loc[loader.dataset.ids[i], "age"]) for i in rows]
+    model = ImageAndFeatures(num_classes=1, num_features=1, name="resnet18").eval()
+    assert model(images, features).shape == (len(images), 1)
+
+
+@pytest.mark.parametrize("columns, culprit", [(["gender"], "a feature needs a finite number"),
+                                              (["value"], "is the id, label or group column"),
+                                              ("age", "expected a list of distinct column names")])
+def test_feature_columns_that_are_not_numbers_of_their_own_are_one_line(columns, culprit, task_set, tmp_path,
+                                                                        capsys):
+    config = task_config("regression", task_set, tmp_path / "saved", epochs=1)
+    config["data_loader"]["args"]["feature_columns"] = columns
+    assert culprit in fails(config, tmp_path, capsys)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import train
-from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, fails, make_config, read_csv_rows
+from tests.helpers import DATA, N_TEST, N_TRAIN, evaluate, fails, make_config, read_csv_rows, write_config
 
 TEAM_CODE = '''
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from base import BaseDataLoader
@@ -68,8 +69,51 @@ class Misfit(TwoHeads):
         return self.digit(h) * float("nan"), self.parity(h)
 
 
+class AuxHeads(TwoHeads):
+    """The heads as a tuple, and after them an auxiliary digit head that only the loss uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(128, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.digit(h), self.parity(h), self.aux(h)
+
+
+class TeamLoss(nn.Module):
+    def __init__(self, how="right"):
+        super().__init__()
+        self.how = how
+
+    def forward(self, output, target):
+        digit, parity, aux = output
+        digit_target, parity_target = target
+        if self.how == "per_sample":
+            return F.cross_entropy(digit, digit_target, reduction="none")
+        if self.how == "broadcast":
+            return F.mse_loss(parity[:, :1], parity_target.float())
+        return F.cross_entropy(digit, digit_target) + F.cross_entropy(parity, parity_target) + \
+            0.4 * F.cross_entropy(aux, digit_target)
+
+
 def undersample(samples):
     return collate(samples[::2])
+
+
+def stack_pairs(samples):
+    images, labels = zip(*samples)
+    return torch.stack(images), torch.tensor(labels)
+
+
+class DigitsLoader(BaseDataLoader):
+    def __init__(self, data_dir, images, batch_size, shuffle=True, validation_split=0.2, num_workers=0,
+                 training=True, seed=0):
+        csv = "train.csv" if training else "test_labels.csv"
+        dataset = CsvImageDataset(f"{data_dir}/{csv}", images + ("/train" if training else "/test"),
+                                  classes=list(range(10)), transform=ImageTransform([], [0.13], [0.31]))
+        super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, collate_fn=stack_pairs,
+                         seed=seed)
 
 
 class DigitParityLoader(BaseDataLoader):
@@ -146,3 +190,42 @@ def test_heads_that_do_not_fit_are_one_line_before_anything_is_written(how, culp
     config = team_config(data_slice, tmp_path / "saved")
     config["arch"] = {"type": "team.Misfit", "args": {"how": how}}
     assert culprit in fails(config, tmp_path, capsys)
+
+
+def test_a_loss_of_its_own_takes_the_whole_output_and_one_target_per_head(team_code, data_slice, tmp_path):
+    config = team_config(data_slice, tmp_path / "saved")
+    del config["head_weights"]
+    config.update(arch={"type": "team.AuxHeads", "args": {}}, loss={"type": "team.TeamLoss", "args": {}})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert train.main(["-c", str(path), "--fold", "0"]) == 0
+    run = next((tmp_path / "saved" / config["name"]).iterdir())
+    assert evaluate(["-r", run / "model_best.pth", "-o", 'import_roots=["team"]', "--out", tmp_path / "test"]) == 0
+    rows = read_csv_rows(tmp_path / "test" / "predictions.csv")
+    assert len(rows) == N_TEST and list(rows[0]) == ["id", "digit", "parity"]
+    assert {"loss", "accuracy_digit", "accuracy_parity"} <= set(json.loads((tmp_path / "test" / "metrics.json")
+                                                                          .read_text()))
+
+
+@pytest.mark.parametrize("arch, loss, culprit", [
+    ("AuxHeads", None, "'part 2' beyond its heads"),
+    ("AuxHeads", {"how": "per_sample"}, "TeamLoss returns [16]"),
+    ("AuxHeads", {"how": "broadcast"}, "TeamLoss compares tensors of different shapes"),
+    ("TwoHeads", {}, "loss: cannot take"),
+])
+def test_a_loss_that_does_not_fit_the_output_is_one_line_before_anything_is_written(arch, loss, culprit, team_code,
+                                                                                    data_slice, tmp_path, capsys):
+    config = team_config(data_slice, tmp_path / "saved")
+    del config["head_weights"]
+    config["arch"] = {"type": f"team.{arch}", "args": {}}
+    if loss is not None:
+        config["loss"] = {"type": "team.TeamLoss", "args": loss}
+    assert culprit in fails(config, tmp_path, capsys)
+
+
+def test_a_collate_function_of_pairs_gets_samples_from_a_data_set_that_serves_whole_batches(team_code, data_slice,
+                                                                                          tmp_path):
+    config = make_config(data_slice, tmp_path / "saved", epochs=1)
+    config.update(import_roots=["team"], data_loader={"type": "team.DigitsLoader", "args": {
+        "data_dir": str(data_slice), "images": str(DATA), "batch_size": 32}})
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0

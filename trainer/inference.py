@@ -19,7 +19,7 @@ from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
-from utils.task import Task, as_targets, read_task, task_of, write_task
+from utils.task import Task, WholeLoss, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, worker_died, write_json
 
 CHUNK = 4096
@@ -47,7 +47,7 @@ def predict(model, data_loader, device, tta=()):
 def score(config, task, probabilities, targets, threshold=None):
     """The config's loss and metrics of averaged probabilities, over all samples at once; a multilabel decision
     `threshold` replaces the metrics' own."""
-    criterion, tracker = build_loss(config, task), EpochMetrics(build_metrics(config, task))
+    criterion, tracker = scoring_loss(config, task), EpochMetrics(build_metrics(config, task))
     own = {metric_name(m) for m in config["metrics"] if isinstance(m, dict) and "threshold" in m.get("args", {})}
     for name, metric in tracker.metrics.items():
         if threshold is not None and hasattr(metric, "threshold") and name not in own:
@@ -57,6 +57,13 @@ def score(config, task, probabilities, targets, threshold=None):
         target = targets[start:start + CHUNK]
         tracker.update(criterion(scores, target), scores, target)
     return tracker.result()
+
+
+def scoring_loss(config, task):
+    """The loss that scores saved or averaged probabilities: the config's, or the task's default one when the
+    config's takes the model's whole output (probabilities keep the heads only, not what else the model returns)."""
+    criterion = build_loss(config, task)
+    return build_loss({**config, "loss": None}, task) if isinstance(criterion, WholeLoss) else criterion
 
 
 def row_ids(data_loader):
@@ -187,13 +194,17 @@ def probe_batch(data_loader, device):
         if worker_died(e):
             raise
         raise UserError(f"data_loader: cannot load a batch of the data: {first_line(e)}") from None
-    return inputs_to(device, data[:PROBE], data_loader), as_targets(target)[:PROBE]
+    data = [part[:PROBE] for part in data] if isinstance(data, (tuple, list)) else data[:PROBE]
+    return inputs_to(device, data, data_loader), as_targets(target)[:PROBE]
 
 
 def tta_views(probe, tta):
-    """Every TTA transform applied to the probe batch, named by its place in `inference.tta`; one that fails, or that
-    gives anything but a batch of as many images, is refused in one line."""
+    """Every TTA transform applied to the probe batch's images (the first input, with feature columns), named by its
+    place in `inference.tta`; one that fails, or that gives anything but a batch of as many images, is refused in one
+    line."""
     views = []
+    rest = tuple(probe[1:]) if isinstance(probe, (tuple, list)) else None
+    probe = probe[0] if rest is not None else probe
     for i, transform in enumerate(tta):
         where = f"inference.tta[{i}]: {type(transform).__name__}"
         with torch.random.fork_rng(devices=[]):  # random TTA draws as if the probe had not run
@@ -206,7 +217,7 @@ def tta_views(probe, tta):
             got = list(view.shape) if isinstance(view, torch.Tensor) else f"a {type(view).__name__}"
             raise UserError(f"{where} turns a batch of shape {list(probe.shape)} into {got}; a TTA transform must "
                             f"give a batch of as many images")
-        views.append((f"inference.tta[{i}]", view))
+        views.append((f"inference.tta[{i}]", view if rest is None else (view, *rest)))
     return views
 
 
@@ -215,15 +226,18 @@ def check_model(model, path, probe, views, task):
     """Run the model on the probe batch and on each TTA view of it: each must give finite scores of shape
     [samples, the task's width] (the first one's width when the task does not know it). Returns the probe's
     probabilities, averaged over the views."""
-    name, n = type(unwrap(model)).__name__, len(probe)
+    inputs = tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+    name, n = type(unwrap(model)).__name__, len(inputs[0])
     probabilities = []
     for where, view in [(None, probe), *views]:
         prefix = f"{where}: checkpoint {str(path)!r}:" if where else f"checkpoint {str(path)!r}:"
+        view = tuple(view) if isinstance(view, (tuple, list)) else (view,)
         try:
-            output = task.flat(model(view))
+            output = task.flat(model(*view))
         except MODEL_ERRORS as e:
+            shapes = ", ".join(str(list(part.shape)) for part in view)
             raise UserError(f"{prefix} {name} cannot take {'the view it makes' if where else 'a batch of the data'} "
-                            f"(shape {list(view.shape)}): {first_line(e)}") from None
+                            f"(shape {shapes}): {first_line(e)}") from None
         try:
             check_width(output, task, n, name)
         except UserError as e:
@@ -250,7 +264,7 @@ def check_finite(probabilities, path, model):
 def check_scoring(config, task, probabilities, targets):
     """Score the probe's probabilities with the config's loss and metrics, so that a loss or metric that cannot take
     them is one line before anything is predicted."""
-    checked_loss_and_metrics(build_loss(config, task), build_metrics(config, task), task.logits(probabilities),
+    checked_loss_and_metrics(scoring_loss(config, task), build_metrics(config, task), task.logits(probabilities),
                              targets, "the model's scores")
 
 
@@ -268,20 +282,26 @@ def write_out_of_fold(trainer, checkpoint, path):
 
 
 def combine_out_of_fold(config, task, paths, group_dir):
-    """Join the folds' out-of-fold files into oof.csv (every training row once) and score it."""
-    table = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in paths], ignore_index=True)
+    """Join the folds' out-of-fold files into oof.csv (every training row once, as the folds wrote it) and score
+    it."""
+    table = pd.concat([read_text_csv(p) for p in paths], ignore_index=True)
     if table["id"].duplicated().any():
         raise UserError(f"out-of-fold rows overlap between folds: {table['id'][table['id'].duplicated()].iloc[0]!r}")
     table.to_csv(group_dir / "oof.csv", index=False)
     write_task(task, group_dir)
     n_targets = len(task.target_columns)
-    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].to_numpy(), dtype=torch.float32)
-    targets = torch.tensor(table.iloc[:, 1:1 + n_targets].to_numpy())
-    targets = targets.squeeze(1) if task.single_label else targets.to(torch.float32 if task.kind != "multiclass"
-                                                                       else torch.int64)
+    probabilities = torch.tensor(table.iloc[:, 1 + n_targets:].astype(float).to_numpy())
+    targets = torch.tensor(table.iloc[:, 1:1 + n_targets].astype(float).to_numpy())
+    targets = targets.squeeze(1).to(torch.int64) if task.single_label else targets.to(
+        torch.int64 if task.kind == "multiclass" and not task.values else torch.float64)
     metrics = score(config, task, probabilities, targets)
     write_json({"n_samples": len(table), **metrics}, group_dir / "oof_metrics.json")
     return metrics
+
+
+def read_text_csv(path):
+    """A CSV the program wrote, every cell as its text: ids such as `NA`, `null` or `None` stay ids."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def load_model(path, config, use_ema, device):
@@ -307,6 +327,12 @@ def write_predictions(out, ids, probabilities, classes, inference, task=None):
     heads = [column for column, _ in task.heads]
     combine = inference["combine_heads"] or sample is not None and len(sample.columns) == 2 and \
         sample.columns[1] not in heads
+    if combine:
+        refuse_sorted_text(task, "inference.sample_submission")
+    if combine and None in task.joint_widths:
+        column = task.heads[task.joint_widths.index(None)][0]
+        raise UserError(f"inference.sample_submission: its one label column asks for the heads combined, and the "
+                        f"column {column!r} holds numbers; give it data_loader.args.bins to cut it into classes")
     submission = pd.DataFrame({"id": ids, **submission_columns(probabilities, classes, task, inference, combine)})
     if sample is not None:
         submission = match_sample_submission(submission, table, sample, inference["sample_submission"])
@@ -331,8 +357,20 @@ def submission_columns(probabilities, classes, task, inference, combine):
         labels = [classes[i] for i in indices.tolist()] if inference["label_format"] == "name" and \
             task.single_label else indices.tolist()
         return {"label": labels}
-    return {column: [heads[i] for i in decided[:, h].tolist()] if inference["label_format"] == "name" else
-            decided[:, h].tolist() for h, (column, heads) in enumerate(task.heads)}
+    return {column: decided[:, h].tolist() if task.is_value(h) else
+            [heads[int(i)] for i in decided[:, h].tolist()] if inference["label_format"] == "name" else
+            decided[:, h].long().tolist() for h, (column, heads) in enumerate(task.heads)}
+
+
+def refuse_sorted_text(task, setting):
+    """Class indices written out (a combined label, label_format "index") follow the order the config gives a
+    column's text classes, never one the program made up by sorting them."""
+    if task.sorted_text:
+        column = task.sorted_text[0]
+        classes = dict(task.heads)[column]
+        raise UserError(f"{setting}: writes class indices, and the text classes of column {column!r} "
+                        f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}) have no order "
+                        f"given; list them in data_loader.args.classes in the competition's order")
 
 
 THRESHOLDS = np.linspace(0.05, 0.95, 19)  # tried for each label when the threshold comes from oof.csv
@@ -346,6 +384,12 @@ def settle_inference(inference, task, paths=()):
     if inference["combine_heads"] and not several:
         raise UserError(f"inference.combine_heads: combines the heads of several label columns; this data's task is "
                         f"{task.kind} with {len(task.heads)} column(s)")
+    unbinned = [c for c, w in zip(task.values, task.joint_widths) if w is None] if several else []
+    if inference["combine_heads"] and unbinned:
+        raise UserError(f"inference.combine_heads: the column {unbinned[0]!r} holds numbers; give it "
+                        f"data_loader.args.bins to cut it into classes of the combined label")
+    if inference["combine_heads"] or inference["label_format"] == "index":
+        refuse_sorted_text(task, "inference.combine_heads" if inference["combine_heads"] else "inference.label_format")
     if inference["label_format"] != "name" and task.kind != "multiclass":
         raise UserError(f"inference.label_format: chooses class names or indices of a multiclass task; this one is "
                         f"{task.kind}")
@@ -363,7 +407,7 @@ def settle_inference(inference, task, paths=()):
             raise UserError("inference.threshold: \"oof\" takes the thresholds from the oof.csv of one run group "
                             "(train with --folds all and give its checkpoints with -r)"
                             + ("" if found else "; none was found beside them"))
-        return {**inference, "threshold": best_f1_thresholds(pd.read_csv(found[0], dtype={"id": str}), task)}
+        return {**inference, "threshold": best_f1_thresholds(read_text_csv(found[0]), task)}
     if isinstance(setting, list) and len(setting) != len(labels):
         raise UserError(f"inference.threshold: {len(setting)} thresholds for the {len(labels)} labels "
                         f"({', '.join(labels)[:200]}); give one, or one per label")
@@ -372,8 +416,8 @@ def settle_inference(inference, task, paths=()):
 
 def best_f1_thresholds(table, task):
     """Per label, the threshold of THRESHOLDS with the best F1 on an oof.csv table (the first of equals)."""
-    targets = table[task.target_columns].to_numpy() > 0.5
-    scores = table[task.columns].to_numpy()
+    targets = table[task.target_columns].astype(float).to_numpy() > 0.5
+    scores = table[task.columns].astype(float).to_numpy()
     chosen = []
     for label in range(targets.shape[1]):
         predicted = scores[:, label, None] >= THRESHOLDS
@@ -426,9 +470,11 @@ def blend(paths, weights):
     weights = weights or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise UserError(f"--weights: {len(weights)} weights for {len(paths)} probability files")
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not max(weights) > 0:
         raise UserError(f"--weights: expected finite numbers >= 0 with a positive sum, got "
                         f"{' '.join(map(str, weights))}")
+    top = max(weights)
+    weights = [w / top for w in weights]  # 1e308 and 1e308 sum to no finite number
     tasks = [read_task(Path(path).parent) for path in paths]
     for path, task in zip(paths[1:], tasks[1:]):
         if task != tasks[0]:
@@ -446,7 +492,9 @@ def blend(paths, weights):
             raise UserError(f"--blend: {path} and {paths[0]} list other ids: {other[0]!r} is in one only")
     total = sum(w * t.loc[first.index].to_numpy() for w, t in zip(weights, tables)) / sum(weights)
     columns = list(first.columns)
-    return list(first.index), torch.tensor(total, dtype=torch.float32), columns, tasks[0] or Task.single(columns)
+    task = tasks[0] or Task.single(columns)
+    dtype = torch.float32 if task.kind != "regression" and not task.values else torch.float64  # values keep digits
+    return list(first.index), torch.tensor(total, dtype=dtype), columns, task
 
 
 def read_probabilities(path, task=None):
@@ -475,16 +523,19 @@ def read_probabilities(path, task=None):
                         f"names {', '.join(task.columns)[:200]}")
     numbers = table.apply(pd.to_numeric, errors="coerce").astype(float)
     values = numbers.to_numpy()
-    regression = task is not None and task.kind == "regression"
+    regression = np.array([task is not None and (task.kind == "regression" or column in task.values)
+                           for column in table.columns])
     bad = ~np.isfinite(values) | (~regression & ((values < 0) | (values > 1 + SUM_TOLERANCE)))
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        expected = "a finite number" if regression else "probabilities in [0, 1]"
+        expected = "a finite number" if regression[column] else "probabilities in [0, 1]"
         raise UserError(f"--blend: {path}: id {table.index[row]!r} has {table.iat[row, column]!r} in column "
                         f"{table.columns[column]!r}; expected {expected}")
     if task is not None and task.kind != "multiclass":
         return numbers
-    for s in (task.segments if task is not None else [slice(None)]):
+    for h, s in enumerate(task.segments if task is not None else [slice(None)]):
+        if task is not None and task.is_value(h):
+            continue
         sums = values[:, s].sum(axis=1)
         off = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
         if len(off):

@@ -67,10 +67,11 @@ class Trainer(BaseTrainer):
 
     @torch.no_grad()
     def _check_one_batch(self, make_optimizer):
-        data, target, output = self._first_samples(16)
+        data, target, raw, output = self._first_samples(16)
         check_width(output, self.task, len(data), type(unwrap(self.model)).__name__)
         with self._autocast():
-            checked_loss_and_metrics(self.criterion, self.valid_metrics.metrics, output, target, "the model's output")
+            checked_loss_and_metrics(self.criterion, self.valid_metrics.metrics, output, target, "the model's output",
+                                     raw)
         self._check_one_step(unwrap(self.model), data, target, make_optimizer)
 
     def _check_one_step(self, model, data, target, make_optimizer):
@@ -86,7 +87,7 @@ class Trainer(BaseTrainer):
                     raise UserError(f"data_loader.args.batch_transforms: cannot mix a training batch of shape "
                                     f"{list(data.shape)}: {first_line(e)}") from None
             with torch.enable_grad(), self._autocast():
-                output = self.task.flat(model.train()(data))
+                output = model.train()(data)
                 try:
                     loss = self.criterion(output, target)
                 except Exception as e:
@@ -123,8 +124,9 @@ class Trainer(BaseTrainer):
                 self.optimizer.zero_grad(set_to_none=True)
             with self._gradient_sync(ends_group):
                 with self._autocast():
-                    output = self.task.flat(self.model(data))
+                    output = self.model(data)
                     loss = self.criterion(output, target)
+                    output = self.task.flat(output)
                 self.scaler.scale(loss / group_size).backward()
             if ends_group:
                 self._optimizer_step(epoch, batch_idx)
@@ -228,8 +230,9 @@ class Trainer(BaseTrainer):
         for data, target in itertools.islice(self.valid_data_loader, n_batches):
             data, target = self._to_device(data, target, self.valid_data_loader)
             with self._autocast():
-                output = self.task.flat(model(data))
+                output = model(data)
                 loss = self.criterion(output, target)
+                output = self.task.flat(output)
             self.valid_metrics.update(loss, output, target)
         return self.valid_metrics.result()
 
@@ -306,17 +309,17 @@ class Trainer(BaseTrainer):
     @torch.no_grad()
     def _metric_sums_of_one_batch(self):
         """The metric sums after one evaluation batch of two samples: what a mid-epoch checkpoint's sums look like."""
-        data, target, output = self._first_samples(2)
+        data, target, raw, output = self._first_samples(2)
         with self._autocast():
-            loss = self.criterion(output, target)
+            loss = self.criterion(raw, target)
         sums = EpochMetrics(self.train_metrics.metrics)
         sums.update(loss, output, target)
         return sums.state_dict()
 
     @torch.no_grad()
     def _first_samples(self, n):
-        """The first `n` samples of the evaluation data on the device, and the model's output for them in evaluation
-        mode; a model that cannot take them is one line."""
+        """The first `n` samples of the evaluation data on the device, and the model's whole and joined output for
+        them in evaluation mode; a model that cannot take them is one line."""
         loader = self.valid_data_loader or self.data_loader
         data, target = next(iter(loader))
         data, target = self._to_device(data[:n], as_targets(target)[:n], loader)
@@ -334,7 +337,7 @@ class Trainer(BaseTrainer):
         finally:
             model.train(was_training)
         try:
-            return data, target, self.task.flat(output)
+            return data, target, output, self.task.flat(output)
         except (RuntimeError, TypeError) as e:
             raise UserError(f"arch: {type(model).__name__} returns heads that cannot be joined into one [samples, "
                             f"outputs] tensor: {first_line(e)}") from None
@@ -387,11 +390,14 @@ def check_width(output, task, n, model_name):
                     f"data ({task.describe()}; set its num_classes to {width}, or return one tensor per head)")
 
 
-def checked_loss_and_metrics(criterion, metrics, output, target, what):
-    """Score one batch with the loss and each of `metrics` (by name), refusing in one line a loss or a metric that
-    cannot take `what` (the output) and the targets, and a loss that is not one finite number."""
+def checked_loss_and_metrics(criterion, metrics, output, target, what, raw=None):
+    """Score one batch with the loss (on the model's whole output `raw` when given) and each of `metrics` (by name),
+    refusing in one line a loss or a metric that cannot take `what` (the joined output) and the targets, and a loss
+    that is not one finite number."""
     try:
-        loss = criterion(output, target)
+        loss = criterion(output if raw is None else raw, target)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"loss: cannot take {what} of shape {list(output.shape)} and targets of shape "
                         f"{list(target.shape)}: {first_line(e)}") from None

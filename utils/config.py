@@ -22,7 +22,7 @@ from pathlib import Path
 
 from utils import schedule
 from utils.settings import InferenceSettings, RunSettings, TrainerSettings, check_settings, value_problem
-from utils.task import DEFAULT_LOSS, HeadsLoss, Task, head_name, task_metrics
+from utils.task import DEFAULT_LOSS, HeadsLoss, Task, WholeLoss, head_kind, head_name, task_metrics
 from utils.util import UserError, did_you_mean, first_line, no_new_folders_on_failure, read_json
 
 PROJECT_ROOTS = ("base", "data_loader", "model", "trainer", "logger", "utils")
@@ -167,8 +167,10 @@ def produced_metrics(config, task=None):
     label columns, once the data's `task` is known) and whether the data loader splits off validation."""
     names = [metric_name(m) for m in config["metrics"]]
     if task is not None and task.kind == "multiclass" and len(task.heads) > 1:
-        heads = [f"{name}_{head_name(column)}" for name in names for column, _ in task.heads]
-        names = (names if task.scores_joint else []) + heads
+        kinds = [metric_kinds(m, config["import_roots"]) for m in config["metrics"]]
+        heads = [f"{name}_{head_name(column)}" for name, fits in zip(names, kinds)
+                 for h, (column, _) in enumerate(task.heads) if head_kind(task, h) in fits]
+        names = ([n for n, fits in zip(names, kinds) if "multiclass" in fits] if task.scores_joint else []) + heads
     names = ["loss"] + names
     mixed = bool(config["data_loader"]["args"].get("batch_transforms"))  # training batches then log their loss only
     training = names[:1] if mixed else names
@@ -176,6 +178,12 @@ def produced_metrics(config, task=None):
         return training
     ema = ["val_ema_" + n for n in names] if config["trainer"]["ema_decay"] else []
     return training + ["val_" + n for n in names] + ema
+
+
+def metric_kinds(entry, roots):
+    """The task kinds a config's metric entry scores."""
+    target = resolve("metrics", entry if isinstance(entry, str) else entry["type"], roots)
+    return getattr(target, "tasks", ("multiclass",))
 
 
 def check_monitor(config, task=None):
@@ -450,19 +458,32 @@ def _download_dir():
 
 
 def build_loss(config, task=SINGLE_LABEL):
-    """The config's loss (the task's own when none is named), applied to each head with several label columns."""
+    """The config's loss (the task's own when none is named). A loss of torch's, or one marked `per_head` (those of
+    model/loss.py), is applied to each head (HeadsLoss); any other loss of the project's takes the model's whole
+    output and the whole target (WholeLoss)."""
     loss = config["loss"] or DEFAULT_LOSS[task.kind]
     if isinstance(loss, str):
         target = resolve("loss", loss, config["import_roots"])
         criterion = target() if inspect.isclass(target) else target
     else:
         criterion = build(config, "loss")
+    if takes_whole_output(criterion):
+        if config["head_weights"]:
+            raise UserError("head_weights: weighs the heads for a built-in loss; the config's loss takes the whole "
+                            "output and weighs the heads itself")
+        return WholeLoss(criterion, task)
     check_loss_fits(criterion, task)
-    if task.kind == "multiclass" and len(task.heads) > 1:
-        return HeadsLoss(criterion, task, config["head_weights"])
-    if config["head_weights"]:
+    if config["head_weights"] and not (task.kind == "multiclass" and len(task.heads) > 1):
         raise UserError("head_weights: weighs the heads of several label columns; this data has one")
-    return criterion
+    return HeadsLoss(criterion, task, config["head_weights"])
+
+
+def takes_whole_output(criterion):
+    """Whether a loss is the project's own (not torch's, not marked `per_head`): such a loss is written for the
+    model it trains and gets its whole output."""
+    target = getattr(criterion, "func", criterion)  # a function with the config's args bound
+    named = target if inspect.isfunction(target) or inspect.isclass(target) else type(target)
+    return not _module_under(named, ("torch",)) and not getattr(named, "per_head", False)
 
 
 LOSS_TASKS = {  # losses that would train on something else than the task's targets without failing
@@ -494,7 +515,7 @@ def build_metrics(config, task=SINGLE_LABEL):
         metric = build_spec({"type": entry} if isinstance(entry, str) else entry, "metrics", config["import_roots"],
                             where=f"metrics[{i}]")
         kinds = getattr(metric, "tasks", ("multiclass",))
-        if task.kind not in kinds:
+        if not {head_kind(task, h) for h in range(len(task.heads))} & set(kinds):
             module = importlib.import_module(SECTIONS["metrics"].modules[0])
             fitting = [n for n, m in vars(module).items() if n.islower() and task.kind in getattr(m, "tasks", ())]
             raise UserError(f"metrics[{i}]: {metric_name(entry)} scores {' or '.join(kinds)} targets, not this "
