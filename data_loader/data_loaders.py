@@ -23,6 +23,7 @@ from data_loader.datasets import (
     sorted_classes,
     split_labels,
 )
+from data_loader.images import MAX_PIXELS
 from utils.config import build_transforms, resolve
 from utils.task import KINDS, Task
 from utils.util import UserError
@@ -41,7 +42,8 @@ class CsvImageDataLoader(BaseDataLoader):
     where `bins` (`{"age": [30, 60]}`) cuts a column of numbers into classes of the heads' joint label. Columns of
     numbers train `standardize`d by the training CSV's mean and standard deviation (utils/task.py).
     `feature_columns` hand numeric CSV columns to the model with the image: model(image, features).
-    `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones."""
+    `batch_transforms` (CutMix, MixUp) mix whole training batches, never evaluation ones. An image of more than
+    `max_image_pixels` pixels (width x height, read from its header) is refused undecoded."""
 
     def __init__(self, data_dir, batch_size, shuffle=True, validation_split=0.1, num_workers=0, training=True,
                  train_csv="train.csv", test_csv="test.csv", train_images="train", test_images="test",
@@ -49,7 +51,8 @@ class CsvImageDataLoader(BaseDataLoader):
                  extension=".png", classes: list | None = None, image_mode="unchanged", train_transforms=(),
                  eval_transforms=(), batch_transforms=(), mean=None, std=None, cache=True, cache_dir=None,
                  group_column=None, n_folds=0, fold=0, stratify=True, balanced=False, seed=0,
-                 bins: dict | None = None, standardize=True, feature_columns: list | None = None):
+                 bins: dict | None = None, standardize=True, feature_columns: list | None = None,
+                 max_image_pixels=MAX_PIXELS):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data_loader.args.data_dir: no such folder {str(data_dir)!r}; put the competition's "
@@ -57,6 +60,9 @@ class CsvImageDataLoader(BaseDataLoader):
                             f"or point data_dir at them")
         if cache_dir is not None and not cache:
             raise UserError("data_loader.args.cache_dir: needs cache true (it keeps the images that cache decodes)")
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise UserError(f"data_loader.args.max_image_pixels: expected a whole number of pixels above 0 (width x "
+                            f"height), got {json.dumps(max_image_pixels, default=repr)}")
         columns = check_columns(id_column, label_column, group_column, extension)
         feature_columns = check_feature_columns(feature_columns, id_column, columns, group_column, batch_transforms)
         task = task_from_csv(data_dir / train_csv, id_column, columns, task, delimiter, classes, bins)
@@ -71,7 +77,7 @@ class CsvImageDataLoader(BaseDataLoader):
             raise UserError("data_loader.args.batch_transforms: mix class targets; this task has heads of numbers "
                             f"({', '.join(task.values)})")
         common = dict(task=task, id_column=id_column, extension=extension, image_mode=image_mode, cache=cache,
-                      cache_dir=cache_dir, feature_columns=feature_columns)
+                      cache_dir=cache_dir, feature_columns=feature_columns, max_image_pixels=max_image_pixels)
         eval_transform = image_transform(eval_transforms, mean, std, "eval_transforms")
         if training:
             train_transform = image_transform(train_transforms, mean, std, "train_transforms")
@@ -312,10 +318,41 @@ def check_classes(classes, where="", column="label"):
 
 
 def try_transform(dataset):
-    """Put the first image through the dataset's transform (leaving every random generator as it was), so transforms
-    that cannot take the images are one line before anything is written, not a failure in the first epoch."""
+    """Put the first image through the dataset's transform once per branch of its random steps (leaving every random
+    generator as it was), so transforms that cannot take the images are one line before anything is written, not a
+    failure in the first epoch or in the one epoch a random branch is taken."""
     with random_state_kept():
-        dataset[0]
+        for transform in branches(dataset.transform):
+            _with_transform(dataset, transform)[0]
+
+
+def branches(transform):
+    """Copies of an ImageTransform with its random choices pinned, together reaching every branch: every random step
+    applied (RandomApply, flips, ...) with each option of the RandomChoices in turn, then every such step skipped."""
+    random_steps = [step for step in walk(getattr(transform, "steps", ())) if hasattr(step, "p")]
+    if not random_steps:
+        return [transform]
+    options = max((len(step.p) for step in random_steps if isinstance(step.p, (list, tuple))), default=1)
+    return [pinned(transform, option, 1.0) for option in range(options)] + [pinned(transform, 0, 0.0)]
+
+
+def walk(steps):
+    """The steps and, depth first, the steps they hold (Compose, RandomApply, RandomChoice, RandomOrder)."""
+    for step in steps:
+        yield step
+        yield from walk(getattr(step, "transforms", ()))
+
+
+def pinned(transform, option, p):
+    """A copy of `transform` whose RandomChoices take their `option`-th step (cycling) and whose other random steps
+    have probability `p`."""
+    copied = copy.deepcopy(transform)
+    for step in walk(copied.steps):
+        if isinstance(getattr(step, "p", None), (list, tuple)):
+            step.p = [float(i == option % len(step.p)) for i in range(len(step.p))]
+        elif isinstance(getattr(step, "p", None), (int, float)) and not isinstance(step.p, bool):
+            step.p = p
+    return copied
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 """Datasets for the competition layout: a CSV of image ids (and labels) beside a folder of images."""
+import collections
 import csv
 import hashlib
 import math
@@ -8,8 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from data_loader.files import open_regular
 from data_loader.image_cache import DecodedImages, ImageCache
-from data_loader.images import MODES, image_file, read_image
+from data_loader.images import MAX_PIXELS, MODES, image_file, read_image
 from utils.task import Task
 from utils.util import UserError
 
@@ -39,7 +41,7 @@ class CsvImageDataset(Dataset):
 
     def __init__(self, csv_file, image_dir, classes=None, id_column="id", label_column="label", extension=".png",
                  image_mode="unchanged", transform=None, cache=True, cache_dir=None, group_column=None, task=None,
-                 feature_columns=()):
+                 feature_columns=(), max_image_pixels=MAX_PIXELS):
         table = read_csv(csv_file, id_column, required=((group_column,) if group_column else ()) + tuple(
             feature_columns))
         self.image_dir = Path(image_dir)
@@ -48,6 +50,7 @@ class CsvImageDataset(Dataset):
         if str(image_mode).lower() not in IMAGE_MODES:
             raise UserError(f"image_mode: unknown {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
         self.image_mode = image_mode.lower()
+        self.max_pixels = max_image_pixels
         self.ids = table[id_column]
         self.paths = [self.image_dir / f"{i}{extension}" for i in self.ids]
         self.task = task or Task.single(classes, label_column)
@@ -59,14 +62,14 @@ class CsvImageDataset(Dataset):
         self.transform = transform
         self.images = self.cache = None
         if cache:
-            self.cache = ImageCache(self.paths, self.image_mode, cache_dir, Path(csv_file).stem)
+            self.cache = ImageCache(self.paths, self.image_mode, cache_dir, Path(csv_file).stem, max_image_pixels)
             self.images = self.cache.images(self.files_signature())
         if isinstance(self.images, DecodedImages) and self.stacked is None and not self.transforms_per_image:
             refuse_mixed_shapes(self.paths, self.images)
         self.target_tensor = target_tensor(self.targets, self.task, len(self.paths))
 
     def read(self, index):
-        return read_image(self.paths[index], self.image_mode)
+        return read_image(self.paths[index], self.image_mode, max_pixels=self.max_pixels)
 
     def write_cache(self):
         """Keep the decoded images for later runs (nothing is written before a run has passed its checks)."""
@@ -219,7 +222,7 @@ def read_csv(csv_file, id_column, required=()):
     folder; other columns whose every value is a number written as Python writes it are converted, so labels 2 and
     10 sort as numbers while "07" stays "07"."""
     try:
-        with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        with open_regular(csv_file, "r", newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             rows = [(reader.line_num, row) for row in reader if "".join(row).strip()]
@@ -233,7 +236,7 @@ def read_csv(csv_file, id_column, required=()):
         raise UserError(f"{csv_file}: not a readable CSV (no header line)")
     if not rows:
         raise UserError(f"{csv_file}: no rows below the header")
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = sorted(name for name, n in collections.Counter(header).items() if n > 1)
     if repeated:
         raise UserError(f"{csv_file}: the header names {', '.join(map(repr, repeated))} more than once")
     for column in (id_column, *required):

@@ -7,6 +7,10 @@ first batch waiting is decoded as its images are first read instead: each into i
 full size, mapped shared so that what a DataLoader worker or another `torchrun` process decodes serves them all; once
 every image is in, the file is kept in `cache_dir` like one decoded up front. Either way the processes of a machine
 share the file's pages instead of holding copies.
+
+A kept file is data like the images: its index holds a SHA-256 digest of its bytes, checked when a later run maps it,
+and a few of its images are decoded again and compared, so a cache that does not hold the pixels (or shapes and
+sample type) of the files it stands for is decoded again, with a warning, never used.
 """
 import atexit
 import collections
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_loader.images import read_image
+from data_loader.images import MAX_PIXELS, read_image
 from utils import dist
 from utils.util import atomic_write, link_or_copy
 
@@ -42,6 +46,7 @@ CHUNK = 64  # images a decoding process reads per task
 PARALLEL_FROM = 1024  # images: below this, decoding in this process is quicker than starting others
 UPFRONT_SECONDS = 2.0  # estimated decoding time above which images are decoded as first read instead of up front
 PROBE = 3  # images timed to estimate the decoding time
+CHECKED = 3  # images of a kept cache decoded again and compared when it is loaded
 EMPTY, FILLED, OTHER = 0, 1, 2  # a slot of a filling file: not read yet, holding its image, or its image does not fit
 
 
@@ -127,8 +132,8 @@ class ImageCache:
     A file built for `cache_dir` becomes visible there only through `commit()`, once a run has passed its checks
     (under torchrun, where the other processes wait for it, at once); a file being filled, once it is complete."""
 
-    def __init__(self, paths, mode, cache_dir, name):
-        self.paths, self.mode = paths, mode
+    def __init__(self, paths, mode, cache_dir, name, max_pixels=MAX_PIXELS):
+        self.paths, self.mode, self.max_pixels = paths, mode, max_pixels
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         place = hashlib.sha256(f"{Path(paths[0]).parent.resolve() if paths else ''}|{mode}".encode()).hexdigest()
         self.name = f"{name}-{mode}-{place[:16]}"
@@ -178,6 +183,7 @@ class ImageCache:
             if saved["signature"] != signature:
                 return None
             images = map_images(self.cache_dir / saved["data"], saved["shapes"], getattr(torch, saved["dtype"]))
+            self.verify(images, saved.get("digest"))
         except Exception as e:  # an unreadable cache is rebuilt, never trusted
             warn(f"decoded-image cache {index}: unreadable ({str(e).splitlines()[0] or type(e).__name__}); "
                  f"decoding again")
@@ -185,11 +191,25 @@ class ImageCache:
         log(f"decoded images: {len(images):,} ({human(images.block.nbytes)}) memory-mapped from {index.parent}")
         return images
 
+    def verify(self, images, digest):
+        """ValueError unless the mapped pixels have the digest the index recorded, every image is within max_pixels,
+        and the first, middle and last images decode to the pixels, shape and type the cache holds for them."""
+        if digest != block_digest(images.block):
+            raise ValueError("its pixels do not match the digest recorded when it was written")
+        if len(images) and int((images.shapes[:, 1] * images.shapes[:, 2]).max()) > self.max_pixels:
+            raise ValueError(f"it holds images of more than {self.max_pixels:,} pixels")
+        for i in sorted({0, len(images) // 2, len(images) - 1} if len(images) else ())[:CHECKED]:
+            image = read_image(self.paths[i], self.mode, max_pixels=self.max_pixels)
+            if image.dtype != images[i].dtype or image.shape != images[i].shape or not torch.equal(image, images[i]):
+                raise ValueError(f"it does not hold the pixels of {self.paths[i]}")
+
     def build(self, signature, may_fill=True):
         """Decode the images into a new file, up front or as they are first read; None when they would not fit in
         memory."""
-        first = read_image(self.paths[0], self.mode) if self.paths else torch.empty(0, dtype=torch.uint8)
-        seconds = upfront_seconds(self.paths, self.mode) if may_fill and workers_inherit_mappings() else 0.0
+        first = read_image(self.paths[0], self.mode, max_pixels=self.max_pixels) if self.paths else \
+            torch.empty(0, dtype=torch.uint8)
+        seconds = upfront_seconds(self.paths, self.mode, self.max_pixels) if may_fill and workers_inherit_mappings() \
+            else 0.0
         fill = seconds > UPFRONT_SECONDS
         estimate = first.nbytes * len(self.paths)
         copies = 1 if fill or self.cache_dir is not None else dist.local_world_size()
@@ -206,7 +226,7 @@ class ImageCache:
         data = self.new_data_file(0)
         try:
             with open(data, "r+b") as f:
-                shapes, dtype = decode_all(self.paths, self.mode, f)
+                shapes, dtype = decode_all(self.paths, self.mode, self.max_pixels, f)
             if dtype is None:
                 warn("decoded-image cache: not kept (the images have different sample types)")
                 return None
@@ -308,7 +328,10 @@ def keep(cache_dir, name, data, index):
         cache_dir.mkdir(parents=True, exist_ok=True)
         target = cache_dir / f"{name}-{uuid.uuid4().hex[:12]}.u8"
         atomic_write(target, lambda tmp: link_or_copy(data, tmp))
-        atomic_write(cache_dir / f"{name}.pt", lambda tmp: torch.save({**index, "data": target.name}, tmp))
+        with open(data, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        atomic_write(cache_dir / f"{name}.pt", lambda tmp: torch.save({**index, "data": target.name, "digest": digest},
+                                                                      tmp))
         for old in cache_dir.glob(f"{name}-*.u8"):
             if old != target:
                 old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
@@ -356,7 +379,13 @@ def remove_abandoned(folder, name):
             continue
 
 
-def upfront_seconds(paths, mode):
+def block_digest(block):
+    """The SHA-256 of a block's bytes, as `keep` records it for the file."""
+    return hashlib.sha256(memoryview(block.numpy()).cast("B")).hexdigest() if block.numel() else \
+        hashlib.sha256().hexdigest()
+
+
+def upfront_seconds(paths, mode, max_pixels):
     """About how long decoding every image before the first batch would take: the processor time a few of them
     take, times their number (as in one process: cautious, since several pay for moving the pixels between them)."""
     probe = paths[1:1 + PROBE]
@@ -364,7 +393,7 @@ def upfront_seconds(paths, mode):
         return 0.0
     began = time.process_time()  # the decoding's own work, not the time other programs take from it
     for path in probe:
-        read_image(path, mode)
+        read_image(path, mode, max_pixels=max_pixels)
     return (time.process_time() - began) / len(probe) * len(paths)
 
 
@@ -375,12 +404,12 @@ def workers_inherit_mappings():
     return sys.platform == "linux" and method == "fork"
 
 
-def decode_all(paths, mode, out):
+def decode_all(paths, mode, max_pixels, out):
     """Decode `paths` in order (in parallel for many), appending each image's pixels to the open file `out`;
     returns their shapes (N, 3) and common dtype (None when they differ)."""
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
     shapes, dtypes = [], set()
-    for batch in decoded_chunks(chunks, mode):
+    for batch in decoded_chunks(chunks, mode, max_pixels):
         for image in batch:
             shapes.append(list(image.shape))
             dtypes.add(image.dtype)
@@ -388,16 +417,16 @@ def decode_all(paths, mode, out):
     return torch.tensor(shapes, dtype=torch.int64).view(-1, 3), (dtypes.pop() if len(dtypes) == 1 else None)
 
 
-def decoded_chunks(chunks, mode):
+def decoded_chunks(chunks, mode, max_pixels):
     """The decoded images of each chunk, in order; several processes decode when there are many."""
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     if sys.platform != "linux" or workers < 2 or sum(map(len, chunks)) < PARALLEL_FROM:
-        yield from (decode_chunk(chunk, mode) for chunk in chunks)
+        yield from (decode_chunk(chunk, mode, max_pixels) for chunk in chunks)
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         window = collections.deque()  # a few chunks ahead of the one written, never the whole set
         for chunk in chunks:
-            window.append(pool.submit(decode_chunk, chunk, mode))
+            window.append(pool.submit(decode_chunk, chunk, mode, max_pixels))
             if len(window) > 2 * workers:
                 yield window.popleft().result()
         while window:
@@ -410,8 +439,8 @@ def pixel_bytes(image):
     return memoryview(np.ascontiguousarray(image.numpy())).cast("B")
 
 
-def decode_chunk(paths, mode):
-    return [read_image(path, mode) for path in paths]
+def decode_chunk(paths, mode, max_pixels):
+    return [read_image(path, mode, max_pixels=max_pixels) for path in paths]
 
 
 def map_images(path, shapes, dtype):

@@ -1,7 +1,11 @@
 """Image files to uint8 tensors (channels, height, width): TorchCodec's decoders when they load, else Pillow.
 
 torchvision's decoders are deprecated in favour of TorchCodec's; Pillow serves where TorchCodec has no build for
-the installed torch. Both give the same pixels (tests/test_data.py compares them on PNG and JPEG).
+the installed torch. One pixel semantics for both: EXIF orientation applied, CMYK converted to RGB, a palette to RGB
+(RGBA when it has transparency), 16 bits scaled to 8 (the high byte), alpha kept by the modes that have it and
+dropped (not composited) by the others. TorchCodec decodes the files that need none of this (8-bit gray or RGB,
+with or without alpha, upright, read in their own channels); Pillow the rest. The pixel count is read from the
+header and checked against `max_pixels` before anything is decoded.
 """
 import contextlib
 import functools
@@ -9,7 +13,11 @@ import io
 
 import torch
 
+from data_loader.files import open_regular
 from utils.util import UserError
+
+MAX_PIXELS = 100_000_000  # default bound on width x height, checked from the header before decoding
+PLAIN_MODES = ("L", "LA", "RGB", "RGBA")  # Pillow's modes of files TorchCodec decodes as they are
 
 # image_mode: (TorchCodec's mode, Pillow's mode, or None to keep the file's own channels)
 MODES = {
@@ -33,22 +41,50 @@ def image_file(path):
         raise UserError(f"image {str(path)!r}: cannot be read ({e.strerror})") from None
 
 
-def read_image(path, mode):
-    """The image file at `path`, decoded; a missing, empty or undecodable file is one line naming it."""
+def read_image(path, mode, max_pixels=MAX_PIXELS):
+    """The image file at `path`, decoded; a missing, empty, undecodable or not regular file, or one of more than
+    `max_pixels` pixels, is one line naming it."""
     with image_file(path):
-        data = path.read_bytes()
+        with open_regular(path) as f:
+            data = f.read()
     if not data:
         raise UserError(f"image {str(path)!r}: the file is empty")
     try:
-        return decode(data, mode)
+        return decode(data, mode, max_pixels=max_pixels)
     except ValueError as e:
         raise UserError(f"image {str(path)!r}: cannot be decoded ({e})") from None
+    except PixelLimit as e:
+        raise UserError(f"image {str(path)!r}: {e} (data_loader.args.max_image_pixels raises the bound)") from None
 
 
-def decode(data, mode, reader=None):
-    """The image in `data` (the file's bytes) as a uint8 (uint16 for 16-bit files read unchanged) tensor of shape
-    (C, H, W); ValueError when the bytes are no readable image."""
-    return READERS[reader or default_reader()](data, mode)
+class PixelLimit(Exception):
+    """An image whose header gives more pixels than allowed."""
+
+
+def decode(data, mode, reader=None, max_pixels=MAX_PIXELS):
+    """The image in `data` (the file's bytes) as a uint8 tensor of shape (C, H, W); ValueError when the bytes are no
+    readable image, PixelLimit when its header gives more than `max_pixels` pixels."""
+    header = open_header(data)
+    width, height = header.size
+    if width * height > max_pixels:
+        raise PixelLimit(f"{width}x{height} pixels, more than the {max_pixels:,} allowed")
+    plain = header.mode in PLAIN_MODES and MODES[mode][1] in (None, header.mode) and \
+        header.getexif().get(ORIENTATION, 1) == 1 and not (header.format == "PNG" and data[24:25] == b"\x10")
+    return READERS[reader or default_reader() if plain else "pillow"](data, mode)
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def open_header(data):
+    """Pillow's lazily opened image: its header read, no pixels decoded (Pillow's own bound is left to max_pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # decode() checks the pixel count itself, against a bound the user can raise
+    try:
+        return Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
 
 
 @functools.cache
@@ -67,7 +103,7 @@ def _torchcodec(data, mode):
     codec_mode, _ = MODES[mode]
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=codec_mode,
-                             output_dtype="auto" if mode == "unchanged" else torch.uint8)
+                             output_dtype=torch.uint8)
     except (RuntimeError, ValueError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     return image[0] if image.dim() == 4 else image  # an animated file: its first frame
@@ -75,24 +111,26 @@ def _torchcodec(data, mode):
 
 def _pillow(data, mode):
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_header(data)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError) as e:
         raise ValueError(str(e) or type(e).__name__) from None
+    if image.mode.startswith("I"):  # 16 (or 32) bits of gray: the high byte of 16
+        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
     wanted = MODES[mode][1] or _own_mode(image)
     if image.mode != wanted:
         image = image.convert(wanted)
-    array = np.array(image)
-    tensor = torch.from_numpy(array.astype(np.uint16) if array.dtype.kind in "iu" and array.itemsize == 2 else array)
+    tensor = torch.from_numpy(np.array(image))
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
 def _own_mode(image):
-    """The Pillow mode that keeps a file's own channels and depth, as TorchCodec's "UNCHANGED" does."""
-    if image.mode in ("L", "LA", "RGB", "RGBA") or image.mode.startswith("I;16"):
+    """The 8-bit Pillow mode that keeps a file's own channels (CMYK and palette become RGB, RGBA with transparency)."""
+    if image.mode in PLAIN_MODES:
         return image.mode
     if image.mode == "P":
         return "RGBA" if "transparency" in image.info else "RGB"

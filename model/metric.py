@@ -49,22 +49,40 @@ class TopKAccuracy(Metric):
         return (total[0].double() / total[1]).item()
 
 
-class ConfusionMatrix(Metric):
-    """Base for metrics derived from the confusion matrix (rows: target, columns: prediction)."""
+class ClassCounts(Metric):
+    """Base for metrics of per-class counts, (3, C): true positives, predictions and targets of each class (linear in
+    the class count, where a confusion matrix is quadratic)."""
 
     def batch_stats(self, output, target):
         n = output.shape[1]
+        predicted = output.argmax(dim=1)
+        cells = torch.cat([target[predicted == target], predicted + n, target + 2 * n])
+        return torch.zeros(3 * n, dtype=torch.int64, device=output.device).index_add_(
+            0, cells, torch.ones_like(cells)).view(3, n)
+
+
+class ConfusionMatrix(Metric):
+    """Base for metrics derived from the confusion matrix (rows: target, columns: prediction), for up to
+    `max_classes` classes (its size grows with their square: 20,000 classes would take 3 GiB)."""
+
+    max_classes = 4096
+
+    def batch_stats(self, output, target):
+        n = output.shape[1]
+        if n > self.max_classes:
+            raise ValueError(f"a confusion matrix of {n:,} classes would take {n * n * 8 / 2 ** 30:.1f} GiB; "
+                             f"{type(self).__name__} scores up to {self.max_classes:,} classes")
         cells = target * n + output.argmax(dim=1)
         return torch.zeros(n * n, dtype=torch.int64, device=output.device).index_add_(
             0, cells, torch.ones_like(cells)).view(n, n)
 
 
-class MacroF1(ConfusionMatrix):
+class MacroF1(ClassCounts):
     """Unweighted mean over classes of F1; classes absent from both targets and predictions are left out."""
 
     def compute(self, total):
-        total = total.double()
-        return mean_f1(total.diag(), total.sum(dim=1) + total.sum(dim=0))
+        true_pos, predicted, actual = total.double()
+        return mean_f1(true_pos, predicted + actual)
 
 
 class MultilabelMetric(Metric):

@@ -454,6 +454,15 @@ def test_a_test_csv_with_an_empty_label_column_is_unlabelled_and_a_gap_in_one_is
     ("data_loader.args.classes=[0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "data_loader.args.classes: 1 is listed twice"),
     ('data_loader.args.train_transforms=[{"type": "RandomCrop", "args": {"size": 64}}]',
      "data_loader.args.train_transforms[0]: RandomCrop cannot take an image of shape [1, 28, 28]: Required crop size"),
+    ('data_loader.args.train_transforms=[{"type": "RandomApply", "args": {"p": 0.5, "transforms": ['
+     '{"type": "RandomCrop", "args": {"size": 64}}]}}]',
+     "data_loader.args.train_transforms[0]: RandomApply cannot take an image of shape [1, 28, 28]: Required crop"),
+    ('data_loader.args.train_transforms=[{"type": "RandomChoice", "args": {"transforms": ['
+     '{"type": "RandomHorizontalFlip"}, {"type": "RandomCrop", "args": {"size": 64}}]}}]',
+     "data_loader.args.train_transforms[0]: RandomChoice cannot take an image of shape [1, 28, 28]: Required crop"),
+    ('data_loader.args.train_transforms=[{"type": "RandomApply", "args": {"p": 0.5, "transforms": ['
+     '{"type": "Resize", "args": {"size": 64}}]}}, {"type": "RandomCrop", "args": {"size": 48}}]',
+     "data_loader.args.train_transforms[1]: RandomCrop cannot take an image of shape [1, 28, 28]: Required crop"),
 ])
 def test_data_settings_that_cannot_work_stop_train_py_before_anything_is_written(config, tmp_path, capsys, override,
                                                                                  culprit):

@@ -15,6 +15,7 @@ import torch
 
 from base.base_data_loader import inputs_to
 from data_loader.data_loaders import class_source, read_classes
+from data_loader.files import open_regular
 from model.metric import EpochMetrics
 from trainer.trainer import check_width, checked_loss_and_metrics
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
@@ -429,7 +430,8 @@ def best_f1_thresholds(table, task):
 
 def read_sample(sample_path):
     try:
-        sample = pd.read_csv(sample_path, dtype=str, keep_default_na=False)
+        with open_regular(sample_path) as f:  # a local regular file: no URL, FIFO or device
+            sample = pd.read_csv(f, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as e:
         raise UserError(f"inference.sample_submission: cannot read {sample_path!r} ({first_line(e)})") from None
     id_column = sample.columns[0]
