@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from base.base_trainer import STEP, TrainingStopped
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
+from logger.trackers import build_trackers
 from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
@@ -175,7 +176,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
         model = torch.compile(model)
 
     trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
-                      lr_schedule, hooks)
+                      lr_schedule, [*hooks, *build_trackers(config)])
     trainer.check_one_batch(make_optimizer)
     if resume:
         trainer.resume(checkpoint)
