@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from base.base_trainer import STEP, TrainingStopped
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
+from logger.report import report_from_out_of_fold
 from logger.trackers import build_trackers
 from trainer.trainer import Trainer
 from utils import dist
@@ -248,6 +249,7 @@ def train_all_folds(config, device, hooks=()):
     if dist.is_main_process():
         metrics = combine_out_of_fold(config, trainer.task, [group_dir / f"fold{k}" / "oof.csv"
                                                              for k in range(n_folds)], group_dir)
+        report_from_out_of_fold(group_dir, trainer.task)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return group_dir
 
