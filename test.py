@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from logger.logger import setup_logging
+from logger.report import report_from_test
 from trainer.inference import (
     blend,
     check_class_order,
@@ -205,6 +206,7 @@ def evaluate(args, logger):
                **threshold, "n_samples": len(targets), **metrics} if labelled else None
     write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), inference, task,
                   summary)
+    report_from_test(out, paths, task, probabilities, targets if labelled else None, data_loader)
     if metrics:
         logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     else:

@@ -19,6 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from base.base_trainer import STEP, TrainingStopped
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
+from logger.report import report_from_out_of_fold
+from logger.trackers import build_trackers
 from trainer.trainer import Trainer
 from utils import dist, run_group
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
@@ -189,7 +191,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
         model = torch.compile(model)
 
     trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
-                      lr_schedule, hooks)
+                      lr_schedule, [*hooks, *build_trackers(config)])
     trainer.check_one_batch(make_optimizer)
     if resume:
         trainer.resume(checkpoint)
@@ -275,6 +277,7 @@ def train_all_folds(config, device, group_dir=None, hooks=()):
         task = trainer.task if trainer else task_of(build(config, "data_loader", seed=config["seed"]).dataset)
         metrics = combine_out_of_fold(config, task, [group_dir / f"fold{k}" / "oof.csv" for k in range(n_folds)],
                                       group_dir)
+        report_from_out_of_fold(group_dir, task)
         logger.info("out-of-fold over %d folds: %s", n_folds, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return group_dir
 

@@ -86,7 +86,8 @@ class BaseTrainer:
         log = {}
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {s: signal.signal(s, self._request_stop) for s in handled}
-        self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.cfg.tensorboard and self.is_main)
+        tensorboard = self.cfg.tensorboard and "tensorboard" in self.cfg.trackers
+        self.writer = TensorboardWriter(self.run_dir / "tensorboard", tensorboard and self.is_main)
         if self.is_main:
             self._trim_history()
         try:

@@ -62,7 +62,13 @@ class TrainerSettings:
     monitor: str = setting("off", "`\"min <metric>\"` or `\"max <metric>\"`, e.g. `\"max val_accuracy\"`, or "
                                   "`\"off\"`; drives `model_best.pth`, `early_stop` and `save_top_k`")
     early_stop: int = setting(0, "stop after N epochs without improvement of the monitored metric; 0: never", minimum=0)
-    tensorboard: bool = setting(True, "write TensorBoard events to `<run folder>/tensorboard/`")
+    tensorboard: bool = setting(True, "write TensorBoard events to `<run folder>/tensorboard/` (when `trackers` "
+                                      "names `\"tensorboard\"`)")
+    trackers: list = setting(["tensorboard"], "where the run also reports: any of `\"tensorboard\"`, `\"mlflow\"`, "
+                                              "`\"wandb\"`, `\"csv\"` (see docs/experiments.md; mlflow and wandb "
+                                              "need requirements-experiments.txt)")
+    mlflow_uri: str = setting("", "the MLflow tracking server or store for the `\"mlflow\"` tracker; `\"\"`: "
+                                  "`MLFLOW_TRACKING_URI`, else `<save_dir>/mlflow.db`")
     log_step: int = setting(50, "every N batches: update the progress bar, log `train/step_loss`, check that the loss "
                                 "is finite", minimum=1)
     save_top_k: int = setting(0, "keep `top-epochN.pth` for the N best epochs by the monitored metric "

@@ -1,0 +1,197 @@
+"""Where a run reports besides its folder (`trainer.trackers`): MLflow, Weights & Biases or a CSV file, each a Hook
+that gets the flattened config as parameters, every epoch's metrics, tags (git commit, fold, trial) and the run's
+files. TensorBoard is the trainer's own writer. Their packages are optional: requirements-experiments.txt."""
+import csv
+import importlib
+import json
+import math
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from base.hooks import Hook
+from utils.util import UserError, first_line
+
+RUN_FILES = ("config.json", "history.csv")
+
+
+def build_trackers(config):
+    """One hook per tracker named in `trainer.trackers`, each started far enough to refuse here, before training
+    and before the run folder exists: an unknown name, a missing package or an unreachable server is one line."""
+    hooks = []
+    for name in config["trainer"]["trackers"]:
+        if name not in TRACKERS:
+            raise UserError(f"trainer.trackers: unknown tracker {name!r}; expected some of {', '.join(TRACKERS)}")
+        if TRACKERS[name] is not None:
+            hooks.append(TRACKERS[name](config))
+    return hooks
+
+
+def flatten(config, prefix=""):
+    """A nested config as {"a.b.c": value}; lists stay whole (as JSON)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat
+
+
+def run_tags(trainer):
+    """git commit (of the working directory, when it is a repository), fold, and trial (a run inside a study
+    folder `study-*`)."""
+    tags = {"run_dir": str(trainer.run_dir)}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    fold = trainer.config["data_loader"]["args"].get("fold")
+    if fold is not None:
+        tags["fold"] = str(fold)
+    if any(parent.name.startswith("study-") for parent in Path(trainer.run_dir).parents):
+        tags["trial"] = Path(trainer.run_dir).name
+    return tags
+
+
+def epoch_metrics(log):
+    """The numbers of an epoch's log (an epoch without validation has no val_ values)."""
+    return {k: float(v) for k, v in log.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def best_checkpoint_path(trainer):
+    best = Path(trainer.run_dir) / "model_best.pth"
+    return best if best.exists() else Path(trainer.run_dir) / "checkpoint-last.pth"
+
+
+def _package(tracker, module):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"trainer.trackers: {tracker!r} needs the {module} package: pip install -r "
+                        f"requirements-experiments.txt") from None
+
+
+@contextmanager
+def _no_retries():
+    """MLflow's HTTP client retries for minutes by default; probing a server should fail fast."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+class MlflowTracker(Hook):
+    """An MLflow run per run folder (a resumed run continues its MLflow run), in the experiment `name`. The store is
+    `trainer.mlflow_uri`, else MLFLOW_TRACKING_URI, else `<save_dir>/mlflow.db` (`mlflow ui --backend-store-uri
+    sqlite:///saved/mlflow.db` shows it offline)."""
+
+    def __init__(self, config):
+        mlflow = _package("mlflow", "mlflow")
+        self.save_dir = Path(config["trainer"]["save_dir"]).resolve()
+        self.uri = (config["trainer"]["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                    or f"sqlite:///{self.save_dir / 'mlflow.db'}")
+        self.client = mlflow.MlflowClient(self.uri)
+        self.entities = mlflow.entities
+        if not self.uri.startswith("sqlite:") and "://" in self.uri:
+            try:
+                with _no_retries():
+                    self.client.search_experiments(max_results=1)
+            except Exception as e:  # noqa: BLE001 (any failure of the client means the same to the user)
+                raise UserError(f"trainer.trackers: mlflow: cannot reach {self.uri}: {first_line(e)}") from None
+        self.run_id = None
+
+    def on_run_start(self, trainer):
+        name = trainer.config["name"]
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            name, artifact_location=(self.save_dir / "mlartifacts" / name).as_uri()
+            if self.uri.startswith("sqlite:") else None)
+        tags = run_tags(trainer)
+        earlier = self.client.search_runs([experiment_id], f"tags.run_dir = '{tags['run_dir']}'", max_results=1)
+        if earlier:
+            self.run_id = earlier[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        self.run_id = self.client.create_run(experiment_id, run_name=Path(trainer.run_dir).name, tags=tags).info.run_id
+        params = [self.entities.Param(k, str(v)[:6000]) for k, v in flatten(trainer.config).items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def on_epoch_end(self, trainer, epoch, log):
+        now = int(time.time() * 1000)
+        metrics = [self.entities.Metric(k, v, now, epoch) for k, v in epoch_metrics(log).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_run_end(self, trainer, log):
+        for name in RUN_FILES:
+            if (Path(trainer.run_dir) / name).exists():
+                self.client.log_artifact(self.run_id, str(Path(trainer.run_dir) / name))
+        self.client.set_tag(self.run_id, "best_checkpoint", str(best_checkpoint_path(trainer)))
+        self.client.set_terminated(self.run_id)
+
+
+class WandbTracker(Hook):
+    """A Weights & Biases run in project `name`, written under the run folder (`wandb/`): offline unless the user
+    has logged in (`wandb login`); WANDB_MODE decides when set."""
+
+    def __init__(self, config):
+        self.wandb = _package("wandb", "wandb")
+        self.run = None
+
+    def on_run_start(self, trainer):
+        mode = os.environ.get("WANDB_MODE") or ("online" if self.wandb.login(prompt=False, verify=False) else "offline")
+        tags = run_tags(trainer)
+        self.run = self.wandb.init(project=trainer.config["name"], name=Path(trainer.run_dir).name, mode=mode,
+                                   dir=str(trainer.run_dir), config=flatten(trainer.config),
+                                   tags=[f"{k}:{v}"[:64] for k, v in tags.items() if k != "run_dir"])
+
+    def on_epoch_end(self, trainer, epoch, log):
+        self.run.log(epoch_metrics(log), step=epoch)
+
+    def on_run_end(self, trainer, log):
+        for name in RUN_FILES:
+            if (Path(trainer.run_dir) / name).exists():
+                self.run.save(str(Path(trainer.run_dir) / name), base_path=str(trainer.run_dir), policy="now")
+        self.run.summary["best_checkpoint"] = str(best_checkpoint_path(trainer))
+        self.run.finish()
+
+
+class CsvTracker(Hook):
+    """Every run of the save folder in one long file, `<save_dir>/tracking.csv` (time, run folder, kind, key, epoch,
+    value: parameters, tags, metrics and files), for pandas or a spreadsheet; runs append to it side by side."""
+
+    COLUMNS = ("time", "run_dir", "kind", "key", "epoch", "value")
+
+    def __init__(self, config):
+        self.path = Path(config["trainer"]["save_dir"]) / "tracking.csv"
+
+    def _append(self, trainer, rows, epoch=""):
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.COLUMNS)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            writer.writerows((stamp, str(trainer.run_dir), kind, key, epoch, value) for kind, key, value in rows)
+
+    def on_run_start(self, trainer):
+        self._append(trainer, [("param", k, v) for k, v in flatten(trainer.config).items()]
+                     + [("tag", k, v) for k, v in run_tags(trainer).items()])
+
+    def on_epoch_end(self, trainer, epoch, log):
+        self._append(trainer, [("metric", k, v) for k, v in epoch_metrics(log).items()], epoch)
+
+    def on_run_end(self, trainer, log):
+        files = [("file", name, str(Path(trainer.run_dir) / name)) for name in RUN_FILES]
+        self._append(trainer, files + [("file", "best_checkpoint", str(best_checkpoint_path(trainer)))])
+
+
+TRACKERS = {"tensorboard": None, "mlflow": MlflowTracker, "wandb": WandbTracker, "csv": CsvTracker}

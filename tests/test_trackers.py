@@ -1,0 +1,66 @@
+"""trainer.trackers: a run reports to MLflow, Weights & Biases (offline) or a CSV file besides its folder; a tracker
+that cannot start is one line before anything is written."""
+import sys
+
+import pytest
+
+import train
+from tests.helpers import fails, read_csv_rows, read_history, write_config
+
+
+def train_with(config, tmp_path, trackers, **trainer):
+    config["trainer"].update(trackers=trackers, **trainer)
+    made = train.main(["-c", str(write_config(config, tmp_path / "config.json"))])
+    assert made == 0
+    return made.run_dir
+
+
+def test_an_mlflow_run_is_readable_with_mlflows_client(config, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    run_dir = train_with(config, tmp_path, ["mlflow"])
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.data.params["optimizer.args.lr"] == "0.003" and run.data.params["trainer.epochs"] == "2"
+    assert run.data.tags["run_dir"] == str(run_dir) and run.info.status == "FINISHED"
+    history = read_history(run_dir)
+    logged = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in logged] == [(int(r["epoch"]), float(r["val_accuracy"])) for r in history]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"config.json", "history.csv"}
+    assert run_dir / "model_best.pth" == type(run_dir)(client.get_run(run.info.run_id).data.tags["best_checkpoint"])
+
+
+def test_wandb_offline_writes_its_run_folder(config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = train_with(config, tmp_path, ["wandb"], epochs=1)
+    [offline_run] = (run_dir / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("*.wandb"))
+
+
+def test_the_csv_tracker_writes_one_long_file_for_the_save_folder(config, tmp_path):
+    run_dir = train_with(config, tmp_path, ["csv"])
+    rows = read_csv_rows(tmp_path / "saved" / "tracking.csv")
+    assert {"param", "tag", "metric", "file"} <= {r["kind"] for r in rows} and {r["run_dir"] for r in rows} == {
+        str(run_dir)}
+    accuracy = [(r["epoch"], r["value"]) for r in rows if r["key"] == "val_accuracy"]
+    assert [(e, float(v)) for e, v in accuracy] == [(r["epoch"], float(r["val_accuracy"])) for r in
+                                                    read_history(run_dir)]
+
+
+@pytest.mark.parametrize("trackers, expected", [
+    (["mlflw"], "trainer.trackers: unknown tracker 'mlflw'"),
+    (["mlflow"], "trainer.trackers: 'mlflow' needs the mlflow package"),
+    (["mlflow"], "trainer.trackers: mlflow: cannot reach http://127.0.0.1:9"),
+])
+def test_a_tracker_that_cannot_start_is_one_line_before_training(config, tmp_path, capsys, monkeypatch, trackers,
+                                                                 expected):
+    if "package" in expected:
+        monkeypatch.setitem(sys.modules, "mlflow", None)
+    elif "reach" in expected:
+        pytest.importorskip("mlflow")
+        config["trainer"]["mlflow_uri"] = "http://127.0.0.1:9"
+    config["trainer"]["trackers"] = trackers
+    assert fails(config, tmp_path, capsys).startswith(f"error: {expected}")
