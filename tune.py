@@ -1,0 +1,363 @@
+"""Search a config's hyper-parameters with an Optuna study; every trial is an ordinary run.
+
+    python tune.py -c config.json -s search.json --trials 40        runs (or continues) the study to 40 finished trials
+    python tune.py -c config.json -s search.json --summary          the table, best_config.json and plots, nothing run
+
+The study lives in saved/<name>/study-<study>/: its SQLite storage (study.db, unless --storage names a shared
+database), one folder per trial (the drawn config and its run folder), best_config.json and the plots.
+"""
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import train
+from base.hooks import Hook
+from utils.config import apply_overrides, load_config, validate
+from utils.util import ArgumentParser, UserError, error_line, first_line, read_json, write_json
+
+INSTALL = "pip install -r requirements-experiments.txt"
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description="Search a config's hyper-parameters with an Optuna study.")
+    parser.add_argument("-c", "--config", required=True, help="the config every trial starts from")
+    parser.add_argument("-s", "--search", required=True, help="search.json: config key path -> space")
+    parser.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the study needs")
+    parser.add_argument("--folds", choices=("all",), help="score each trial by its out-of-fold metric over all folds")
+    parser.add_argument("--storage", help="a database URL shared by several workers (default: SQLite in the study "
+                                          "folder), e.g. postgresql+psycopg://user@host/db")
+    parser.add_argument("--study", help="the study's name (default: the search file's name)")
+    parser.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    parser.add_argument("--summary", action="store_true", help="only summarise the study: table, best config, plots")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the study to --trials finished trials (or only summarise it); returns the exit status."""
+    args = parse_args(argv)
+    try:
+        optuna = import_optuna()
+        config = load_config(args.config)
+        space = read_space(args.search, config)
+        if args.trials < 1:
+            raise UserError(f"--trials: expected a positive number, got {args.trials}")
+        direction = objective_direction(config, args.folds)
+        study_name = args.study or Path(args.search).stem
+        study_dir = Path(config["trainer"]["save_dir"]) / config["name"] / f"study-{study_name}"
+        study = open_study(optuna, args, study_dir, study_name, direction, space, config)
+        if not args.summary:
+            run_study(optuna, study, args, config, space, study_dir)
+        summarise(optuna, study, config, space, study_dir)
+    except UserError as e:
+        print(error_line(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+def import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(f"tune.py needs Optuna: {INSTALL}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+# --- the search space ----------------------------------------------------------------------------------------------
+
+def read_space(path, config):
+    """search.json checked: every key path a space, and each space's first value a config train.py accepts."""
+    space = read_json(path)
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{path}: expected an object mapping config key paths to spaces, e.g. "
+                        f'{{"optimizer.args.lr": {{"low": 1e-4, "high": 1e-2, "log": true}}}}')
+    for key, spec in space.items():
+        check_space(path, key, spec)
+        try:
+            validate(apply_overrides(config, [f"{key}={json.dumps(first_value(spec))}"]))
+        except UserError as e:
+            raise UserError(f"{path}: {key}: {str(e)}") from None
+    return space
+
+
+def check_space(path, key, spec):
+    where = f"{path}: {key}"
+    if not key or not all(key.split(".")):
+        raise UserError(f"{path}: {key!r}: expected a config key path such as optimizer.args.lr")
+    if isinstance(spec, list):
+        if not spec:
+            raise UserError(f"{where}: expected at least one choice")
+        return
+    if not isinstance(spec, dict) or set(spec) - {"low", "high", "log", "step"} or not {"low", "high"} <= set(spec):
+        raise UserError(f'{where}: expected a list of choices or {{"low": L, "high": H}} with optional "log" and '
+                        f'"step", got {json.dumps(spec)}')
+    numbers = [spec[k] for k in ("low", "high", "step") if k in spec]
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        raise UserError(f"{where}: low, high and step must be numbers, got {json.dumps(spec)}")
+    if not spec["low"] < spec["high"]:
+        raise UserError(f"{where}: expected low < high, got {spec['low']} and {spec['high']}")
+    if spec.get("log") and spec["low"] <= 0:
+        raise UserError(f"{where}: a log space needs low > 0, got {spec['low']}")
+    if spec.get("log") and "step" in spec:
+        raise UserError(f"{where}: a space takes log or step, not both")
+    if not isinstance(spec.get("log", False), bool):
+        raise UserError(f"{where}: log must be true or false")
+    if "step" in spec and spec["step"] <= 0:
+        raise UserError(f"{where}: step must be positive, got {spec['step']}")
+
+
+def is_int_space(spec):
+    return all(isinstance(spec[k], int) for k in ("low", "high", "step") if k in spec)
+
+
+def first_value(spec):
+    return spec[0] if isinstance(spec, list) else spec["low"]
+
+
+def scalar_choices(choices):
+    """Choices Optuna stores as they are; a list with an object or list among them is stored as JSON text."""
+    return all(c is None or isinstance(c, (bool, int, float, str)) for c in choices)
+
+
+def suggest(trial, key, spec):
+    """Draw one value of `spec` for the config key path `key`."""
+    if isinstance(spec, list):
+        if scalar_choices(spec):
+            return trial.suggest_categorical(key, spec)
+        return json.loads(trial.suggest_categorical(key, [json.dumps(c) for c in spec]))
+    if is_int_space(spec):
+        return trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+    return trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
+
+
+def drawn_config(config, space, params):
+    """The config with a trial's drawn values (Optuna's `params`) set."""
+    values = {key: json.loads(params[key]) if isinstance(space[key], list) and not scalar_choices(space[key])
+              else params[key] for key in space}
+    return apply_overrides(config, [f"{key}={json.dumps(values[key])}" for key in sorted(space, key=len)])
+
+
+# --- the study -----------------------------------------------------------------------------------------------------
+
+def objective_direction(config, folds):
+    mode, _, metric = config["trainer"]["monitor"].partition(" ")
+    if mode == "off":
+        raise UserError('trainer.monitor: tune.py optimises the monitored metric: set it, e.g. "max val_accuracy"')
+    if folds and not config["data_loader"]["args"].get("n_folds"):
+        raise UserError("--folds all: set data_loader.args.n_folds (e.g. 5)")
+    return "maximize" if mode == "max" else "minimize"
+
+
+def open_study(optuna, args, study_dir, study_name, direction, space, config):
+    """Create the study, or open it again with the same command: the same space, direction and objective."""
+    if args.storage is None and args.summary and not (study_dir / "study.db").exists():
+        raise UserError(f"--summary: no study at {study_dir}")
+    if args.storage is None:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    url = args.storage or f"sqlite:///{study_dir / 'study.db'}"
+    try:
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=3 * HEARTBEAT)
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
+                                    pruner=make_pruner(optuna, args.pruner, config))
+    except (ImportError, ValueError) as e:
+        raise UserError(f"--storage: {first_line(e)}") from None
+    except optuna.exceptions.StorageInternalError as e:
+        raise UserError(f"--storage: cannot open {url} ({first_line(e.__cause__ or e)})") from None
+    setting = {"search": space, "objective": "out-of-fold" if args.folds else "run", "direction": direction}
+    if not study.user_attrs:
+        for name, value in setting.items():
+            study.set_user_attr(name, value)
+    elif {k: study.user_attrs.get(k) for k in setting} != setting:
+        raise UserError(f"study {study_name!r} was started with another search space, objective or direction; "
+                        f"name a new one with --study")
+    return study
+
+
+HEARTBEAT = 2  # seconds: a trial whose process stopped beating for three of them is marked failed
+
+
+def make_pruner(optuna, name, config):
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config["trainer"]["epochs"])
+    return optuna.pruners.MedianPruner() if name == "median" else optuna.pruners.NopPruner()
+
+
+def run_study(optuna, study, args, config, space, study_dir):
+    """Run trials until the study holds --trials finished ones, with any number of workers on one storage."""
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    objective = Objective(optuna, config, space, study_dir, args.folds)
+    while True:
+        with optuna_quiet():
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        n_finished = sum(t.state in finished for t in trials)
+        n_running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        if n_finished >= args.trials:
+            return
+        if n_finished + n_running >= args.trials:
+            time.sleep(1)  # another worker's trial may yet fail and need running again
+            continue
+        objective.budget = args.trials
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+
+
+class TrialFailed(Exception):
+    """A trial whose config could not train: recorded as failed, with its reason, and the study goes on."""
+
+
+class Objective:
+    """One trial: draw a config, write it into the trial's folder and train it with train.py; the monitored value
+    (or the out-of-fold metric) is the result."""
+
+    def __init__(self, optuna, config, space, study_dir, folds):
+        self.optuna, self.config, self.space, self.study_dir, self.folds = optuna, config, space, study_dir, folds
+        self.budget = None
+
+    def __call__(self, trial):
+        self.check_budget(trial)
+        for key, spec in self.space.items():
+            suggest(trial, key, spec)
+        drawn = drawn_config(self.config, self.space, trial.params)
+        trial_dir = self.study_dir / f"trial{trial.number}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        drawn["name"], drawn["trainer"]["save_dir"] = f"trial{trial.number}", str(self.study_dir)
+        write_json(drawn, trial_dir / "config.json")
+        pruning = Pruning(self.optuna, trial, self.config)
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(Tee(stderr, sys.stderr)):
+                made = train.main(["-c", str(trial_dir / "config.json")] + (["--folds", "all"] if self.folds else []),
+                                  hooks=[pruning])
+        except self.optuna.TrialPruned:
+            raise
+        except Exception as e:  # noqa: BLE001 - out of memory, say: this config failed, the study goes on
+            self.fail(trial, first_line(e))
+        if made != 0:
+            self.fail(trial, (stderr.getvalue().strip().splitlines() or [f"exit status {int(made)}"])[-1])
+        trial.set_user_attr("run_dir", str(made.run_dir))
+        if self.folds:
+            metric = self.config["trainer"]["monitor"].split(" ")[1].removeprefix("val_")
+            return read_json(made.run_dir / "oof_metrics.json")[metric]
+        return pruning.best
+
+    def check_budget(self, trial):
+        """Two workers may start a trial at once: the one past the budget fails at once instead of training."""
+        states = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED,
+                  self.optuna.trial.TrialState.RUNNING)
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.number < trial.number]
+        if len(ahead) >= self.budget:
+            self.fail(trial, "not run: the study had its trials running or finished when this one started")
+
+    @staticmethod
+    def fail(trial, reason):
+        trial.set_user_attr("reason", reason)
+        raise TrialFailed(reason)
+
+
+class Tee(io.TextIOBase):
+    """Write to several streams: a trial's error line is shown and recorded."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+
+class Pruning(Hook):
+    """Reports each validation's monitored value to the trial and stops a trial the pruner gives up on; keeps the
+    run's best value. With --folds all the steps run on across the folds."""
+
+    def __init__(self, optuna, trial, config):
+        self.optuna, self.trial = optuna, trial
+        self.epochs = config["trainer"]["epochs"]
+        self.best = None
+
+    def on_validation_end(self, trainer, epoch, log):
+        value = log[trainer.mnt_metric]
+        fold = trainer.config["data_loader"]["args"].get("fold") or 0
+        self.trial.report(value, fold * self.epochs + epoch)
+        if self.trial.should_prune():
+            raise self.optuna.TrialPruned(f"pruned at epoch {epoch}: {trainer.mnt_metric} {value:.4f}")
+
+    def on_run_end(self, trainer, log):
+        self.best = trainer.mnt_best
+
+
+# --- the summary ---------------------------------------------------------------------------------------------------
+
+def summarise(optuna, study, config, space, study_dir):
+    """Print the trials' table; write the best trial's config as best_config.json and the plots."""
+    trials = study.get_trials(deepcopy=False)
+    print(trial_table(trials, space))
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if not complete:
+        print("no complete trial yet: no best_config.json")
+        return
+    best = study.best_trial
+    write_json(drawn_config(config, space, best.params), study_dir / "best_config.json")
+    print(f"best: trial {best.number}, {config['trainer']['monitor'].split(' ')[1]} {best.value:.6g}; "
+          f"train it with: python train.py -c {study_dir / 'best_config.json'}")
+    write_plots(optuna, study, complete, study_dir / "plots")
+
+
+def trial_table(trials, space):
+    keys = list(space)
+    rows = [["trial", "state", "value", *keys, "note"]]
+    for t in trials:
+        value = "" if t.value is None else f"{t.value:.6g}"
+        params = [short(t.params.get(k, "")) for k in keys]
+        rows.append([str(t.number), t.state.name.lower(), value, *params, t.user_attrs.get("reason", "")])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+
+
+def short(value):
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def write_plots(optuna, study, complete, folder):
+    """Optimisation history, parameter importances and parallel coordinates as PNG files; a plot that cannot be
+    drawn is skipped with one line saying why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    varying = [k for k in complete[0].params if len({json.dumps(t.params.get(k)) for t in complete}) > 1]
+    skip = {"param_importances": None if len(complete) >= 2 and varying else
+            "parameter importances need two complete trials and a parameter that varies",
+            "parallel_coordinate": None if varying else "parallel coordinates need a parameter that varies"}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("optimization_history", "param_importances", "parallel_coordinate"):
+        if skip.get(name):
+            print(f"plot {name}: skipped ({skip[name]})")
+            continue
+        with optuna_quiet():
+            axes = getattr(plots, f"plot_{name}")(study)
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.savefig(folder / f"{name}.png", bbox_inches="tight")
+        plt.close(figure)
+    print(f"plots in {folder}")
+
+
+@contextlib.contextmanager
+def optuna_quiet():
+    """Optuna marks its heartbeat and matplotlib plots experimental and warns on every call."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+if __name__ == "__main__":
+    sys.exit(main())
