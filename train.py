@@ -30,6 +30,7 @@ from utils.config import (
     build_metrics,
     check_monitor,
     load_config,
+    optimizer_params,
     split_change,
     validate,
 )
@@ -165,7 +166,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
         criterion = criterion.to(device)
     metrics = build_metrics(config, task)
 
-    optimizer = build(config, "optimizer", [p for p in model.parameters() if p.requires_grad])
+    optimizer = build(config, "optimizer", optimizer_params(config["optimizer"], model))
     lr_schedule = build_schedule(config, optimizer, len(data_loader))
     if dist.world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
