@@ -21,6 +21,7 @@ from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from logger.report import report_from_out_of_fold
 from logger.trackers import build_trackers
+from trainer.preflight import check_one_batch
 from trainer.trainer import Trainer
 from utils import dist, run_group
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
@@ -32,6 +33,7 @@ from utils.config import (
     build_metrics,
     check_monitor,
     load_config,
+    optimizer_params,
     split_change,
     validate,
 )
@@ -180,11 +182,8 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
         criterion = criterion.to(device)
     metrics = build_metrics(config, task)
 
-    def make_optimizer(parameters):
-        optimizer = build(config, "optimizer", parameters)
-        return optimizer, build_schedule(config, optimizer, len(data_loader))
-
-    optimizer, lr_schedule = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    optimizer = build(config, "optimizer", optimizer_params(config["optimizer"], model))
+    lr_schedule = build_schedule(config, optimizer, len(data_loader))
     if dist.world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
@@ -192,7 +191,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
 
     trainer = Trainer(model, criterion, metrics, optimizer, config, device, run_dir, data_loader, valid_data_loader,
                       lr_schedule, [*hooks, *build_trackers(config)])
-    trainer.check_one_batch(make_optimizer)
+    check_one_batch(trainer)
     if resume:
         trainer.resume(checkpoint)
     if dist.is_main_process():  # the first write: everything above has been checked

@@ -95,11 +95,11 @@ class BaseTrainer:
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 if not (epoch == self.start_epoch and self.resume_batches):
                     seed_everything(epoch_seed(self.config["seed"], epoch) + 7919 * dist.rank())
-                    self.epoch_lr = self.optimizer.param_groups[0]["lr"]
+                    self.epoch_lr = group_rates(self.optimizer)
                 started = time.perf_counter()
                 log = self._train_epoch(epoch)
                 if self.lr_schedule is not None:
-                    self.lr_schedule.after_epoch(log[self.mnt_metric] if self.mnt_mode != "off" else
+                    self.lr_schedule.after_epoch(log.get(self.mnt_metric) if self.mnt_mode != "off" else
                                                  log.get("val_loss", log["loss"]))
                 improved = self._update_monitor(log)
                 if self.is_main:
@@ -110,7 +110,7 @@ class BaseTrainer:
                 if self.stop_signal and epoch < self.cfg.epochs:
                     raise self._stopped(epoch, 0)
                 if self.cfg.early_stop and self.not_improved_count >= self.cfg.early_stop:
-                    self.logger.info("%s did not improve for %d epochs: stopping early", self.mnt_metric,
+                    self.logger.info("%s did not improve for %d measurements: stopping early", self.mnt_metric,
                                      self.cfg.early_stop)
                     break
             self.on_run_end(log)
@@ -121,8 +121,8 @@ class BaseTrainer:
         return log
 
     def should_validate(self, epoch):
-        """Whether `epoch` ends with validation."""
-        return True
+        """Whether `epoch` ends with validation: every `val_every_n_epochs` epochs, and the last one."""
+        return epoch % self.cfg.val_every_n_epochs == 0 or epoch == self.cfg.epochs
 
     def on_run_start(self):
         self._call_hooks("on_run_start")
@@ -157,12 +157,15 @@ class BaseTrainer:
                                128 + getattr(signal, self.stop_signal))
 
     def _report_epoch(self, epoch, log, lr, seconds):
-        """Log line, TensorBoard scalars and a history.csv row; `lr` is the rate the epoch started with."""
+        """Log line, TensorBoard scalars and a history.csv row; `lr` is the rate (one per parameter group) the epoch
+        started with: `lr`, or `lr_<group>` for each group."""
         values = "  ".join(f"{k} {v:.4f}" for k, v in log.items())
         self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.cfg.epochs, values, seconds)
-        self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | {"lr": lr}, epoch)
+        rates = {"lr": lr} if not isinstance(lr, list) else {
+            f"lr_{group.get('name', i)}": rate for i, (group, rate) in enumerate(zip(self.optimizer.param_groups, lr))}
+        self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | rates, epoch)
         self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k.startswith("val_")}, epoch)
-        append_row(self.run_dir / "history.csv", {"epoch": epoch, **log, "lr": lr})
+        append_row(self.run_dir / "history.csv", {"epoch": epoch, **log, **rates})
 
     def _trim_history(self):
         """Drop history.csv rows of epochs the checkpoint does not include (a crash after the row, before the save)."""
@@ -174,17 +177,18 @@ class BaseTrainer:
                 write_text("".join(kept), history)
 
     def _update_monitor(self, log):
-        """True when the monitored metric improved this epoch; counts epochs without improvement."""
-        if self.mnt_mode == "off":
+        """True when the monitored metric improved this epoch; counts measurements without improvement (an epoch
+        without validation measures no validation metric)."""
+        self.mnt_last = log.get(self.mnt_metric)
+        if self.mnt_mode == "off" or self.mnt_last is None:
             return False
-        value = log[self.mnt_metric]
+        value = self.mnt_last
         improved = value < self.mnt_best if self.mnt_mode == "min" else value > self.mnt_best
         if improved:
             self.mnt_best = value
             self.not_improved_count = 0
         else:
             self.not_improved_count += 1
-        self.mnt_last = value
         return improved
 
     def state_dict(self, epoch, batches_done=0):
@@ -226,7 +230,7 @@ class BaseTrainer:
 
     def _enters_top_k(self, epoch):
         """Add this epoch to the best-k list if it belongs there; delete the checkpoint that drops out."""
-        if math.isnan(self.mnt_last):
+        if self.mnt_last is None or math.isnan(self.mnt_last):
             return False
         self.top_k.append([self.mnt_last, epoch])
         self.top_k.sort(key=lambda item: item[0], reverse=self.mnt_mode == "max")
@@ -245,7 +249,8 @@ class BaseTrainer:
             **fresh,
             "epoch": Int(1, saved_epochs(checkpoint) or 2**63 - 1),
             "batches_done": MayLack(Int(0)),
-            "epoch_lr": Number(0, finite=True) if mid_epoch else UNREAD,
+            "epoch_lr": OneOf(Number(0, finite=True), [Number(0, finite=True)] * len(self.optimizer.param_groups))
+            if mid_epoch else UNREAD,
             "global_step": STEP,
             "optimizer": self._optimizer_fields(fresh["optimizer"]),
             "lr_scheduler": OneOf(None, fresh["lr_scheduler"]) if self.lr_schedule is not None else UNREAD,
@@ -293,6 +298,12 @@ class BaseTrainer:
             set_rng_state(checkpoint["rng"])
 
 
+def group_rates(optimizer):
+    """The optimizer's learning rate: one number, or one per parameter group where it has several."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    return rates if len(rates) > 1 else rates[0]
+
+
 def saved_mid_epoch(checkpoint):
     """Whether `checkpoint` was saved inside an epoch (a valid `batches_done` above 0)."""
     batches = checkpoint.get("batches_done", 0)
@@ -325,7 +336,7 @@ def append_row(path, row):
     if path.exists():
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-    if header is not None and header != list(row):
+    if header is not None and not row.keys() <= set(header):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         columns = list(dict.fromkeys([*header, *row]))

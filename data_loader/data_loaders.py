@@ -96,7 +96,7 @@ class CsvImageDataLoader(BaseDataLoader):
             if batch_transforms and training else None
         super().__init__(dataset, batch_size, shuffle, validation_split, num_workers, eval_dataset=eval_dataset,
                          n_folds=n_folds if training else 0, fold=fold if training else 0, stratify=stratify,
-                         balanced=balanced and training, seed=seed, mixing=mixing)
+                         balanced=balanced if training else False, seed=seed, mixing=mixing)
 
 
 def class_source(config):

@@ -17,7 +17,8 @@ from base.base_data_loader import inputs_to
 from data_loader.data_loaders import class_source, read_classes
 from data_loader.files import open_regular
 from model.metric import EpochMetrics
-from trainer.trainer import check_width, checked_loss_and_metrics
+from trainer.preflight import check_width, checked_loss_and_metrics
+from trainer.steps import evaluation_step
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
 from utils.task import Task, WholeLoss, as_targets, read_task, task_of, write_task
@@ -39,8 +40,8 @@ def predict(model, data_loader, device, tta=()):
     for data, target in data_loader:
         data = inputs_to(device, data, data_loader)
         views = [data] + [transform(data) for transform in tta]
-        probabilities.append(torch.stack([task.probabilities(task.flat(model(view))) for view in views]).mean(dim=0)
-                             .cpu())
+        scores = [task.probabilities(task.flat(evaluation_step(model, view))) for view in views]
+        probabilities.append(torch.stack(scores).mean(dim=0).cpu())
         targets.append(as_targets(target))
     return torch.cat(probabilities), torch.cat(targets)
 
@@ -234,7 +235,7 @@ def check_model(model, path, probe, views, task):
         prefix = f"{where}: checkpoint {str(path)!r}:" if where else f"checkpoint {str(path)!r}:"
         view = tuple(view) if isinstance(view, (tuple, list)) else (view,)
         try:
-            output = task.flat(model(*view))
+            output = task.flat(evaluation_step(model, view))
         except MODEL_ERRORS as e:
             shapes = ", ".join(str(list(part.shape)) for part in view)
             raise UserError(f"{prefix} {name} cannot take {'the view it makes' if where else 'a batch of the data'} "

@@ -2,7 +2,6 @@ import contextlib
 import itertools
 import math
 import sys
-import warnings
 
 import torch
 from tqdm import tqdm
@@ -12,11 +11,13 @@ from base.base_data_loader import inputs_to
 from base.base_trainer import TrainingStopped, saved_mid_epoch
 from model.metric import EpochMetrics
 from trainer.ema import ModelEma
+from trainer.preflight import first_samples, needs_closure
+from trainer.steps import as_inputs, evaluation_step
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
 from utils.checkpoint_rules import UNREAD, Int, MayLack, Number, OneOf, restoring
 from utils.task import as_targets, task_of
-from utils.util import UserError, first_line
+from utils.util import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,6 +47,7 @@ class Trainer(BaseTrainer):
             self.amp_dtype = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.ema = ModelEma(unwrap(model), self.cfg.ema_decay) if self.cfg.ema_decay else None
+        self.closure_step = needs_closure(optimizer)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         self.grid_written = False  # train/images: the first batch this process trains
         if self.cfg.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
@@ -55,84 +57,13 @@ class Trainer(BaseTrainer):
             raise UserError("trainer.freeze_backbone_epochs: not supported under torchrun (DDP fixes the trainable "
                             "parameters when it starts)")
 
-    def check_one_batch(self, make_optimizer):
-        """Push one evaluation batch through the model, the loss and the metrics (eval mode), check the shapes against
-        the data, then take one training step with a fresh optimizer and schedule from `make_optimizer(params)` and
-        put the weights back: whatever does not fit is one line before anything is written (warnings raised on the
-        way are shown only when it fits)."""
-        with warnings.catch_warnings(record=True) as caught:
-            self._check_one_batch(make_optimizer)
-        for w in caught:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-
-    @torch.no_grad()
-    def _check_one_batch(self, make_optimizer):
-        data, target, raw, output = self._first_samples(16)
-        check_width(output, self.task, len(data), type(unwrap(self.model)).__name__)
-        with self._autocast():
-            checked_loss_and_metrics(self.criterion, self.valid_metrics.metrics, output, target, "the model's output",
-                                     raw)
-        self._check_one_step(unwrap(self.model), data, target, make_optimizer)
-
-    def _check_one_step(self, model, data, target, make_optimizer):
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-        was_training = model.training
-        optimizer, schedule = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        try:
-            mixing = getattr(self.data_loader, "mixing", None)
-            if mixing:
-                try:
-                    data, target = mixing(data, target)
-                except Exception as e:
-                    raise UserError(f"data_loader.args.batch_transforms: cannot mix a training batch of shape "
-                                    f"{list(data.shape)}: {first_line(e)}") from None
-            with torch.enable_grad(), self._autocast():
-                output = model.train()(data)
-                try:
-                    loss = self.criterion(output, target)
-                except Exception as e:
-                    mixed = " (soft targets: data_loader.args.batch_transforms mix them)" if mixing else ""
-                    raise UserError(f"loss: cannot take a training batch of targets shaped {list(target.shape)}"
-                                    f"{mixed}: {first_line(e)}") from None
-            try:
-                loss.backward()
-            except Exception as e:
-                raise UserError(f"loss: cannot be backpropagated to the model's weights: {first_line(e)}") from None
-            try:
-                optimizer.step()
-            except Exception as e:
-                raise UserError(f"optimizer: {type(optimizer).__name__} cannot take a step: {first_line(e)}") from None
-            if schedule is not None:
-                try:
-                    schedule.after_optimizer_step()
-                    schedule.after_epoch(loss.item())
-                except Exception as e:
-                    raise UserError(f"lr_scheduler: {type(schedule.scheduler).__name__} cannot take a step: "
-                                    f"{first_line(e)}") from None
-        finally:
-            model.load_state_dict(saved)
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
-
     def _train_epoch(self, epoch):
         skip, n_batches = self._start_epoch(epoch)
         for batch_idx, (data, target) in enumerate(self._progress(epoch, skip, n_batches), start=skip):
             data, target = self._to_device(data, target, self.data_loader)
-            starts_group, group_size, ends_group = self._accumulation(batch_idx, n_batches)
-
-            if starts_group:
-                self.optimizer.zero_grad(set_to_none=True)
-            with self._gradient_sync(ends_group):
-                with self._autocast():
-                    output = self.model(data)
-                    loss = self.criterion(output, target)
-                    output = self.task.flat(output)
-                self.scaler.scale(loss / group_size).backward()
-            if ends_group:
-                self._optimizer_step(epoch, batch_idx)
-
+            loss, output = self.train_step(data, target, batch_idx, n_batches)
             self._track(epoch, batch_idx, loss, output, target, data)
-            if ends_group and batch_idx + 1 < n_batches:
+            if self._accumulation(batch_idx, n_batches)[2] and batch_idx + 1 < n_batches:
                 self._save_mid_epoch_if_due(epoch, batch_idx)
 
         self._check_finite(epoch)
@@ -142,6 +73,29 @@ class Trainer(BaseTrainer):
             self.on_validation_end(epoch, val_log)
             log.update(val_log)
         return log
+
+    def train_step(self, data, target, batch_idx, n_batches):
+        """One batch: forward, loss and backward; at the end of an accumulation group, the optimizer step. An
+        optimizer whose `step` requires a closure (SAM, LBFGS) is given one that recomputes the loss and gradients."""
+        starts_group, group_size, ends_group = self._accumulation(batch_idx, n_batches)
+        if starts_group:
+            self.optimizer.zero_grad(set_to_none=True)
+        with self._gradient_sync(ends_group):
+            loss, output = self._forward_backward(data, target, group_size)
+        if ends_group:
+            self._optimizer_step(lambda: self._forward_backward(data, target, group_size, zero_grad=True)[0])
+        return loss, output
+
+    def _forward_backward(self, data, target, group_size, zero_grad=False):
+        """The model's whole output and the loss on it, whose gradients (scaled under fp16) are accumulated."""
+        with torch.enable_grad():
+            if zero_grad:
+                self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                output = self.model(*data)
+                loss = self.criterion(output, target)
+            self.scaler.scale(loss / group_size).backward()
+        return loss, output
 
     def _start_epoch(self, epoch):
         """Prepare the model, metrics and loader for an epoch; returns (batches already trained, batches in it)."""
@@ -170,13 +124,15 @@ class Trainer(BaseTrainer):
         group_size = min(self.cfg.accumulation_steps, n_batches - group_start)
         return batch_idx == group_start, group_size, batch_idx == group_start + group_size - 1
 
-    def _optimizer_step(self, epoch, batch_idx):
+    def _optimizer_step(self, closure):
         """Clip, step (unless non-finite gradients are to be skipped), then update EMA and a per-batch schedule."""
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         if self.cfg.nonfinite_loss == "skip" and not self.scaler.is_enabled() and not grads_finite(self.model):
-            self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", epoch, batch_idx)
+            self.logger.warning("non-finite gradients at step %d: update skipped", self.global_step)
+        elif self.closure_step:
+            self.optimizer.step(closure)
         else:  # under fp16 the scaler itself skips steps with non-finite gradients
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -193,12 +149,12 @@ class Trainer(BaseTrainer):
         if not skipping:
             self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~finite, batch_idx, self.first_nonfinite)
         if not skipping or finite:  # skipping costs one host sync per batch; such batches go unscored
-            self.train_metrics.update(loss, output, target)
+            self.train_metrics.update(loss, self.task.flat(output), target)
         if batch_idx % self.cfg.log_step == 0:
             self._check_finite(epoch)
-            self._log_step(loss.item(), len(data))
+            self._log_step(loss.item(), len(data[0]))
         if not self.grid_written and self.writer.enabled:  # once per run: encoding the grid is costly
-            self.writer.add_image_grid("train/images", data[:64].detach().cpu(), epoch)
+            self.writer.add_image_grid("train/images", data[0][:64].detach().cpu(), epoch)
             self.grid_written = True
 
     def _save_mid_epoch_if_due(self, epoch, batch_idx):
@@ -230,17 +186,17 @@ class Trainer(BaseTrainer):
         for data, target in itertools.islice(self.valid_data_loader, n_batches):
             data, target = self._to_device(data, target, self.valid_data_loader)
             with self._autocast():
-                output = model(data)
+                output = evaluation_step(model, data)
                 loss = self.criterion(output, target)
-                output = self.task.flat(output)
-            self.valid_metrics.update(loss, output, target)
+            self.valid_metrics.update(loss, self.task.flat(output), target)
         return self.valid_metrics.result()
 
     def _to_device(self, data, target, loader):
-        data = inputs_to(self.device, data, loader)
-        if data.dim() == 4:
-            data = data.contiguous(memory_format=self.memory_format)
-        return data, as_targets(target).to(self.device, non_blocking=True)
+        """The batch on the device: its inputs as a tuple (the images first, in the trainer's memory format)."""
+        images, *others = as_inputs(inputs_to(self.device, data, loader))
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=self.memory_format)
+        return (images, *others), as_targets(target).to(self.device, non_blocking=True)
 
     def _autocast(self):
         if self.amp_dtype is None:  # entering even a disabled autocast asks CUDA for its device count
@@ -309,38 +265,12 @@ class Trainer(BaseTrainer):
     @torch.no_grad()
     def _metric_sums_of_one_batch(self):
         """The metric sums after one evaluation batch of two samples: what a mid-epoch checkpoint's sums look like."""
-        data, target, raw, output = self._first_samples(2)
+        data, target, output = first_samples(self, 2)
         with self._autocast():
-            loss = self.criterion(raw, target)
+            loss = self.criterion(output, target)
         sums = EpochMetrics(self.train_metrics.metrics)
-        sums.update(loss, output, target)
+        sums.update(loss, self.task.flat(output), target)
         return sums.state_dict()
-
-    @torch.no_grad()
-    def _first_samples(self, n):
-        """The first `n` samples of the evaluation data on the device, and the model's whole and joined output for
-        them in evaluation mode; a model that cannot take them is one line."""
-        loader = self.valid_data_loader or self.data_loader
-        data, target = next(iter(loader))
-        data, target = self._to_device(data[:n], as_targets(target)[:n], loader)
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        try:
-            with self._autocast():
-                output = model(data)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
-                            f"{list(data.shape)}): {first_line(e)}") from None
-        finally:
-            model.train(was_training)
-        try:
-            return data, target, output, self.task.flat(output)
-        except (RuntimeError, TypeError) as e:
-            raise UserError(f"arch: {type(model).__name__} returns heads that cannot be joined into one [samples, "
-                            f"outputs] tensor: {first_line(e)}") from None
 
     def _epoch_batches(self):
         return batches_per_epoch(len(self.data_loader), self.cfg.limit_train_batches)
@@ -376,43 +306,6 @@ class Trainer(BaseTrainer):
         if scheduler.last_epoch + left > scheduler.total_steps:
             raise UserError(f"checkpoint {checkpoint['path']!r}: lr_scheduler: {type(scheduler).__name__} is at step "
                             f"{scheduler.last_epoch} of {scheduler.total_steps}, with {left} steps of this run left")
-
-
-def check_width(output, task, n, model_name):
-    """The model's (joined) output must be [n, the task's width]; one line naming both sides otherwise."""
-    if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[1] == (task.width or output.shape[1]):
-        return
-    shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    width = task.width or "classes"
-    scores = {"multilabel": "one score per label", "regression": "one value per target column"}.get(
-        task.kind, "one score per class of each label column" if len(task.heads) > 1 else "one score per class")
-    raise UserError(f"arch: {model_name} returns {shape} for {n} samples; expected [{n}, {width}], {scores} of the "
-                    f"data ({task.describe()}; set its num_classes to {width}, or return one tensor per head)")
-
-
-def checked_loss_and_metrics(criterion, metrics, output, target, what, raw=None):
-    """Score one batch with the loss (on the model's whole output `raw` when given) and each of `metrics` (by name),
-    refusing in one line a loss or a metric that cannot take `what` (the joined output) and the targets, and a loss
-    that is not one finite number."""
-    try:
-        loss = criterion(output if raw is None else raw, target)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"loss: cannot take {what} of shape {list(output.shape)} and targets of shape "
-                        f"{list(target.shape)}: {first_line(e)}") from None
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
-                        f"(a reduction of \"mean\" or \"sum\", not \"none\")")
-    if not torch.isfinite(loss):
-        raise UserError(f"loss: {loss.item()} on the first samples of the data, before any training: {what} holds "
-                        f"{'NaN or infinite values' if not torch.isfinite(output).all() else 'only finite values'}")
-    for name, metric in metrics.items():
-        try:
-            metric.compute(metric.batch_stats(output.detach(), target))
-        except Exception as e:
-            raise UserError(f"metrics: {name} cannot score {what} of shape {list(output.shape)}: "
-                            f"{first_line(e)}") from None
 
 
 def grads_finite(model):

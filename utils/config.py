@@ -108,8 +108,10 @@ def validate(config):
         if root in sys.stdlib_module_names or root in PROJECT_ROOTS + LIBRARY_ROOTS:
             raise UserError(f"import_roots: {root!r} is not a package of models or layers to add")
 
-    for section in ("arch", "data_loader", "optimizer"):
+    for section in ("arch", "data_loader"):
         config[section] = check_spec(config[section], section, roots)
+    config["optimizer"] = check_spec(config["optimizer"], "optimizer", roots, ("param_groups",))
+    check_param_groups(config["optimizer"], roots)
     config["loss"] = config["loss"] if isinstance(config["loss"], str) else check_spec(config["loss"], "loss", roots)
     if config["loss"] and isinstance(config["loss"], str):
         resolve("loss", config["loss"], roots)
@@ -255,6 +257,43 @@ def check_spec(spec, section, roots, extra_keys=(), where=None):
     target = resolve(section, spec["type"], roots, where)
     _check_args(target, spec["args"], SECTIONS[section], where, spec["type"])
     return spec
+
+
+def check_param_groups(spec, roots):
+    """optimizer.param_groups: objects of a parameter name prefix (`params`) and optimizer arguments for it."""
+    groups = spec.get("param_groups", [])
+    form = "{\"params\": \"<parameter name prefix>\", \"lr\": ...}"
+    if not isinstance(groups, list):
+        raise UserError(f"optimizer.param_groups: expected a list of {form}, got {json.dumps(groups)}")
+    target = resolve("optimizer", spec["type"], roots)
+    for i, group in enumerate(groups):
+        where = f"optimizer.param_groups[{i}]"
+        if not isinstance(group, dict) or not isinstance(group.get("params"), str) or not group["params"]:
+            raise UserError(f"{where}: expected {form}, got {json.dumps(group)}")
+        args = {k: v for k, v in group.items() if k != "params"}
+        _check_args(target, {**spec["args"], **args}, SECTIONS["optimizer"], where, spec["type"])
+
+
+def optimizer_params(spec, model):
+    """The model's trainable parameters as the optimizer takes them: with `param_groups`, a parameter joins the first
+    group whose prefix its name starts with (the group is named after the prefix), the rest form a group with
+    `args`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not spec.get("param_groups"):
+        return [p for _, p in named]
+    groups = [{**group, "params": [], "name": group["params"].rstrip(".") or group["params"]}
+              for group in spec["param_groups"]]
+    rest = []
+    for name, param in named:
+        prefix = next((g for g, entry in zip(groups, spec["param_groups"]) if name.startswith(entry["params"])), None)
+        (prefix["params"] if prefix else rest).append(param)
+    for i, group in enumerate(groups):
+        if not group["params"]:
+            starts = sorted({n.split(".")[0] + "." for n, _ in named})
+            raise UserError(f"optimizer.param_groups[{i}].params: no trainable parameter of {type(model).__name__} "
+                            f"has a name starting with {spec['param_groups'][i]['params']!r} (they start with "
+                            f"{', '.join(starts)})")
+    return groups + ([{"params": rest, "name": "rest"}] if rest else [])
 
 
 def _parameters(target):

@@ -36,11 +36,13 @@ class LrSchedule:
             self.scheduler.step()
 
     def after_epoch(self, monitored):
-        """Step an epoch-wise scheduler; `monitored` is the value ReduceLROnPlateau watches."""
+        """Step an epoch-wise scheduler; `monitored` is the value ReduceLROnPlateau watches (None on an epoch
+        without validation: it then waits for the next one)."""
         if self.per_batch:
             return
         if isinstance(self.scheduler, ReduceLROnPlateau):
-            self.scheduler.step(monitored)
+            if monitored is not None:
+                self.scheduler.step(monitored)
         else:
             self.scheduler.step()
 
@@ -81,4 +83,16 @@ def build_schedule(config, optimizer, batches_per_epoch):
     if "total_steps" in inspect.signature(cls).parameters and not {"total_steps", "epochs"} & spec["args"].keys():
         batches = min(batches_per_epoch, cfg["limit_train_batches"] or batches_per_epoch)
         extra["total_steps"] = cfg["epochs"] * math.ceil(batches / cfg["accumulation_steps"])
+    extra.update(per_group_rates(cls, spec["args"], optimizer))
     return LrSchedule(build(config, "lr_scheduler", optimizer, **extra), spec["step_every"], cfg["epochs"])
+
+
+def per_group_rates(cls, args, optimizer):
+    """A scheduler's scalar `max_lr`/`base_lr` (OneCycleLR, CyclicLR) scaled per parameter group, in the ratio of
+    each group's rate to the optimizer's own, so that the groups keep their relative rates."""
+    groups, base = optimizer.param_groups, optimizer.defaults.get("lr")
+    if len(groups) < 2 or not isinstance(base, (int, float)) or not base:
+        return {}
+    names = inspect.signature(cls).parameters.keys() & {"max_lr", "base_lr"}
+    return {name: [args[name] * group["lr"] / base for group in groups]
+            for name in names if isinstance(args.get(name), (int, float))}

@@ -61,7 +61,8 @@ class TrainerSettings:
                                 "`train.log` always gets everything", minimum=0)
     monitor: str = setting("off", "`\"min <metric>\"` or `\"max <metric>\"`, e.g. `\"max val_accuracy\"`, or "
                                   "`\"off\"`; drives `model_best.pth`, `early_stop` and `save_top_k`")
-    early_stop: int = setting(0, "stop after N epochs without improvement of the monitored metric; 0: never", minimum=0)
+    early_stop: int = setting(0, "stop after N epochs without improvement of the monitored metric (N "
+                                   "validations with `val_every_n_epochs`); 0: never", minimum=0)
     tensorboard: bool = setting(True, "write TensorBoard events to `<run folder>/tensorboard/` (when `trackers` "
                                       "names `\"tensorboard\"`)")
     trackers: list = setting(["tensorboard"], "where the run also reports: any of `\"tensorboard\"`, `\"mlflow\"`, "
@@ -84,6 +85,9 @@ class TrainerSettings:
     ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999), "
                                     "validated as `val_ema_*` and saved in checkpoints; 0: off", minimum=0, below=1)
     limit_train_batches: int = setting(0, "train on at most N batches per epoch; 0: all", minimum=0)
+    val_every_n_epochs: int = setting(1, "validate every N epochs (and always after the last); `early_stop` counts "
+                                         "validations, and epochs without one leave the `val_` cells of "
+                                         "`history.csv` empty", minimum=1)
     limit_val_batches: int = setting(0, "validate on at most N batches; 0: all", minimum=0)
     overfit_batches: int = setting(0, "train and validate on the same first N batches, unshuffled: a check that the "
                                       "model can learn at all; 0: off", minimum=0)

@@ -1,0 +1,11 @@
+"""The evaluation step every prediction goes through: validation, test.py, out-of-fold predictions and TTA."""
+
+
+def as_inputs(data):
+    """A batch's inputs as a tuple: one image tensor, or the images followed by other inputs (features)."""
+    return data if isinstance(data, tuple) else (data,)
+
+
+def evaluation_step(model, data):
+    """The model's whole output (a tensor, tuple or dict) for a batch's inputs: `model(*inputs)`."""
+    return model(*as_inputs(data))
