@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from logger.report import esc, page, read_history
-from logger.trackers import flatten
+from trainer.trackers import flatten
 from utils.util import ArgumentParser, Outcome, UserError, error_line, read_json, write_text
 
 MAX_DEPTH = 4

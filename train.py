@@ -19,7 +19,7 @@ from base.base_trainer import STEP, TrainingStopped
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from logger.report import report_from_out_of_fold
-from logger.trackers import build_trackers
+from trainer.trackers import build_trackers
 from trainer.trainer import Trainer
 from utils import dist
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
