@@ -72,7 +72,7 @@ def parse_args(argv):
 
 
 FAST_DEV_RUN = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-                "trainer.tensorboard=false"]
+                "trainer.tensorboard=false", "trainer.trackers=[]"]
 
 
 def command_line_overrides(args):
