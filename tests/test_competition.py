@@ -204,7 +204,8 @@ def fold_ids(data_slice, config, fold):
 
 def test_all_folds_write_one_best_checkpoint_each_and_out_of_fold_predictions(folds_run, data_slice):
     group = folds_run.group
-    assert sorted(p.name for p in group.iterdir()) == ["fold0", "fold1", "oof.csv", "oof_metrics.json"]
+    assert sorted(p.name for p in group.iterdir()) == ["fold0", "fold1", "oof.csv", "oof_metrics.json",
+                                                           "report.html"]
     for k in range(N_FOLDS):
         best = load(group / f"fold{k}" / "model_best.pth")
         assert best["config"]["data_loader"]["args"]["fold"] == k
