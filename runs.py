@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from logger.report import esc, page, read_history
-from logger.trackers import flatten
+from trainer.trackers import flatten
 from utils.util import ArgumentParser, Outcome, UserError, error_line, read_json, write_text
 
 MAX_DEPTH = 4
@@ -37,21 +37,27 @@ def find_runs(folder):
 def describe(run):
     """A run's flattened config, its best monitored value and epoch, and its newest test (or out-of-fold) score."""
     group = (run / "oof_metrics.json").is_file()
-    config_path = run / "config.json" if (run / "config.json").is_file() else next(run.glob("fold*/config.json"))
-    config = read_json(config_path)
-    mode, _, metric = str(config.get("trainer", {}).get("monitor", "off")).partition(" ")
+    config_path = run / "config.json" if (run / "config.json").is_file() else next(run.glob("fold*/config.json"),
+                                                                                    run / "oof_metrics.json")
+    config = as_dict(read_json(config_path)) if config_path.name == "config.json" else {}
+    mode, _, metric = str(as_dict(config.get("trainer")).get("monitor", "off")).partition(" ")
     best = best_epoch(run, mode, metric) if not group else (None, None)
     if group:
-        scores = read_json(run / "oof_metrics.json")
+        scores = as_dict(read_json(run / "oof_metrics.json"))
         where = "out-of-fold"
     else:
         tested = sorted(run.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-        scores, where = (read_json(tested[-1]), tested[-1].parent.name) if tested else ({}, "")
+        scores, where = (as_dict(read_json(tested[-1])), tested[-1].parent.name) if tested else ({}, "")
     name = metric.removeprefix("val_")
     score = scores.get(name) if isinstance(scores.get(name), (int, float)) else next(
         (v for k, v in scores.items() if k != "n_samples" and isinstance(v, (int, float))), None)
     return {"run": run, "time": config_path.stat().st_mtime, "config": flatten(config), "monitor": metric,
             "best": best[0], "epoch": best[1], "score": score, "scored_on": where}
+
+
+def as_dict(value):
+    """A JSON object read from a run folder, or {} when the file holds something else."""
+    return value if isinstance(value, dict) else {}
 
 
 def best_epoch(run, mode, metric):

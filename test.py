@@ -6,8 +6,8 @@
     python test.py --blend x/probabilities.csv y/probabilities.csv --weights 2 1 --out DIR
 
 Models and data are rebuilt from the checkpoints' own configs (the first one's data settings; change any with
--o). Writes metrics.json (when the data has labels), predictions.csv (the submission) and probabilities.csv to
-DIR, by default `<run folder>/<split>-<checkpoint name>/`.
+-o). Writes metrics.json (when the data has labels), predictions.csv (the submission), probabilities.csv and
+report.html to DIR, by default `<run folder>/<split>-<checkpoint name>/`.
 """
 import dataclasses
 import os

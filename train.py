@@ -20,8 +20,8 @@ from base.base_trainer import STEP, TrainingStopped
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from logger.report import report_from_out_of_fold
-from logger.trackers import build_trackers
 from trainer.preflight import check_one_batch
+from trainer.trackers import build_trackers
 from trainer.trainer import Trainer
 from utils import dist, run_group
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
@@ -77,7 +77,7 @@ def parse_args(argv):
 
 
 FAST_DEV_RUN = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-                "trainer.tensorboard=false"]
+                "trainer.tensorboard=false", "trainer.trackers=[]"]
 
 
 def command_line_overrides(args):

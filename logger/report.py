@@ -235,11 +235,12 @@ def confidently_wrong(probabilities, targets, names, ids, image):
     return "".join(cards) or "<p>None wrong.</p>"
 
 
-def png(tensor):
-    """An image tensor (C, H, W), stretched to its own value range, as base64 PNG."""
+def png(image):
+    """An image (a (C, H, W) tensor or a PIL image), stretched to its own value range, as base64 PNG."""
     from torchvision.io import encode_png
+    from torchvision.transforms.v2.functional import to_image
 
-    image = tensor.detach().float().cpu()
+    image = (image if isinstance(image, torch.Tensor) else to_image(image)).detach().float().cpu()
     image = image[:3 if image.shape[0] >= 3 else 1]
     image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-5)
     return base64.b64encode(encode_png((image * 255).round().to(torch.uint8)).numpy().tobytes()).decode()

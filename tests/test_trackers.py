@@ -41,10 +41,12 @@ def test_wandb_offline_writes_its_run_folder(config, tmp_path, monkeypatch):
 
 
 def test_the_csv_tracker_writes_one_long_file_for_the_save_folder(config, tmp_path):
+    config["data_loader"]["args"].update(n_folds=2, fold=1)
     run_dir = train_with(config, tmp_path, ["csv"])
     rows = read_csv_rows(tmp_path / "saved" / "tracking.csv")
     assert {"param", "tag", "metric", "file"} <= {r["kind"] for r in rows} and {r["run_dir"] for r in rows} == {
         str(run_dir)}
+    assert {(r["key"], r["value"]) for r in rows if r["kind"] == "tag"} >= {("fold", "1"), ("run_dir", str(run_dir))}
     accuracy = [(r["epoch"], r["value"]) for r in rows if r["key"] == "val_accuracy"]
     assert [(e, float(v)) for e, v in accuracy] == [(r["epoch"], float(r["val_accuracy"])) for r in
                                                     read_history(run_dir)]

@@ -115,7 +115,8 @@ class MlflowTracker(Hook):
             name, artifact_location=(self.save_dir / "mlartifacts" / name).as_uri()
             if self.uri.startswith("sqlite:") else None)
         tags = run_tags(trainer)
-        earlier = self.client.search_runs([experiment_id], f"tags.run_dir = '{tags['run_dir']}'", max_results=1)
+        earlier = [] if "'" in tags["run_dir"] else self.client.search_runs(
+            [experiment_id], f"tags.run_dir = '{tags['run_dir']}'", max_results=1)
         if earlier:
             self.run_id = earlier[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
