@@ -64,6 +64,10 @@ def write_report(path, title, task, probabilities, targets, ids, histories, imag
         targets = targets.reshape(len(targets), -1)
         for h, ((column, classes), segment) in enumerate(zip(task.heads, task.segments)):
             p = probabilities[:, segment]
+            if task.is_value(h):
+                parts += [f"<h2>Predicted against true ({esc(column)})</h2>",
+                          scatter(targets[:, h].double(), p[:, 0], column)]
+                continue
             names = [str(c) for c in classes] if classes else [str(i) for i in range(p.shape[1])]
             parts += multiclass_sections(p, targets[:, h].long(), names, column if len(task.heads) > 1 else "",
                                          ids, image if len(task.heads) == 1 else None)

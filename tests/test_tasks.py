@@ -512,6 +512,8 @@ def test_a_teams_three_head_model_and_loss_drop_in_unchanged(task_set, tmp_path,
     assert evaluate(["-r", run / "model_best.pth", *TEST_LABELS, "-o", 'import_roots=["maskteam"]',
                      "--out", tmp_path / "test"]) == 0
     assert list(read_text_table(tmp_path / "test" / "predictions.csv").columns) == ["id", "mask", "gender", "value"]
+    report = (tmp_path / "test" / "report.html").read_text()
+    assert "Confusion matrix (mask)" in report and "Predicted against true (value)" in report
 
 
 # --- the files the program writes and reads back ------------------------------------------------------------------
