@@ -105,7 +105,8 @@ def test_both_image_readers_give_one_pixel_semantics_for_exif_cmyk_16_bit_palett
     deep = rng.integers(0, 65535, (16, 24), dtype=np.uint16)
     exif = rgb.getexif()
     exif[0x0112] = 6  # stored 24 wide, shown rotated: 16 wide, 24 high
-    files = {"exif.jpeg": (rgb, "JPEG", {"exif": exif}), "cmyk.jpeg": (rgb.convert("CMYK"), "JPEG", {}),
+    files = {"exif.jpeg": (rgb, "JPEG", {"exif": exif}), "exif.png": (rgb, "PNG", {"exif": exif}),
+             "cmyk.jpeg": (rgb.convert("CMYK"), "JPEG", {}),
              "16bit.png": (Image.fromarray(deep), "PNG", {}), "palette.png": (rgb.convert("P"), "PNG", {}),
              "palette-alpha.png": (rgb.convert("P"), "PNG", {"transparency": 0}),
              "rgba.png": (rgb.convert("RGBA"), "PNG", {}), "gray-alpha.png": (rgb.convert("LA"), "PNG", {})}
@@ -120,7 +121,8 @@ def test_both_image_readers_give_one_pixel_semantics_for_exif_cmyk_16_bit_palett
         own[name] = images.decode(buffer.getvalue(), "unchanged")
         assert torch.equal(images.decode(buffer.getvalue(), "rgb"), images.decode(buffer.getvalue(), "rgba")[:3]), name
     assert {name: list(image.shape) for name, image in own.items()} == {
-        "exif.jpeg": [3, 24, 16], "cmyk.jpeg": [3, 16, 24], "16bit.png": [1, 16, 24], "palette.png": [3, 16, 24],
+        "exif.jpeg": [3, 24, 16], "exif.png": [3, 24, 16], "cmyk.jpeg": [3, 16, 24], "16bit.png": [1, 16, 24],
+        "palette.png": [3, 16, 24],
         "palette-alpha.png": [4, 16, 24], "rgba.png": [4, 16, 24], "gray-alpha.png": [2, 16, 24]}
     assert torch.equal(own["16bit.png"][0], torch.from_numpy((deep >> 8).astype(np.uint8)))
 
