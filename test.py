@@ -23,6 +23,7 @@ from trainer.inference import (
     check_same_inputs,
     check_same_validation,
     class_names,
+    placeholder_labels,
     predict_ensemble,
     row_ids,
     score,
@@ -200,6 +201,8 @@ def evaluate(args, logger):
     inference = config["inference"] = settle_inference(config["inference"], task, paths)
     probabilities, targets = predict_ensemble(members, data_loader, tta, args.ema, device)
     labelled = getattr(data_loader.dataset, "targets", None) is not None
+    placeholder = placeholder_labels(config, split, targets) if labelled else None
+    labelled = labelled and not placeholder
     metrics = score(config, task, probabilities, targets, inference["threshold"]) if labelled else None
     threshold = {"threshold": inference["threshold"]} if task.kind == "multilabel" else {}
     summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
@@ -209,6 +212,8 @@ def evaluate(args, logger):
     report_from_test(out, paths, task, probabilities, targets if labelled else None, data_loader)
     if metrics:
         logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    elif placeholder:
+        logger.warning("no metrics: the labels look like placeholders (%s); wrote predictions only", placeholder)
     else:
         logger.info("the data has no labels: wrote predictions only")
     logger.info("wrote %s", out)

@@ -69,11 +69,21 @@ def decode(data, mode, reader=None, max_pixels=MAX_PIXELS):
     if width * height > max_pixels:
         raise PixelLimit(f"{width}x{height} pixels, more than the {max_pixels:,} allowed")
     plain = header.mode in PLAIN_MODES and MODES[mode][1] in (None, header.mode) and \
-        header.getexif().get(ORIENTATION, 1) == 1 and not (header.format == "PNG" and data[24:25] == b"\x10")
+        orientation(header, data) == 1 and not (header.format == "PNG" and data[24:25] == b"\x10")
     return READERS[reader or default_reader() if plain else "pillow"](data, mode)
 
 
-ORIENTATION = 0x0112  # the EXIF tag
+def orientation(header, data):
+    """The EXIF orientation from the header (1: upright), None when only decoding would tell (a PNG's eXIf chunk
+    after its pixels: Pillow's getexif would decode them to find it)."""
+    from PIL import Image
+
+    exif = header.info.get("exif")
+    if exif is None:
+        return None if header.format == "PNG" and b"eXIf" in data else 1
+    tags = Image.Exif()
+    tags.load(exif)
+    return tags.get(0x0112, 1)
 
 
 def open_header(data):

@@ -133,10 +133,14 @@ class MeanAveragePrecision(Metric):
 
     tasks = ("multilabel",)
     bins = 1000
+    max_classes = 10_000  # its histograms take 16 KB per class
 
     def batch_stats(self, output, target):
         """Per class, the histograms of the scores of positive and of negative targets, (2, C, bins)."""
         n_classes, bins = output.shape[1], self.bins
+        if n_classes > self.max_classes:
+            raise ValueError(f"its histograms of {n_classes:,} classes would take "
+                             f"{2 * n_classes * bins * 8 / 2 ** 30:.1f} GiB; it scores up to {self.max_classes:,}")
         cells = ((output.double().sigmoid() * bins).long().clamp_(0, bins - 1)
                  + torch.arange(n_classes, device=output.device) * bins).flatten()
         target = target.double().flatten()

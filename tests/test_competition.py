@@ -391,6 +391,20 @@ def test_submission_with_one_column_per_class_in_the_samples_order(folds_run, tm
         assert [float(row[c]) for c in columns] == pytest.approx([expected[int(c)] for c in columns], rel=1e-5)
 
 
+@pytest.mark.parametrize("labels", ["constant", "sample submission"])
+def test_placeholder_labels_give_predictions_and_no_metrics(folds_run, data_slice, tmp_path, capsys, labels):
+    best = folds_run.group / "fold0" / "model_best.pth"
+    ids = [row["id"] for row in read_csv_rows(data_slice / "test.csv")]
+    placeholders = write_csv(tmp_path / "sample_submission.csv", ["id", "label"],
+                             [(i, 0 if labels == "constant" else n % 10) for n, i in enumerate(ids)])
+    sample = ["-o", f"inference.sample_submission={placeholders}"] if labels == "sample submission" else []
+    out = tmp_path / "out"
+    assert evaluate(["-r", best, "--out", out, "-o", f"data_loader.args.test_csv={placeholders}", *sample]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "probabilities.csv"]
+    notes = [line for line in "".join(capsys.readouterr()).splitlines() if "placeholders" in line]
+    assert len(notes) == 1 and "no metrics" in notes[0]
+
+
 @pytest.fixture(scope="module")
 def words_run(data_slice, tmp_path_factory):
     """A run on labels that are words, as competitions often have: the class index is the sorted position."""

@@ -90,8 +90,41 @@ def test_both_image_readers_give_torchvisions_pixels_for_png_and_jpeg(mode, tmp_
             got = images.decode(data, mode, reader)
             assert got.dtype == torch.uint8 and got.shape == expected.shape, (name, reader)
             converted = mode != "unchanged" and name != f"png-{mode}"  # Pillow rounds colour-to-gray differently
-            tolerance = 2 if name.startswith("jpeg") else 1 if converted and reader == "pillow" else 0
+            tolerance = 2 if name.startswith("jpeg") else 1 if converted else 0
             assert (got.int() - expected.int()).abs().max() <= tolerance, (name, reader)
+
+
+def test_both_image_readers_give_one_pixel_semantics_for_exif_cmyk_16_bit_palette_and_alpha():
+    """EXIF orientation applied, CMYK to RGB, 16 bits to their high byte, a palette to RGB (RGBA with transparency),
+    alpha kept by the modes that have it and dropped by the others; both readers give the same uint8 pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8))
+    deep = rng.integers(0, 65535, (16, 24), dtype=np.uint16)
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # stored 24 wide, shown rotated: 16 wide, 24 high
+    files = {"exif.jpeg": (rgb, "JPEG", {"exif": exif}), "exif.png": (rgb, "PNG", {"exif": exif}),
+             "cmyk.jpeg": (rgb.convert("CMYK"), "JPEG", {}),
+             "16bit.png": (Image.fromarray(deep), "PNG", {}), "palette.png": (rgb.convert("P"), "PNG", {}),
+             "palette-alpha.png": (rgb.convert("P"), "PNG", {"transparency": 0}),
+             "rgba.png": (rgb.convert("RGBA"), "PNG", {}), "gray-alpha.png": (rgb.convert("LA"), "PNG", {})}
+    readers = ["pillow"] + (["torchcodec"] if images.default_reader() == "torchcodec" else [])
+    own = {}
+    for name, (image, form, options) in files.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format=form, **options)
+        for mode in images.MODES:
+            decoded = [images.decode(buffer.getvalue(), mode, reader) for reader in readers]
+            assert all(d.dtype == torch.uint8 and torch.equal(d, decoded[0]) for d in decoded), (name, mode)
+        own[name] = images.decode(buffer.getvalue(), "unchanged")
+        assert torch.equal(images.decode(buffer.getvalue(), "rgb"), images.decode(buffer.getvalue(), "rgba")[:3]), name
+    assert {name: list(image.shape) for name, image in own.items()} == {
+        "exif.jpeg": [3, 24, 16], "exif.png": [3, 24, 16], "cmyk.jpeg": [3, 16, 24], "16bit.png": [1, 16, 24],
+        "palette.png": [3, 16, 24],
+        "palette-alpha.png": [4, 16, 24], "rgba.png": [4, 16, 24], "gray-alpha.png": [2, 16, 24]}
+    assert torch.equal(own["16bit.png"][0], torch.from_numpy((deep >> 8).astype(np.uint8)))
 
 
 def test_bytes_that_are_no_image_are_a_value_error_for_both_readers():
@@ -533,3 +566,70 @@ def test_a_training_epoch_never_ends_in_a_batch_of_one_sample(small_data, batch_
     loader = CsvImageDataLoader(small_data, batch_size=batch_size, validation_split=0.0)
     assert [len(inputs) for inputs, _ in loader] == sizes
     assert len(loader) == len(sizes)
+
+
+@pytest.mark.parametrize("how", ["data", "data and its digest"])
+def test_a_tampered_cache_is_decoded_again_with_a_warning(small_data, tmp_path, warnings_seen, how):
+    """Every byte of the kept pixels inverted (same size, index untouched), or the index's digest rewritten to match:
+    the cache is compared with the images it stands for and decoded again, never used."""
+    import hashlib
+
+    cache = tmp_path / "cache"
+    dataset(small_data, cache)
+    reference = images_of(dataset(small_data, None))
+    (index,) = cache.glob("*.pt")
+    saved = torch.load(index, weights_only=True)
+    data = cache / saved["data"]
+    data.write_bytes(bytes(255 - b for b in data.read_bytes()))
+    if how == "data and its digest":
+        torch.save({**saved, "digest": hashlib.sha256(data.read_bytes()).hexdigest()}, index)
+    rebuilt = images_of(dataset(small_data, cache))
+    assert all(torch.equal(a, b) for a, b in zip(reference, rebuilt, strict=True))
+    (message,) = warnings_seen.messages
+    assert "decoding again" in message and ("digest" in message if how == "data" else "pixels of" in message)
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero", "folder"])
+@pytest.mark.parametrize("which", ["image", "csv"])
+def test_an_image_or_csv_that_is_no_regular_file_is_one_line(small_data, target, which):
+    """A symbolic link to a FIFO neither hangs nor reads; one to /dev/zero does not read without end."""
+    first = read_csv_rows(small_data / "train.csv")[0]["id"]
+    path = small_data / "train" / f"{first}.png" if which == "image" else small_data / "train.csv"
+    if which == "csv":
+        path.rename(small_data / "labels.csv")
+    else:
+        path.unlink()
+    if target == "fifo":
+        os.mkfifo(small_data / "fifo")
+    elif target == "folder":
+        (small_data / "folder").mkdir()
+    path.symlink_to(target if target.startswith("/") else small_data / target)
+    with pytest.raises(UserError, match="not a regular file"):
+        CsvImageDataLoader(small_data, batch_size=4, validation_split=0, classes=list(range(10)))
+
+
+def test_an_image_of_too_many_pixels_is_refused_from_its_header_undecoded(small_data):
+    """A PNG whose header says 50000x50000 (2.5 billion pixels) is one line, read no further than its header; the
+    bound is the user's to raise."""
+    import struct
+    import zlib
+
+    first = read_csv_rows(small_data / "train.csv")[0]["id"]
+    path = small_data / "train" / f"{first}.png"
+    data = path.read_bytes()
+    header = data[12:16] + struct.pack(">II", 50000, 50000) + data[24:29]
+    path.write_bytes(data[:8] + data[8:12] + header + struct.pack(">I", zlib.crc32(header)) + data[33:])
+    with pytest.raises(UserError, match=r"50000x50000 pixels, more than the 100,000,000 allowed "
+                                        r"\(data_loader.args.max_image_pixels raises the bound\)"):
+        CsvImageDataLoader(small_data, batch_size=4, validation_split=0, classes=list(range(10)))
+    shutil.copy2(DATA / "train" / f"{first}.png", path)
+    with pytest.raises(UserError, match="28x28 pixels, more than the 783 allowed"):
+        CsvImageDataLoader(small_data, batch_size=4, validation_split=0, classes=list(range(10)), max_image_pixels=783)
+    assert len(CsvImageDataLoader(small_data, batch_size=4, validation_split=0, max_image_pixels=784).dataset) == 20
+
+
+def test_a_sample_submission_that_is_no_regular_file_is_one_line():
+    from trainer.inference import read_sample
+
+    with pytest.raises(UserError, match=r"inference.sample_submission: cannot read '/dev/zero' \(.*not a regular file"):
+        read_sample("/dev/zero")

@@ -18,6 +18,7 @@ from model.metric import (
     R2,
     RMSE,
     Accuracy,
+    ConfusionMatrix,
     EpochMetrics,
     MacroF1,
     MeanAveragePrecision,
@@ -302,3 +303,12 @@ def test_loaders_serve_exactly_their_split():
 
 def test_no_split_gives_no_validation_loader():
     assert make_loader(seed=1, validation_split=0.0).split_validation() is None
+
+
+def test_macro_f1_of_20000_classes_needs_no_confusion_matrix_and_metrics_that_cannot_afford_them_refuse():
+    output, target = torch.eye(20_000)[:4], torch.tensor([0, 1, 2, 5])
+    assert MacroF1().compute(MacroF1().batch_stats(output, target)) == pytest.approx(3 / 5)  # classes 3 and 5 score 0
+    with pytest.raises(ValueError, match="a confusion matrix of 20,000 classes would take 3.0 GiB"):
+        ConfusionMatrix().batch_stats(output, target)
+    with pytest.raises(ValueError, match="its histograms of 20,000 classes would take 0.3 GiB"):
+        MeanAveragePrecision().batch_stats(output, torch.eye(20_000)[:4])

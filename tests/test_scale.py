@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 
 import train
 from base import BaseDataLoader
+from data_loader import image_cache
 from logger.logger import setup_logging
 from tests.helpers import (
     BATCH_SIZE,
@@ -396,9 +397,9 @@ def reads(monkeypatch):
 
     names = []
 
-    def read_image(path, mode):
+    def read_image(path, mode, **kwargs):
         names.append(path.name)
-        return images.read_image(path, mode)
+        return images.read_image(path, mode, **kwargs)
 
     for module in (datasets, image_cache):
         monkeypatch.setattr(module, "read_image", read_image)
@@ -452,8 +453,8 @@ def test_the_first_batch_of_a_large_set_reads_only_its_own_images(image_set, tmp
     assert reads[before:] == [f"{i:03d}.png" for i in first_batch if i != 0]  # the first image is in its slot
 
 
-def test_after_a_full_pass_the_cache_is_kept_and_a_later_loader_reads_no_image(image_set, tmp_path, fill_on_read,
-                                                                               reads):
+def test_after_a_full_pass_the_cache_is_kept_and_a_later_loader_reads_only_the_images_it_checks(image_set, tmp_path,
+                                                                                             fill_on_read, reads):
     cache = tmp_path / "cache"
     loader = image_loader(image_set, cache_dir=str(cache), validation_split=0.25)
     loader.write_caches()
@@ -467,7 +468,7 @@ def test_after_a_full_pass_the_cache_is_kept_and_a_later_loader_reads_no_image(i
     tested = image_loader(image_set, cache_dir=str(cache), training=False, test_csv="train.csv",
                           test_images="train")  # as test.py builds it
     assert len(list(tested.evaluation_loader())) == 6
-    assert reads == []
+    assert 0 < len(reads) <= image_cache.CHECKED  # compared with the cache, which serves every batch
 
 
 def test_an_image_of_another_shape_is_read_from_its_file_every_time(image_set, tmp_path, fill_on_read, reads,

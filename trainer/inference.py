@@ -68,6 +68,28 @@ def scoring_loss(config, task):
     return build_loss({**config, "loss": None}, task) if isinstance(criterion, WholeLoss) else criterion
 
 
+def placeholder_labels(config, split, targets):
+    """Why the data's labels look like placeholders rather than truth (every row the same, or the test CSV holding the
+    sample submission's rows, as where a competition ships no test labels), or None."""
+    if len(targets) > 1 and bool((targets == targets[:1]).all()):
+        return f"all {len(targets):,} rows have the same label"
+    sample_path, args = config["inference"]["sample_submission"], config["data_loader"]["args"]
+    if split != "test" or not sample_path or "data_dir" not in args:
+        return None
+    test_csv = Path(args["data_dir"], args.get("test_csv", "test.csv"))
+    try:
+        with open_regular(test_csv) as f:
+            test = pd.read_csv(f, dtype=str, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    sample = read_sample(sample_path)
+    common = [c for c in sample.columns if c in test.columns]
+    if len(common) > 1 and len(sample) == len(test) and \
+            set(sample[common].itertuples(index=False)) == set(test[common].itertuples(index=False)):
+        return f"{test_csv} holds the rows of the sample submission {sample_path}"
+    return None
+
+
 def row_ids(data_loader):
     """The id of every sample in loader order: the dataset's `ids` (competition layout) or its index."""
     dataset, rows = data_loader.dataset, data_loader.sampler.indices.tolist()
