@@ -208,8 +208,8 @@ def evaluate(args, logger):
     summary = {"checkpoints": [str(p) for p in paths], "split": split, "ema": args.ema, "tta_views": len(tta),
                **threshold, "n_samples": len(targets), **metrics} if labelled else None
     write_outputs(out, row_ids(data_loader), probabilities, class_names(data_loader, n_classes), inference, task,
-                  summary)
-    report_from_test(out, paths, task, probabilities, targets if labelled else None, data_loader)
+                  summary, report=lambda folder: report_from_test(folder, paths, task, probabilities,
+                                                                  targets if labelled else None, data_loader))
     if metrics:
         logger.info("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     elif placeholder:
@@ -220,9 +220,10 @@ def evaluate(args, logger):
     return out
 
 
-def write_outputs(out, ids, probabilities, classes, inference, task, metrics=None):
-    """probabilities.csv, the submission and metrics.json (when given) into `out`, all or none: they are written into
-    a temporary folder beside it and moved in once all are complete; a folder that cannot be written is one line."""
+def write_outputs(out, ids, probabilities, classes, inference, task, metrics=None, report=None):
+    """probabilities.csv, the submission, metrics.json (when given) and `report(folder)`'s report.html into `out`,
+    all or none: they are written into a temporary folder beside it and moved in once all are complete; a folder
+    that cannot be written is one line."""
     try:
         with no_new_folders_on_failure(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +231,8 @@ def write_outputs(out, ids, probabilities, classes, inference, task, metrics=Non
                 write_predictions(Path(tmp), ids, probabilities, classes, inference, task)
                 if metrics:
                     write_json(metrics, Path(tmp) / "metrics.json")
+                if report:
+                    report(Path(tmp))
                 move_into(Path(tmp), out)
     except OSError as e:
         raise UserError(f"--out {str(out)!r}: cannot write there ({e.strerror or e})") from None

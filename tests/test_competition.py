@@ -400,7 +400,8 @@ def test_placeholder_labels_give_predictions_and_no_metrics(folds_run, data_slic
     sample = ["-o", f"inference.sample_submission={placeholders}"] if labels == "sample submission" else []
     out = tmp_path / "out"
     assert evaluate(["-r", best, "--out", out, "-o", f"data_loader.args.test_csv={placeholders}", *sample]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "probabilities.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "probabilities.csv", "report.html"]
+    assert "no labels: no scores" in (out / "report.html").read_text()
     notes = [line for line in "".join(capsys.readouterr()).splitlines() if "placeholders" in line]
     assert len(notes) == 1 and "no metrics" in notes[0]
 
