@@ -26,7 +26,7 @@ from data_loader.datasets import (
 from data_loader.images import MAX_PIXELS
 from utils.config import build_transforms, resolve
 from utils.task import KINDS, Task
-from utils.util import UserError
+from utils.util import UserError, listed
 
 
 class CsvImageDataLoader(BaseDataLoader):
@@ -179,7 +179,7 @@ def task_from_csv(train_csv, id_column, columns, kind, delimiter, classes, bins=
     if classes is None:
         table = read_csv(train_csv, id_column, required=() if kind == "multilabel" else columns)
         if columns[0] not in table:
-            raise UserError(f"{train_csv}: no column {columns[0]!r} (columns: {', '.join(table)})")
+            raise UserError(f"{train_csv}: no column {columns[0]!r} (columns: {listed(table)})")
         labels = {c: table[c] for c in columns}
         if kind == "multilabel":
             labels = {c: [label for v in values for label in split_labels(v, delimiter)]

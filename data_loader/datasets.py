@@ -13,7 +13,7 @@ from data_loader.files import open_regular
 from data_loader.image_cache import DecodedImages, ImageCache
 from data_loader.images import MAX_PIXELS, MODES, image_file, read_image
 from utils.task import Task
-from utils.util import UserError
+from utils.util import UserError, listed
 
 NO_LABEL = -1
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -141,7 +141,7 @@ def read_targets(csv_file, table, task):
         return None
     if len(present) < len(columns):
         missing = next(c for c in columns if c not in present)
-        raise UserError(f"{csv_file}: no labels in column {missing!r} (columns: {', '.join(table)})")
+        raise UserError(f"{csv_file}: no labels in column {missing!r} (columns: {listed(table)})")
     if task.kind == "multilabel":
         return multi_hot(csv_file, table.lines, table[columns[0]], task.heads[0][1], task.delimiter, columns[0])
     if task.kind == "regression":
@@ -241,7 +241,7 @@ def read_csv(csv_file, id_column, required=()):
         raise UserError(f"{csv_file}: the header names {', '.join(map(repr, repeated))} more than once")
     for column in (id_column, *required):
         if column not in header:
-            raise UserError(f"{csv_file}: no column {column!r} (columns: {', '.join(header)})")
+            raise UserError(f"{csv_file}: no column {column!r} (columns: {listed(header)})")
     for line, row in rows:
         if len(row) != len(header):
             raise UserError(f"{csv_file}: line {line} has {len(row)} fields, expected {len(header)} like the header")

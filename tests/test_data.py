@@ -18,7 +18,7 @@ from base.base_data_loader import available_cpus
 from data_loader import images
 from data_loader.data_loaders import CsvImageDataLoader, image_transform
 from data_loader.datasets import CsvImageDataset, label_text, read_csv, typed
-from tests.helpers import DATA, REPO, fails, read_csv_rows, write_config
+from tests.helpers import DATA, REPO, error_line, evaluate, fails, read_csv_rows, write_config
 from utils.util import UserError
 
 
@@ -633,3 +633,18 @@ def test_a_sample_submission_that_is_no_regular_file_is_one_line():
 
     with pytest.raises(UserError, match=r"inference.sample_submission: cannot read '/dev/zero' \(.*not a regular file"):
         read_sample("/dev/zero")
+
+
+def test_a_blend_input_that_is_no_regular_file_is_one_line(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.csv")
+    assert evaluate(["--blend", tmp_path / "fifo.csv", "/dev/zero", "--out", tmp_path / "out"]) == 2
+    assert "not a regular file" in error_line(capsys) and not (tmp_path / "out").exists()
+
+
+def test_a_csv_of_many_columns_is_named_in_a_short_line(small_data):
+    wide = ",".join(f"c{i}" for i in range(40_000))
+    (small_data / "train.csv").write_text(f"{wide}\n" + ",".join("0" * 40_000) + "\n")
+    with pytest.raises(UserError) as refused:
+        CsvImageDataLoader(small_data, batch_size=4, validation_split=0)
+    assert "c0, c1, c2" in str(refused.value) and "(40,000 in all)" in str(refused.value)
+    assert len(str(refused.value)) < 400

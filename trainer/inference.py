@@ -7,6 +7,7 @@ blended later.
 import itertools
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from trainer.steps import evaluation_step
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
 from utils.task import Task, WholeLoss, as_targets, read_task, task_of, write_task
-from utils.util import UserError, first_line, worker_died, write_json
+from utils.util import UserError, first_line, listed, worker_died, write_json
 
 CHUNK = 4096
 PROBE = 4  # samples of the first batch that every model and TTA view is tried on before predicting
@@ -325,7 +326,8 @@ def combine_out_of_fold(config, task, paths, group_dir):
 
 def read_text_csv(path):
     """A CSV the program wrote, every cell as its text: ids such as `NA`, `null` or `None` stay ids."""
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    with open_regular(path) as f:
+        return pd.read_csv(f, dtype=str, keep_default_na=False)
 
 
 def load_model(path, config, use_ema, device):
@@ -528,16 +530,17 @@ def read_probabilities(path, task=None):
     part of it, with several label columns; not at all for labels chosen one by one); values of a regression need
     only be finite."""
     try:
-        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).fillna("")
+        with open_regular(path) as f:
+            raw = pd.read_csv(f, header=None, dtype=str, keep_default_na=False).fillna("")
     except (OSError, ValueError) as e:
         raise UserError(f"--blend: cannot read {str(path)!r} as a probabilities.csv ({first_line(e)})") from None
     header, body = list(raw.iloc[0]) if len(raw) else [], raw.iloc[1:]
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(header).items() if count > 1)
     if repeated:
         raise UserError(f"--blend: {path} names column {repeated[0]!r} more than once")
     least = 2 if task is not None and task.kind != "multiclass" else 3
     if "id" not in header or len(header) < least or body.empty:
-        raise UserError(f"--blend: {path} has columns {', '.join(header) or 'none'} and {len(body)} rows; expected an "
+        raise UserError(f"--blend: {path} has columns {listed(header) or 'none'} and {len(body)} rows; expected an "
                         f"id column and one probability column per class (a probabilities.csv, not a predictions.csv)")
     table = body.set_axis(header, axis=1).set_index("id")
     if "" in table.index or table.index.duplicated().any():

@@ -23,7 +23,7 @@ from pathlib import Path
 from utils import schedule
 from utils.settings import InferenceSettings, RunSettings, TrainerSettings, check_settings, value_problem
 from utils.task import DEFAULT_LOSS, HeadsLoss, Task, WholeLoss, head_kind, head_name, task_metrics
-from utils.util import UserError, did_you_mean, first_line, no_new_folders_on_failure, read_json
+from utils.util import UserError, did_you_mean, first_line, listed, no_new_folders_on_failure, read_json
 
 PROJECT_ROOTS = ("base", "data_loader", "model", "trainer", "logger", "utils")
 LIBRARY_ROOTS = ("torch", "torchvision")
@@ -204,7 +204,7 @@ def check_monitor(config, task=None):
     if task is None and any(metric.startswith(name + "_") for name in produced):
         return
     if metric not in produced:
-        hint = did_you_mean(metric, produced) or f"; training produces {', '.join(produced)}"
+        hint = did_you_mean(metric, produced) or f"; training produces {listed(produced)}"
         raise UserError(f"trainer.monitor: {metric!r} is never produced by training{hint}")
     spec = config["lr_scheduler"]
     if spec and schedule.watches_a_metric(resolve("lr_scheduler", spec["type"], config["import_roots"])) and \

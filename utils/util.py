@@ -102,6 +102,13 @@ def first_line(error):
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+def listed(names, most=20):
+    """Names joined by commas for a message, at most `most` of them: a file of 40,000 columns stays one short line."""
+    names = [str(name) for name in names]
+    more = f", ... ({len(names):,} in all)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 def did_you_mean(name, candidates):
     """"; did you mean 'x'?" for close matches of a misspelt name, else ""."""
     close = difflib.get_close_matches(str(name), list(candidates), n=3, cutoff=0.6)
