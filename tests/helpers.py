@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _stand_in_data(n_train=600, n_test=200):
     """A learnable stand-in for data/mnist5k in the same layout, for copies made without the sample images
-    (new_project.py): each class is a bright square at its own place on a noisy background."""
+    (new_project.py): each class is a bright square at its own place on a noisy background. It lies inside the
+    project (under saved/), as the sample data does: a checkpoint may name images only there or in its data folder."""
     import numpy as np
     from torchvision.io import write_png
 
-    folder = Path(tempfile.mkdtemp(prefix="mnist5k-stand-in-"))
+    folder = Path(tempfile.mkdtemp(prefix=".mnist5k-stand-in-", dir=REPO / "saved"))
     atexit.register(shutil.rmtree, folder, True)
     rng = np.random.default_rng(0)
     rows = {"train": [], "test": []}

@@ -50,6 +50,7 @@ class Trainer(BaseTrainer):
         self.closure_step = needs_closure(optimizer)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         self.grid_written = False  # train/images: the first batch this process trains
+        self.epoch = self.start_epoch
         if self.cfg.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
             raise UserError(f"trainer.freeze_backbone_epochs: {type(unwrap(model)).__name__} has no "
                             f"set_backbone_trainable(); use TorchvisionClassifier or add that method")
@@ -83,7 +84,7 @@ class Trainer(BaseTrainer):
         with self._gradient_sync(ends_group):
             loss, output = self._forward_backward(data, target, group_size)
         if ends_group:
-            self._optimizer_step(lambda: self._forward_backward(data, target, group_size, zero_grad=True)[0])
+            self._optimizer_step(batch_idx, lambda: self._forward_backward(data, target, group_size, zero_grad=True)[0])
         return loss, output
 
     def _forward_backward(self, data, target, group_size, zero_grad=False):
@@ -102,6 +103,7 @@ class Trainer(BaseTrainer):
         if self.cfg.freeze_backbone_epochs:
             unwrap(self.model).set_backbone_trainable(epoch > self.cfg.freeze_backbone_epochs)
         self.model.train()
+        self.epoch = epoch
         skip = self.resume_batches if epoch == self.start_epoch else 0
         if not skip:
             self.train_metrics.reset()
@@ -124,13 +126,13 @@ class Trainer(BaseTrainer):
         group_size = min(self.cfg.accumulation_steps, n_batches - group_start)
         return batch_idx == group_start, group_size, batch_idx == group_start + group_size - 1
 
-    def _optimizer_step(self, closure):
+    def _optimizer_step(self, batch_idx, closure):
         """Clip, step (unless non-finite gradients are to be skipped), then update EMA and a per-batch schedule."""
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         if self.cfg.nonfinite_loss == "skip" and not self.scaler.is_enabled() and not grads_finite(self.model):
-            self.logger.warning("non-finite gradients at step %d: update skipped", self.global_step)
+            self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", self.epoch, batch_idx)
         elif self.closure_step:
             self.optimizer.step(closure)
         else:  # under fp16 the scaler itself skips steps with non-finite gradients
