@@ -611,6 +611,24 @@ def test_feature_columns_reach_the_model_with_the_image_in_every_batch(task_set,
     assert model(images, features).shape == (len(images), 1)
 
 
+def test_feature_columns_beat_the_image_alone_where_the_target_depends_on_them(task_set, tmp_path):
+    """The same backbone with and without a numeric column that the target is drawn from."""
+    rng = np.random.default_rng(0)
+    data = rewritten_set(task_set, tmp_path / "data", lambda t: t.assign(
+        x=rng.uniform(0, 10, len(t)).round(3)).assign(value=lambda t: (5 * t["x"] + 1).map(repr)))
+    best = {}
+    for name, arch in (("image", {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 1}}),
+                       ("features", {"type": "ImageAndFeatures", "args": {"num_classes": 1, "num_features": 1}})):
+        config = task_config("regression", data, tmp_path / "saved", epochs=8)
+        config.update(name=name, arch=arch)
+        if name == "features":
+            config["data_loader"]["args"]["feature_columns"] = ["x"]
+        assert train.main(["-c", str(write_config(config, tmp_path / f"{name}.json"))]) == 0
+        (run,) = run_dirs(tmp_path / "saved", name)
+        best[name] = min(float(row["val_rmse"]) for row in read_history(run))
+    assert best["features"] < 0.5 * best["image"], best
+
+
 @pytest.mark.parametrize("columns, culprit", [(["gender"], "a feature needs a finite number"),
                                               (["value"], "is the id, label or group column"),
                                               ("age", "expected a list of distinct column names")])
