@@ -4,6 +4,7 @@
     python test.py -r a/model_best.pth -r b/model_best.pth       an ensemble (probabilities averaged)
     python test.py -r saved/<name>/<run group>/                  every fold's best checkpoint of a --folds run
     python test.py --blend x/probabilities.csv y/probabilities.csv --weights 2 1 --out DIR
+    python test.py -r saved/<name>/<run id>/ --track mlflow       also report metrics and files to the run's tracker
 
 Models and data are rebuilt from the checkpoints' own configs (the first one's data settings; change any with
 -o). Writes metrics.json (when the data has labels), predictions.csv (the submission), probabilities.csv and
@@ -31,6 +32,7 @@ from trainer.inference import (
     try_one_batch,
     write_predictions,
 )
+from trainer.trackers import TestReport
 from utils import run_group
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, overridden_keys, validate, validate_inference
@@ -67,6 +69,9 @@ def parse_args(argv):
     parser.add_argument("--bs", type=int, help="batch size for inference (default: the training batch size)")
     parser.add_argument("--blend", nargs="+", metavar="CSV", help="average saved probabilities.csv files instead")
     parser.add_argument("--weights", nargs="+", type=float, help="weights for --blend (default: equal)")
+    parser.add_argument("--track", nargs="+", default=[], choices=("mlflow", "wandb", "csv"), metavar="TRACKER",
+                        help="report the metrics and written files (mlflow, wandb, csv) to the checkpoint's training "
+                             "run, or to a new run named after --out for an ensemble or a blend")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="change the (first) checkpoint's config, e.g. -o data_loader.args.test_csv=test.csv")
     return parser.parse_args(argv)
@@ -172,10 +177,11 @@ def run_blend(args, logger):
     written = (Path(args.out) / "probabilities.csv").resolve()
     if any(Path(path).resolve() == written for path in args.blend):
         raise UserError(f"--out {args.out!r}: would overwrite {str(written)!r}, one of the files to blend")
+    reports = [TestReport(name, args.out, "blends", "blend") for name in args.track]
     ids, probabilities, classes, task = blend(args.blend, args.weights)
     write_outputs(Path(args.out), ids, probabilities, classes, settle_inference(inference, task), task)
     logger.info("blended %d files into %s", len(args.blend), args.out)
-    return Path(args.out)
+    return Path(args.out), reports, None
 
 
 def evaluate(args, logger):
@@ -186,6 +192,8 @@ def evaluate(args, logger):
     out = Path(args.out) if args.out else default_out(paths, split, args.ema)
     check_out(out, bool(args.out))
     config, members = load_members(paths, args.override, args.bs, args.ema)
+    reports = [TestReport(name, paths[0].parent if len(paths) == 1 else out, config["name"], split)
+               for name in args.track]
     if split == "valid":  # the validation rows are no test set: no sample submission to follow
         config["inference"]["sample_submission"] = ""
     device = resolve_device(args.device, config["n_gpu"], logger)
@@ -217,7 +225,7 @@ def evaluate(args, logger):
     else:
         logger.info("the data has no labels: wrote predictions only")
     logger.info("wrote %s", out)
-    return out
+    return out, reports, metrics
 
 
 def write_outputs(out, ids, probabilities, classes, inference, task, metrics=None, report=None):
@@ -259,14 +267,17 @@ def main(argv=None):
         if not (args.blend or args.resume):
             raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
         with offline("test.py"):  # checkpoints and probability files are data: nothing of theirs is fetched
-            out = (run_blend if args.blend else evaluate)(args, logger)
+            out, reports, metrics = (run_blend if args.blend else evaluate)(args, logger)
+        files = sorted(path for path in out.iterdir() if path.is_file())
+        for report in reports:  # the trackers the user named, at the addresses the user gave
+            report(metrics, files)
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return Outcome(2)
     except (OSError, RecursionError, MemoryError) as e:  # a full disk, a read-only folder: nothing half-written
         print(fault_line(e), file=sys.stderr)
         return Outcome(2)
-    return Outcome(0, out=out, files=sorted(path for path in out.iterdir() if path.is_file()))
+    return Outcome(0, out=out, files=files)
 
 
 if __name__ == "__main__":

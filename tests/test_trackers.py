@@ -1,11 +1,12 @@
 """trainer.trackers: a run reports to MLflow, Weights & Biases (offline) or a CSV file besides its folder; a tracker
 that cannot start is one line before anything is written."""
+import json
 import sys
 
 import pytest
 
 import train
-from tests.helpers import fails, read_csv_rows, read_history, write_config
+from tests.helpers import error_line, evaluate, fails, read_csv_rows, read_history, write_config
 
 
 def train_with(config, tmp_path, trackers, **trainer):
@@ -66,3 +67,29 @@ def test_a_tracker_that_cannot_start_is_one_line_before_training(config, tmp_pat
         config["trainer"]["mlflow_uri"] = "http://127.0.0.1:9"
     config["trainer"]["trackers"] = trackers
     assert fails(config, tmp_path, capsys).startswith(f"error: {expected}")
+
+
+def test_test_py_reports_its_metrics_and_submission_to_the_training_run(config, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    run_dir = train_with(config, tmp_path, ["mlflow", "csv"], epochs=1)
+    made = evaluate(["-r", run_dir, "--track", "mlflow", "csv"])
+    assert made == 0
+    metrics = json.loads((made.out / "metrics.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, made.out.name)} >= {
+        f"{made.out.name}/predictions.csv", f"{made.out.name}/probabilities.csv"}
+    rows = read_csv_rows(tmp_path / "saved" / "tracking.csv")
+    assert ("file", "predictions.csv", str(made.out / "predictions.csv")) in {(r["kind"], r["key"], r["value"])
+                                                                             for r in rows}
+
+
+def test_test_py_refuses_a_tracker_without_a_store_before_predicting(config, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = train_with(config, tmp_path, ["tensorboard"], epochs=1)
+    capsys.readouterr()
+    assert evaluate(["-r", run_dir, "--track", "mlflow"]) == 2
+    assert error_line(capsys).startswith("error: --track mlflow: no mlflow.db in")
+    assert not list(run_dir.glob("test-*"))

@@ -175,13 +175,17 @@ class CsvTracker(Hook):
         self.path = Path(config["trainer"]["save_dir"]) / "tracking.csv"
 
     def _append(self, trainer, rows, epoch=""):
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        self.append_rows(self.path, trainer.run_dir, rows, epoch)
+
+    @classmethod
+    def append_rows(cls, path, run_dir, rows, epoch=""):
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(self.COLUMNS)
+                writer.writerow(cls.COLUMNS)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            writer.writerows((stamp, str(trainer.run_dir), kind, key, epoch, value) for kind, key, value in rows)
+            writer.writerows((stamp, str(run_dir), kind, key, epoch, value) for kind, key, value in rows)
 
     def on_run_start(self, trainer):
         self._append(trainer, [("param", k, v) for k, v in flatten(trainer.config).items()]
@@ -193,6 +197,75 @@ class CsvTracker(Hook):
     def on_run_end(self, trainer, log):
         files = [("file", name, str(Path(trainer.run_dir) / name)) for name in RUN_FILES]
         self._append(trainer, files + [("file", "best_checkpoint", str(best_checkpoint_path(trainer)))])
+
+
+def nearest(run_dir, name):
+    """The closest folder at or above `run_dir` that holds `name` (a save folder's mlflow.db or tracking.csv)."""
+    return next((folder / name for folder in (run_dir, *run_dir.parents) if (folder / name).is_file()), None)
+
+
+class TestReport:
+    """`test.py --track NAME`: a test's metrics and written files (the submission among them) reported to the
+    training run of the checkpoint's run folder, found in the store that run used; started before predicting."""
+
+    def __init__(self, name, run_dir, experiment, prefix):
+        self.name, self.run_dir, self.experiment, self.prefix = name, Path(run_dir).resolve(), experiment, prefix
+        getattr(self, f"_start_{name}")()
+
+    def _start_mlflow(self):
+        mlflow = _package("mlflow", "mlflow")
+        store = nearest(self.run_dir, "mlflow.db")
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (f"sqlite:///{store}" if store else None)
+        if uri is None:
+            raise UserError(f"--track mlflow: no mlflow.db in {str(self.run_dir)!r} or above it; set "
+                            f"MLFLOW_TRACKING_URI to the store the run used")
+        self.client, self.entities = mlflow.MlflowClient(uri), mlflow.entities
+
+    def _start_wandb(self):
+        self.wandb = _package("wandb", "wandb")
+        runs = sorted((self.run_dir / "wandb").glob("*run-*-*"))
+        self.wandb_id = runs[-1].name.rsplit("-", 1)[1] if runs else None
+
+    def _start_csv(self):
+        self.path = nearest(self.run_dir, "tracking.csv") or self.run_dir.parent / "tracking.csv"
+
+    def __call__(self, metrics, files):
+        metrics = {f"{self.prefix}_{k}": v for k, v in epoch_metrics(metrics or {}).items()}
+        try:
+            getattr(self, f"_report_{self.name}")(metrics, [Path(f) for f in files])
+        except Exception as e:  # noqa: BLE001 (the files are written; the tracker's failure is one line)
+            raise UserError(f"--track {self.name}: could not report ({first_line(e)}); the files are written "
+                            f"in {str(files[0].parent) if files else '--out'!r}") from None
+
+    def _report_mlflow(self, metrics, files):
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        runs = [] if "'" in str(self.run_dir) or not experiments else self.client.search_runs(
+            experiments, f"tags.run_dir = '{self.run_dir}'", max_results=1)
+        if runs:
+            run_id = runs[0].info.run_id
+        else:
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            run_id = self.client.create_run(experiment.experiment_id if experiment else self.client.create_experiment(
+                self.experiment), run_name=self.run_dir.name, tags={"run_dir": str(self.run_dir)}).info.run_id
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[self.entities.Metric(k, v, now, 0) for k, v in metrics.items()])
+        for path in files:
+            self.client.log_artifact(run_id, str(path), artifact_path=path.parent.name)
+        if not runs:
+            self.client.set_terminated(run_id)
+
+    def _report_wandb(self, metrics, files):
+        mode = os.environ.get("WANDB_MODE") or ("online" if self.wandb.login(prompt=False, verify=False) else "offline")
+        run = self.wandb.init(project=self.experiment, id=self.wandb_id, resume="allow" if self.wandb_id else None,
+                              name=self.run_dir.name, dir=str(self.run_dir), mode=mode)
+        run.summary.update(metrics)
+        for path in files:
+            run.save(str(path), base_path=str(path.parent.parent), policy="now")
+        run.finish()
+
+    def _report_csv(self, metrics, files):
+        CsvTracker.append_rows(self.path, self.run_dir, [("metric", k, v) for k, v in metrics.items()]
+                               + [("file", path.name, str(path)) for path in files])
 
 
 TRACKERS = {"tensorboard": None, "mlflow": MlflowTracker, "wandb": WandbTracker, "csv": CsvTracker}
