@@ -175,6 +175,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
     model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
     task = task_of(data_loader.dataset)
     check_monitor(config, task)
+    check_inference(config["inference"], task)
     if resume:
         check_same_targets(checkpoint, config, task)
     criterion = build_loss(config, task)
@@ -208,6 +209,15 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
         gc.unfreeze()  # what this run leaves behind (one fold of several) can be collected again
         release_folders()
     return trainer
+
+
+def check_inference(inference, task):
+    """test.py's settings for this task, refused now rather than after training (thresholds from oof.csv are
+    settled by test.py, once the run group has one)."""
+    from trainer.inference import settle_inference  # pandas, needed only here
+
+    oof = inference["threshold"] == "oof" and task.kind == "multilabel"
+    settle_inference({**inference, "threshold": 0.5} if oof else inference, task)
 
 
 def check_same_targets(checkpoint, config, task):

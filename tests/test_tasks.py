@@ -310,6 +310,12 @@ def focal_loss_on_mixed_targets(config):
     return "loss: cannot take a training batch", "soft targets"
 
 
+def combined_without_class_order(config):
+    config["inference"]["combine_heads"] = True
+    del config["data_loader"]["args"]["classes"]
+    return "inference.combine_heads", "no order given"
+
+
 def setting(path, value, *culprits):
     """A change that sets one config value (a dotted path) and expects `culprits` (regular expressions)."""
     def change(config):
@@ -345,6 +351,9 @@ MISFITS = {
     "a name among mixing transforms": ("multitask", setting("data_loader.args.batch_transforms", [
         {"type": "RandomChoice", "args": {"transforms": [{"type": "CutMix"}, "MixUp"]}}],
         r"batch_transforms\[0\]\.args\.transforms\[1\]")),
+    "combined-label-of-unordered-text-classes": ("multitask", combined_without_class_order),
+    "combined-label-of-a-single-head": ("regression", setting("inference.combine_heads", True,
+                                                              "inference.combine_heads", "regression")),
     "top-3-of-a-3-class-head": ("multitask", setting("metrics", ["accuracy", "top_k_acc"],
                                                      "metrics: top_k_acc_mask cannot")),
 }
