@@ -64,7 +64,8 @@ def parse_args(argv):
     parser.add_argument("-c", "--config", help="config file (with -r: fine-tune from the checkpoint's weights)")
     parser.add_argument("-r", "--resume", help="checkpoint (or run folder) to resume")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:N or a GPU index (default: from n_gpu)")
-    parser.add_argument("--lr", type=float, help="shortcut for -o optimizer.args.lr=LR")
+    parser.add_argument("--lr", type=float, help="shortcut for -o optimizer.args.lr=LR (and the scheduler's "
+                        "max_lr, when it has one)")
     parser.add_argument("--bs", type=int, help="shortcut for -o data_loader.args.batch_size=BS")
     parser.add_argument("--fold", type=int, help="train this fold: shortcut for -o data_loader.args.fold=K")
     parser.add_argument("--folds", choices=("all",),
@@ -113,6 +114,8 @@ def main(argv=None, hooks=()):
             config = validate(checkpoint_config(checkpoint, overrides))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
+        if args.lr is not None and "max_lr" in config["lr_scheduler"].get("args", {}):
+            config["lr_scheduler"]["args"]["max_lr"] = args.lr  # the rate OneCycleLR or CyclicLR really trains at
         logger = setup_logging(config["trainer"]["verbosity"] if rank == 0 else 0)
         if config["n_gpu"] > 1 and world_size == 1 and args.device is None and torch.cuda.device_count() > 1:
             raise UserError(f"n_gpu is {config['n_gpu']}: start one process per GPU with: torchrun "

@@ -399,7 +399,7 @@ def test_shortcuts_and_overrides_land_in_the_saved_config(config, tmp_path):
     assert run_dirs(tmp_path / "saved", "tiny") == []
     (run,) = run_dirs(tmp_path / "saved", "foo")
     saved = json.loads((run / "config.json").read_text())
-    assert saved["optimizer"]["args"]["lr"] == 0.01
+    assert saved["optimizer"]["args"]["lr"] == saved["lr_scheduler"]["args"]["max_lr"] == 0.01
     assert saved["data_loader"]["args"]["batch_size"] == 16
     assert saved["trainer"]["epochs"] == 1
     assert saved["name"] == "foo"
