@@ -9,7 +9,7 @@ import pytest
 
 import train
 from base.hooks import Hook
-from tests.helpers import DATA, assert_same_tensors, evaluate, load, read_history, run_dirs, write_config
+from tests.helpers import DATA, assert_same_tensors, evaluate, fails, load, read_history, run_dirs, write_config
 
 
 @pytest.fixture
@@ -78,6 +78,12 @@ def test_sam_a_closure_optimizer_from_a_project_module(config, tmp_path, project
     run_dir = trained(small(config), tmp_path)
     assert set(load(run_dir / "checkpoint-last.pth")["optimizer"]["state"][0]) == {"e"}  # SAM's own steps ran
     assert_resumes_exactly(run_dir, roots=["team_sam"])
+
+
+def test_a_closure_optimizer_with_accumulated_gradients_is_one_line(config, tmp_path, project, capsys):
+    config.update(import_roots=[project("team_sam", SAM)], lr_scheduler={}, optimizer={"type": "team_sam.SAM"})
+    config["trainer"]["accumulation_steps"] = 2
+    assert "trainer.accumulation_steps: SAM steps through a closure" in fails(config, tmp_path, capsys)
 
 
 def test_a_frozen_backbone_then_a_ten_times_lower_backbone_rate_by_config(config, tmp_path):

@@ -16,6 +16,10 @@ from utils.util import UserError, first_line
 def check_one_batch(trainer):
     """One evaluation batch through the model, the loss and the metrics, then one real training step on a copy of
     the state (weights, optimizer, schedule and counters are put back). Warnings are shown only once it fits."""
+    if trainer.closure_step and trainer.cfg.accumulation_steps > 1:
+        raise UserError(f"trainer.accumulation_steps: {type(trainer.optimizer).__name__} steps through a closure that "
+                        f"recomputes the loss of one batch, not of {trainer.cfg.accumulation_steps} accumulated ones; "
+                        f"use 1 (and a larger data_loader.args.batch_size)")
     with warnings.catch_warnings(record=True) as caught:
         data, target, output = first_samples(trainer, 16)
         flat = flat_output(trainer, output)
