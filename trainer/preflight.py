@@ -49,14 +49,11 @@ def first_samples(trainer, n):
     model = unwrap(trainer.model)
     was_training = model.training
     model.eval()
+    shapes = ", ".join(str(list(x.shape)) for x in data)
     try:
-        with trainer._autocast():
+        with failure_is(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape {shapes})"), \
+                trainer._autocast():
             output = evaluation_step(model, data)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"arch: {type(model).__name__} cannot take a batch of the data (inputs of shape "
-                        f"{', '.join(str(list(x.shape)) for x in data)}): {first_line(e)}") from None
     finally:
         model.train(was_training)
     return data, target, output
@@ -124,13 +121,20 @@ def train_one_batch(trainer, data, target):
     """The real training step on one batch; what fails outside the parts blamed by name is one line too."""
     schedule = trainer.lr_schedule
     name = type(getattr(schedule, "scheduler", None)).__name__
+    with failure_is("loss: cannot be backpropagated to the model's weights"), \
+            blamed(schedule, "after_optimizer_step", f"lr_scheduler: {name} cannot take a step"):
+        return trainer.train_step(data, target, 0, 1)
+
+
+@contextlib.contextmanager
+def failure_is(message):
+    """While inside, a failure of the user's code is the UserError `message: <the error>`."""
     try:
-        with blamed(schedule, "after_optimizer_step", f"lr_scheduler: {name} cannot take a step"):
-            return trainer.train_step(data, target, 0, 1)
+        yield
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"loss: cannot be backpropagated to the model's weights: {first_line(e)}") from None
+        raise UserError(f"{message}: {first_line(e)}") from None
 
 
 @contextlib.contextmanager
@@ -143,12 +147,8 @@ def blamed(owner, name, message):
 
     @functools.wraps(original)
     def call(*args, **kwargs):
-        try:
+        with failure_is(message):
             return original(*args, **kwargs)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{message}: {first_line(e)}") from None
 
     had_own = name in vars(owner)
     setattr(owner, name, call)
@@ -178,13 +178,9 @@ def checked_loss_and_metrics(criterion, metrics, output, target, what, flat=None
     by default `output`), refusing in one line a loss or a metric that cannot take them, and a loss that is not one
     finite number."""
     flat = output if flat is None else flat
-    try:
+    with failure_is(f"loss: cannot take {what} of shape {list(flat.shape)} and targets of shape "
+                    f"{list(target.shape)}"):
         loss = criterion(output, target)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"loss: cannot take {what} of shape {list(flat.shape)} and targets of shape "
-                        f"{list(target.shape)}: {first_line(e)}") from None
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise UserError(f"loss: returns {list(getattr(loss, 'shape', []))}; expected one number per batch "
                         f"(a reduction of \"mean\" or \"sum\", not \"none\")")
