@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from base.base_trainer import STEP, TrainingStopped
+from base.base_trainer import TrainingStopped
+from base.resume_rules import STEP
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from logger.report import report_from_out_of_fold

@@ -1,5 +1,3 @@
-import csv
-import io
 import logging
 import math
 import shlex
@@ -7,37 +5,14 @@ import signal
 import threading
 import time
 
+from base.resume_rules import base_fields, check_resumable, saved_epochs
+from logger.history import append_row, rate_columns, trim_history
 from logger.visualization import TensorboardWriter
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, save_checkpoint, unwrap
-from utils.checkpoint_rules import (
-    ANYTHING,
-    UNREAD,
-    AtLeast,
-    Entries,
-    Equal,
-    Int,
-    ListOf,
-    MayLack,
-    Number,
-    OneOf,
-    check_checkpoint,
-    restoring,
-    stepped_state,
-)
+from utils.checkpoint_rules import restoring
 from utils.settings import TrainerSettings
-from utils.util import (
-    atomic_write,
-    epoch_seed,
-    get_rng_state,
-    link_or_copy,
-    seed_everything,
-    set_rng_state,
-    write_text,
-)
-
-STEP = Int(0)  # global_step: train.py reads it to decide where a resumed run continues
-ANOTHER_RUN = " (saved with another optimizer or schedule? start a new run from its weights: -c config.json -r FILE)"
+from utils.util import atomic_write, epoch_seed, get_rng_state, link_or_copy, seed_everything, set_rng_state
 
 
 class TrainingStopped(Exception):
@@ -89,7 +64,7 @@ class BaseTrainer:
         tensorboard = self.cfg.tensorboard and "tensorboard" in self.cfg.trackers
         self.writer = TensorboardWriter(self.run_dir / "tensorboard", tensorboard and self.is_main)
         if self.is_main:
-            self._trim_history()
+            trim_history(self.run_dir / "history.csv", self.start_epoch)
         try:
             self.on_run_start()
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
@@ -161,20 +136,10 @@ class BaseTrainer:
         started with: `lr`, or `lr_<group>` for each group."""
         values = "  ".join(f"{k} {v:.4f}" for k, v in log.items())
         self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.cfg.epochs, values, seconds)
-        rates = {"lr": lr} if not isinstance(lr, list) else {
-            f"lr_{group.get('name', i)}": rate for i, (group, rate) in enumerate(zip(self.optimizer.param_groups, lr))}
+        rates = rate_columns(lr, self.optimizer.param_groups)
         self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | rates, epoch)
         self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k.startswith("val_")}, epoch)
         append_row(self.run_dir / "history.csv", {"epoch": epoch, **log, **rates})
-
-    def _trim_history(self):
-        """Drop history.csv rows of epochs the checkpoint does not include (a crash after the row, before the save)."""
-        history = self.run_dir / "history.csv"
-        if history.exists():
-            lines = history.read_text().splitlines(keepends=True)
-            kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < self.start_epoch]
-            if len(kept) < len(lines):
-                write_text("".join(kept), history)
 
     def _update_monitor(self, log):
         """True when the monitored metric improved this epoch; counts measurements without improvement (an epoch
@@ -240,43 +205,14 @@ class BaseTrainer:
         return any(e == epoch for _, e in self.top_k)
 
     def checkpoint_fields(self, checkpoint):
-        """What resume accepts in each field of `checkpoint`: by default an example from this trainer's own fresh
-        state (the same keys, types, tensor shapes and dtypes), or a Rule where no fresh value shows what a saved one
-        may be. Subclasses add their own fields."""
-        fresh = self.state_dict(epoch=1)
-        mid_epoch = saved_mid_epoch(checkpoint)
-        return {
-            **fresh,
-            "epoch": Int(1, saved_epochs(checkpoint) or 2**63 - 1),
-            "batches_done": MayLack(Int(0)),
-            "epoch_lr": OneOf(Number(0, finite=True), [Number(0, finite=True)] * len(self.optimizer.param_groups))
-            if mid_epoch else UNREAD,
-            "global_step": STEP,
-            "optimizer": self._optimizer_fields(fresh["optimizer"]),
-            "lr_scheduler": OneOf(None, fresh["lr_scheduler"]) if self.lr_schedule is not None else UNREAD,
-            "monitor_best": OneOf(None, Number()) if self.mnt_mode != "off" else UNREAD,
-            "not_improved_count": Int(0),
-            "top_k": MayLack(ListOf([Number(), Int(1)])),
-            "rng": rng_fields(fresh["rng"]),
-            "config": ANYTHING,  # checked as a config before the trainer is built
-        }
-
-    def _optimizer_fields(self, fresh):
-        """This optimizer's groups (every key they have, the same parameters) and, per parameter, the state a step
-        leaves; a group may carry keys of another schedule, which nothing reads."""
-        stepped = stepped_state(self.optimizer)
-        if stepped is None:
-            stepped = dict.fromkeys((i for group in fresh["param_groups"] for i in group["params"]), ANYTHING)
-        return {"state": Entries(stepped),
-                "param_groups": [AtLeast({**group, "params": Equal(group["params"])})
-                                 for group in fresh["param_groups"]]}
+        """What resume accepts in each field of `checkpoint` (base.resume_rules); subclasses add their own fields."""
+        return base_fields(self, checkpoint)
 
     def resume(self, checkpoint):
         """Restore weights, optimizer, schedule, counters and random state from a loaded checkpoint once every field
         has passed `checkpoint_fields`: a crafted or foreign file is one line naming the field, before anything is
         restored or written."""
-        check_checkpoint(checkpoint, self.checkpoint_fields(checkpoint), {"optimizer": ANOTHER_RUN,
-                                                                          "lr_scheduler": ANOTHER_RUN})
+        check_resumable(self, checkpoint)
         with restoring(checkpoint, "state_dict"):
             load_model_weights(self.model, checkpoint["state_dict"], checkpoint["path"])
         with restoring(checkpoint, "optimizer"):
@@ -302,52 +238,3 @@ def group_rates(optimizer):
     """The optimizer's learning rate: one number, or one per parameter group where it has several."""
     rates = [group["lr"] for group in optimizer.param_groups]
     return rates if len(rates) > 1 else rates[0]
-
-
-def saved_mid_epoch(checkpoint):
-    """Whether `checkpoint` was saved inside an epoch (a valid `batches_done` above 0)."""
-    batches = checkpoint.get("batches_done", 0)
-    return type(batches) is int and batches > 0
-
-
-def saved_epochs(checkpoint):
-    """The number of epochs of the run that saved `checkpoint` (in its own config), or None where it does not say."""
-    trainer = checkpoint["config"].get("trainer")
-    epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
-    return epochs if type(epochs) is int else None
-
-
-def rng_fields(fresh):
-    """What set_rng_state accepts: the layout get_rng_state writes, numpy's position within its key, Python's cached
-    Gaussian (None or a number), and CUDA states for any number of devices (unread on a machine without CUDA)."""
-    version, key, _ = fresh["python"]
-    name, keys, _, _, _ = fresh["numpy"]
-    cuda = ListOf(fresh["cuda"][0]) if fresh.get("cuda") else ANYTHING
-    return {"python": [version, key, OneOf(None, Number())],
-            "numpy": [name, keys, Int(0, len(keys)), Int(0, 1), Number()],
-            "torch": fresh["torch"],
-            "cuda": MayLack(cuda)}
-
-
-def append_row(path, row):
-    """Append `row` to a CSV file; when its keys differ from the file's columns (a run resumed with other metrics),
-    the file is first rewritten with the columns of both, so every value stays under its own name."""
-    header = None
-    if path.exists():
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-    if header is not None and not row.keys() <= set(header):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        columns = list(dict.fromkeys([*header, *row]))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\r\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(text.getvalue(), path)
-        header = columns
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header or list(row))
-        if header is None:
-            writer.writeheader()
-        writer.writerow(row)

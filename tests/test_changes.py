@@ -86,6 +86,14 @@ def test_a_closure_optimizer_with_accumulated_gradients_is_one_line(config, tmp_
     assert "trainer.accumulation_steps: SAM steps through a closure" in fails(config, tmp_path, capsys)
 
 
+def test_sam_by_config_from_the_projects_optimizers(config, tmp_path):
+    config.update(lr_scheduler={}, optimizer={"type": "SAM", "args": {"lr": 0.05, "rho": 0.1, "momentum": 0.9}})
+    run_dir = trained(small(config), tmp_path)
+    (group,) = load(run_dir / "checkpoint-last.pth")["optimizer"]["param_groups"]
+    assert (group["rho"], group["momentum"]) == (0.1, 0.9)  # model/optim.py's SAM, around SGD with momentum
+    assert_resumes_exactly(run_dir)
+
+
 def test_a_frozen_backbone_then_a_ten_times_lower_backbone_rate_by_config(config, tmp_path):
     config["arch"] = {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10,
                                                                 "in_channels": 1}}

@@ -85,7 +85,8 @@ NAMESPACES = ["torch", "torch.nn", "torch.nn.functional", "torch.optim", "torch.
               "torch.hub", "torch.serialization", "torch.multiprocessing", "torch.distributed.elastic.multiprocessing",
               "torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler", "torchvision.models",
               "torchvision.datasets", "torchvision.io", "torchvision.utils", "torchvision.transforms.v2",
-              "utils.util", "utils.checkpoint", "model.model", "model.loss", "model.metric", "data_loader.data_loaders"]
+              "utils.util", "utils.checkpoint", "model.model", "model.loss", "model.metric", "model.optim",
+              "data_loader.data_loaders"]
 
 
 def walked_objects():

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from trainer.steps import evaluation_step
+from utils import dist
 from utils.checkpoint import unwrap
 from utils.util import UserError, first_line
 
@@ -36,6 +37,16 @@ def needs_closure(optimizer):
     """Whether the optimizer's `step` requires a closure that recomputes the loss (SAM, LBFGS)."""
     param = inspect.signature(optimizer.step).parameters.get("closure")
     return param is not None and param.default is param.empty
+
+
+def check_freezable(model, freeze_backbone_epochs):
+    """trainer.freeze_backbone_epochs needs a model that can freeze its backbone, in a run without DDP."""
+    if freeze_backbone_epochs and not hasattr(model, "set_backbone_trainable"):
+        raise UserError(f"trainer.freeze_backbone_epochs: {type(model).__name__} has no set_backbone_trainable(); "
+                        f"use TorchvisionClassifier or add that method")
+    if freeze_backbone_epochs and dist.is_distributed():
+        raise UserError("trainer.freeze_backbone_epochs: not supported under torchrun (DDP fixes the trainable "
+                        "parameters when it starts)")
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 import contextlib
 import itertools
-import math
 import sys
 
 import torch
@@ -8,16 +7,16 @@ from tqdm import tqdm
 
 from base import BaseTrainer
 from base.base_data_loader import inputs_to
-from base.base_trainer import TrainingStopped, saved_mid_epoch
+from base.base_trainer import TrainingStopped
 from model.metric import EpochMetrics
 from trainer.ema import ModelEma
-from trainer.preflight import first_samples, needs_closure
+from trainer.preflight import check_freezable, needs_closure
+from trainer.resume_rules import check_schedule_room, loop_fields
 from trainer.steps import as_inputs, evaluation_step
 from utils import dist
 from utils.checkpoint import clean_state_dict, load_model_weights, unwrap
-from utils.checkpoint_rules import UNREAD, Int, MayLack, Number, OneOf, restoring
+from utils.checkpoint_rules import restoring
 from utils.task import as_targets, task_of
-from utils.util import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,13 +49,8 @@ class Trainer(BaseTrainer):
         self.closure_step = needs_closure(optimizer)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         self.grid_written = False  # train/images: the first batch this process trains
-        self.epoch = self.start_epoch
-        if self.cfg.freeze_backbone_epochs and not hasattr(unwrap(model), "set_backbone_trainable"):
-            raise UserError(f"trainer.freeze_backbone_epochs: {type(unwrap(model)).__name__} has no "
-                            f"set_backbone_trainable(); use TorchvisionClassifier or add that method")
-        if self.cfg.freeze_backbone_epochs and dist.is_distributed():
-            raise UserError("trainer.freeze_backbone_epochs: not supported under torchrun (DDP fixes the trainable "
-                            "parameters when it starts)")
+        self.epoch = 0  # the epoch being trained; 0 before the first (the pre-run trial)
+        check_freezable(unwrap(model), self.cfg.freeze_backbone_epochs)
 
     def _train_epoch(self, epoch):
         skip, n_batches = self._start_epoch(epoch)
@@ -84,7 +78,8 @@ class Trainer(BaseTrainer):
         with self._gradient_sync(ends_group):
             loss, output = self._forward_backward(data, target, group_size)
         if ends_group:
-            self._optimizer_step(batch_idx, lambda: self._forward_backward(data, target, group_size, zero_grad=True)[0])
+            self._optimizer_step(lambda: self._forward_backward(data, target, group_size, zero_grad=True)[0],
+                                 batch_idx)
         return loss, output
 
     def _forward_backward(self, data, target, group_size, zero_grad=False):
@@ -97,6 +92,37 @@ class Trainer(BaseTrainer):
                 loss = self.criterion(output, target)
             self.scaler.scale(loss / group_size).backward()
         return loss, output
+
+    def _optimizer_step(self, closure, batch_idx):
+        """Clip, step (unless non-finite gradients are to be skipped), then update EMA and a per-batch schedule."""
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        if self.cfg.nonfinite_loss == "skip" and not self.scaler.is_enabled() and not grads_finite(self.model):
+            self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", self.epoch, batch_idx)
+        elif self.closure_step:
+            self.optimizer.step(closure)
+        else:  # under fp16 the scaler itself skips steps with non-finite gradients
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema:
+            self.ema.update(unwrap(self.model))
+        if self.lr_schedule is not None:
+            self.lr_schedule.after_optimizer_step()
+        self.global_step += 1
+
+    def _accumulation(self, batch_idx, n_batches):
+        """(whether the batch starts an accumulation group, the group's size, whether it ends it); the epoch's last
+        group may be shorter."""
+        group_start = batch_idx - batch_idx % self.cfg.accumulation_steps
+        group_size = min(self.cfg.accumulation_steps, n_batches - group_start)
+        return batch_idx == group_start, group_size, batch_idx == group_start + group_size - 1
+
+    def _gradient_sync(self, update_now):
+        """Under DDP, skip the gradient all-reduce on micro-batches that only accumulate."""
+        if update_now or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def _start_epoch(self, epoch):
         """Prepare the model, metrics and loader for an epoch; returns (batches already trained, batches in it)."""
@@ -118,31 +144,6 @@ class Trainer(BaseTrainer):
                         unit="batch", desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
                         disable=not (self.is_main and sys.stderr.isatty()))
         return self.bar
-
-    def _accumulation(self, batch_idx, n_batches):
-        """(whether the batch starts an accumulation group, the group's size, whether it ends it); the epoch's last
-        group may be shorter."""
-        group_start = batch_idx - batch_idx % self.cfg.accumulation_steps
-        group_size = min(self.cfg.accumulation_steps, n_batches - group_start)
-        return batch_idx == group_start, group_size, batch_idx == group_start + group_size - 1
-
-    def _optimizer_step(self, batch_idx, closure):
-        """Clip, step (unless non-finite gradients are to be skipped), then update EMA and a per-batch schedule."""
-        if self.cfg.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
-        if self.cfg.nonfinite_loss == "skip" and not self.scaler.is_enabled() and not grads_finite(self.model):
-            self.logger.warning("non-finite gradients at epoch %d, batch %d: update skipped", self.epoch, batch_idx)
-        elif self.closure_step:
-            self.optimizer.step(closure)
-        else:  # under fp16 the scaler itself skips steps with non-finite gradients
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema:
-            self.ema.update(unwrap(self.model))
-        if self.lr_schedule is not None:
-            self.lr_schedule.after_optimizer_step()
-        self.global_step += 1
 
     def _track(self, epoch, batch_idx, loss, output, target, data):
         """Metrics, the non-finite-loss watch, the progress bar and TensorBoard, without a host sync per batch."""
@@ -224,12 +225,6 @@ class Trainer(BaseTrainer):
             self.stop_signal = "SIGTERM"
         return bool(flag.item())
 
-    def _gradient_sync(self, update_now):
-        """Under DDP, skip the gradient all-reduce on micro-batches that only accumulate."""
-        if update_now or not hasattr(self.model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
     def _log_step(self, step_loss, batch_size):
         rate = (self.bar.format_dict["rate"] or 0) * batch_size
         self.bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.0f}")
@@ -237,7 +232,6 @@ class Trainer(BaseTrainer):
         if self.grad_norm is not None:
             scalars["grad_norm"] = self.grad_norm.item()
         self.writer.add_scalars("train", scalars, self.global_step)
-
 
     def state_dict(self, epoch, batches_done=0):
         """The generic state plus the mixed-precision scaler, the EMA weights and a mid-epoch's metric sums."""
@@ -249,37 +243,16 @@ class Trainer(BaseTrainer):
         }
 
     def checkpoint_fields(self, checkpoint):
-        """The generic fields, a mid-epoch position within this run's epoch, and the trainer's own: the metric sums
-        so far (those one batch leaves, or none yet), the EMA weights (or none) and the fp16 scaler's state (or the
-        empty one of a run without it)."""
-        scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()
-        return {
-            **super().checkpoint_fields(checkpoint),
-            "batches_done": MayLack(Int(0, max(self._epoch_batches() - 1, 0), "(a batch within an epoch of this run)")),
-            "train_metrics": OneOf(EpochMetrics(self.train_metrics.metrics).state_dict(),
-                                   {**self._metric_sums_of_one_batch(), "count": Int(1)})
-            if saved_mid_epoch(checkpoint) else UNREAD,
-            "ema_state_dict": MayLack(OneOf(None, clean_state_dict(self.ema.module.state_dict())))
-            if self.ema else UNREAD,
-            "scaler": MayLack(OneOf({}, {**scaler, "scale": Number(finite=True, positive=True)})),
-        }
+        """The generic fields and the trainer's own (trainer.resume_rules)."""
+        return {**super().checkpoint_fields(checkpoint), **loop_fields(self, checkpoint)}
 
-    @torch.no_grad()
-    def _metric_sums_of_one_batch(self):
-        """The metric sums after one evaluation batch of two samples: what a mid-epoch checkpoint's sums look like."""
-        data, target, output = first_samples(self, 2)
-        with self._autocast():
-            loss = self.criterion(output, target)
-        sums = EpochMetrics(self.train_metrics.metrics)
-        sums.update(loss, self.task.flat(output), target)
-        return sums.state_dict()
-
-    def _epoch_batches(self):
+    def epoch_batches(self):
+        """The batches an epoch of this run trains."""
         return batches_per_epoch(len(self.data_loader), self.cfg.limit_train_batches)
 
     def resume(self, checkpoint):
         super().resume(checkpoint)
-        self._check_schedule_room(checkpoint)
+        check_schedule_room(self, checkpoint)
         if self.ema:  # a checkpoint without EMA weights starts the average at its own weights
             saved = checkpoint.get("ema_state_dict")
             with restoring(checkpoint, "ema_state_dict"):
@@ -295,19 +268,6 @@ class Trainer(BaseTrainer):
                     self.train_metrics.reset()
                 else:
                     self.train_metrics.load_state_dict(saved, self.device)
-
-    def _check_schedule_room(self, checkpoint):
-        """A fixed-length schedule (OneCycleLR) restored from `checkpoint` must have room for the steps left in this
-        run: stepped past its end, it would stop the run there."""
-        scheduler = getattr(self.lr_schedule, "scheduler", None)
-        if not hasattr(scheduler, "total_steps") or self.start_epoch > self.cfg.epochs:
-            return
-        epochs_left, accumulation = self.cfg.epochs - self.start_epoch + 1, self.cfg.accumulation_steps
-        left = epochs_left * math.ceil(self._epoch_batches() / accumulation) - self.resume_batches // accumulation
-        left = left if self.lr_schedule.per_batch else epochs_left
-        if scheduler.last_epoch + left > scheduler.total_steps:
-            raise UserError(f"checkpoint {checkpoint['path']!r}: lr_scheduler: {type(scheduler).__name__} is at step "
-                            f"{scheduler.last_epoch} of {scheduler.total_steps}, with {left} steps of this run left")
 
 
 def grads_finite(model):

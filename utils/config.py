@@ -42,7 +42,7 @@ class Section:
 SECTIONS = {
     "arch": Section(("model.model", "torchvision.models"), "model"),
     "data_loader": Section(("data_loader.data_loaders",), "data_loader", program_args=("training", "seed")),
-    "optimizer": Section(("torch.optim",), "optimizer", positional=1),
+    "optimizer": Section(("model.optim", "torch.optim"), "optimizer", positional=1),
     "lr_scheduler": Section(("torch.optim.lr_scheduler",), "lr_scheduler", positional=1),
     "loss": Section(("model.loss", "torch.nn", "torch.nn.functional"), "loss"),
     "metrics": Section(("model.metric",), "metric"),

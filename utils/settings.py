@@ -36,7 +36,9 @@ class RunSettings:
     import_roots: list = setting([], "extra top-level packages a dotted `type` may come from, e.g. `[\"timm\"]`")
     arch: dict = setting(REQUIRED, "the model: `{\"type\", \"args\"}`")
     data_loader: dict = setting(REQUIRED, "the data: `{\"type\", \"args\"}`")
-    optimizer: dict = setting(REQUIRED, "`{\"type\", \"args\"}`; the model's trainable parameters are passed first")
+    optimizer: dict = setting(REQUIRED, "`{\"type\", \"args\", \"param_groups\"}`; the model's trainable "
+                                        "parameters are passed first (in groups by name prefix with `param_groups`, "
+                                        "below)")
     loss: Union[str, dict] = setting("", "a name (`\"cross_entropy\"`) or `{\"type\", \"args\"}`; `\"\"`: the "
                                          "task's own (`cross_entropy`, `binary_cross_entropy_with_logits`, "
                                          "`mse_loss`); with several label columns it is applied to each head")
