@@ -190,8 +190,14 @@ def connect(optuna, url):
     import sqlalchemy
 
     try:
-        with optuna_quiet():
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=3 * HEARTBEAT)
+        for attempt in range(3):
+            try:
+                with optuna_quiet():
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=3 * HEARTBEAT)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(1)  # workers creating a new database's tables at once: the others find them made
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
         hint = " (install the database's Python driver: psycopg for PostgreSQL, in requirements-experiments.txt)" \
             if isinstance(e, ImportError) else ""

@@ -49,6 +49,12 @@ def finished(study):
     return [t for t in study.get_trials() if t.state in FINISHED]
 
 
+def trial_table(out):
+    """The header and the rows of the trials' table tune.py printed."""
+    lines = out[out.index("trial  state"):].splitlines()
+    return lines[0], [line for line in lines[1:] if line.split()[0].isdigit()]
+
+
 def command(*args):
     return [sys.executable, str(REPO / "tune.py"), *map(str, args)]
 
@@ -68,10 +74,10 @@ def test_a_study_with_pruning_finishes_and_its_best_config_trains(data_slice, tm
             assert len(history) == EPOCHS and t.value == max(reported.values())
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "the median pruner stops a trial well below the others (here, the one with a small max_lr)"
-    table = out[out.index("trial  state"):].splitlines()
-    assert table[0].split()[:6] == ["trial", "state", "value", *SEARCH]
-    assert [row.split()[:2] for row in table[1:7]] == [[str(t.number), t.state.name.lower()] for t in trials]
-    assert f"pruned at epoch {max(pruned[0].intermediate_values)}: val_accuracy" in table[1 + pruned[0].number]
+    header, rows = trial_table(out)
+    assert header.split()[:6] == ["trial", "state", "value", *SEARCH]
+    assert [row.split()[:2] for row in rows] == [[str(t.number), t.state.name.lower()] for t in trials]
+    assert f"pruned at epoch {max(pruned[0].intermediate_values)}: val_accuracy" in rows[pruned[0].number]
 
     best = json.loads((study_dir / "best_config.json").read_text())
     assert best["lr_scheduler"]["args"]["max_lr"] == study.best_params["lr_scheduler.args.max_lr"]
@@ -193,7 +199,8 @@ def test_a_killed_study_continues_with_the_same_command_to_exactly_its_trials(da
     assert len({json.dumps(t.params, sort_keys=True) for t in finished(study)}) == 6, "a trial was drawn again"
     for t in finished(study):
         assert len(list((study_dir / f"trial{t.number}").glob("*/"))) == 1, f"trial {t.number} ran twice"
-    assert "2      fail" in (tmp_path / "second" / "stdout.txt").read_text()
+    _, rows = trial_table((tmp_path / "second" / "stdout.txt").read_text())
+    assert rows[2].split()[1] == "fail" and rows[2].endswith("its process stopped during the trial (killed?)")
 
 
 def postgres_binaries():
