@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -57,6 +58,11 @@ def main(argv=None):
     except UserError as e:
         print(error_line(e), file=sys.stderr)
         return 2
+    except (StudyStopped, KeyboardInterrupt) as e:
+        code = e.exit_code if isinstance(e, StudyStopped) else 128 + signal.SIGINT
+        print("the study stopped (a trial it was running is marked failed); continue it with the same command",
+              file=sys.stderr)
+        return code
     return 0
 
 
@@ -65,7 +71,7 @@ def import_optuna():
         import optuna
     except ImportError:
         raise UserError(f"tune.py needs Optuna: {INSTALL}") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by tune.py, in one line
     return optuna
 
 
@@ -274,6 +280,14 @@ def run_study(optuna, study, target, objective):
         study.optimize(objective, n_trials=1, catch=(TrialFailed,))
 
 
+class StudyStopped(Exception):
+    """A trial's training was stopped by a signal (Ctrl-C, SIGTERM): the study stops with it."""
+
+    def __init__(self, exit_code):
+        super().__init__(f"stopped by signal {exit_code - 128}")
+        self.exit_code = exit_code
+
+
 class TrialFailed(Exception):
     """A trial whose config could not train: recorded as failed, with its reason, and the study goes on."""
 
@@ -309,6 +323,9 @@ class Objective:
             raise
         except Exception as e:  # noqa: BLE001 - out of memory, say: this config failed, the study goes on
             self.fail(trial, first_line(e), counts=True)
+        if made >= 128:
+            trial.set_user_attr("reason", stderr.getvalue().strip().splitlines()[-1])
+            raise StudyStopped(int(made))
         if made != 0:
             self.fail(trial, (stderr.getvalue().strip().splitlines() or [f"exit status {int(made)}"])[-1], counts=True)
         self.failed_in_a_row = 0
@@ -415,28 +432,43 @@ def short(value):
 
 def write_plots(optuna, study, complete, folder):
     """Optimisation history, parameter importances and parallel coordinates as PNG files; a plot that cannot be
-    drawn is skipped with one line saying why."""
-    import matplotlib
+    drawn (too few trials, a package missing) is skipped with one line saying why."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as plots
-
+        matplotlib.use("Agg")
+        from optuna.visualization import matplotlib as plots
+    except ImportError as e:
+        print(f"plots: skipped ({first_line(e)}; {INSTALL})")
+        return
     varying = [k for k in complete[0].params if len({json.dumps(t.params.get(k)) for t in complete}) > 1]
     skip = {"param_importances": None if len(complete) >= 2 and varying else
             "parameter importances need two complete trials and a parameter that varies",
             "parallel_coordinate": None if varying else "parallel coordinates need a parameter that varies"}
+    # PED-ANOVA (numpy only; Optuna 5's default) rather than Optuna 4's default fANOVA, which needs scikit-learn
+    evaluator = {"param_importances": {"evaluator": optuna.importance.PedAnovaImportanceEvaluator()}}
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("optimization_history", "param_importances", "parallel_coordinate"):
-        if skip.get(name):
-            print(f"plot {name}: skipped ({skip[name]})")
-            continue
-        with optuna_quiet():
-            axes = getattr(plots, f"plot_{name}")(study)
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        atomic_write(folder / f"{name}.png", functools.partial(figure.savefig, format="png", bbox_inches="tight"))
-        plt.close(figure)
+        plot = functools.partial(getattr(plots, f"plot_{name}"), **evaluator.get(name, {}))
+        reason = skip.get(name) or draw(plot, study, folder / f"{name}.png")
+        if reason:
+            print(f"plot {name}: skipped ({reason})")
     print(f"plots in {folder}")
+
+
+def draw(plot, study, path):
+    """`plot` of the study as a PNG file at `path`; returns why it could not be drawn, else None."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with optuna_quiet():
+            axes = plot(study)
+    except ImportError as e:
+        return f"{first_line(e).split('. ')[0]}; {INSTALL}"
+    figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+    atomic_write(path, functools.partial(figure.savefig, format="png", bbox_inches="tight"))
+    plt.close(figure)
+    return None
 
 
 @contextlib.contextmanager

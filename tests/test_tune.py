@@ -95,7 +95,8 @@ def test_an_impossible_drawn_config_is_a_failed_trial_and_the_study_goes_on(data
     study = load_study(study_dir)
     failed = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
     assert len(finished(study)) == 3 and failed  # the config's seed draws num_classes 3 for trials 2 and 3
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
     for t in failed:
         assert t.params["arch.args.num_classes"] != 10
         assert t.user_attrs["reason"].startswith("error: arch: ConvNet returns [")
@@ -201,6 +202,21 @@ def test_a_killed_study_continues_with_the_same_command_to_exactly_its_trials(da
         assert len(list((study_dir / f"trial{t.number}").glob("*/"))) == 1, f"trial {t.number} ran twice"
     _, rows = trial_table((tmp_path / "second" / "stdout.txt").read_text())
     assert rows[2].split()[1] == "fail" and rows[2].endswith("its process stopped during the trial (killed?)")
+
+
+def test_ctrl_c_stops_the_study_and_marks_its_trial_failed(data_slice, tmp_path):
+    config, search, study_dir = study_files(data_slice, tmp_path, limit_val_batches=0)
+    tuning = Tuning(tmp_path / "run", "-c", config, "-s", search, "--trials", 6)
+    tuning.stop_in_the_middle_of(study_dir / "trial1")
+    tuning.proc.send_signal(signal.SIGINT)
+    tuning.proc.send_signal(signal.SIGCONT)
+    assert tuning.wait().proc.returncode == 130, tuning.output
+    stderr = (tmp_path / "run" / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == (
+        "the study stopped (a trial it was running is marked failed); continue it with the same command")
+    trials = load_study(study_dir).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert trials[1].user_attrs["reason"].startswith("stopped by SIGINT at ")
 
 
 def postgres_binaries():
