@@ -4,7 +4,7 @@
     python tune.py -c config.json -s search.json --summary          the table, best_config.json and plots, nothing run
 
 The study lives in saved/<name>/study-<study>/: its SQLite storage (study.db, unless --storage names a shared
-database), one folder per trial (the drawn config and its run folder), best_config.json and the plots.
+database), one folder per trial (drawn_config.json and its run folder), best_config.json and the plots.
 """
 import contextlib
 import functools
@@ -310,12 +310,13 @@ class Objective:
         trial_dir = self.study_dir / f"trial{trial.number}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         drawn["name"], drawn["trainer"]["save_dir"] = f"trial{trial.number}", str(self.study_dir)
-        write_json(drawn, trial_dir / "config.json")
+        drawn_path = trial_dir / "drawn_config.json"  # not config.json: runs.py lists the run folder, not this one
+        write_json(drawn, drawn_path)
         pruning = Pruning(self.optuna, trial, self.config, self.folds)
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(Tee(stderr, sys.stderr)):
-                made = train.main(["-c", str(trial_dir / "config.json")] + (["--folds", "all"] if self.folds else []),
+                made = train.main(["-c", str(drawn_path)] + (["--folds", "all"] if self.folds else []),
                                   hooks=[pruning])
         except self.optuna.TrialPruned as e:
             trial.set_user_attr("reason", str(e))
@@ -367,8 +368,8 @@ class Tee(io.TextIOBase):
 
 
 class Pruning(Hook):
-    """Reports each validation's monitored value to the trial and stops a trial the pruner gives up on; keeps the
-    run's best value. With --folds all the steps run on across the folds."""
+    """Records the trial's run folder, reports each validation's monitored value to the trial and stops a trial the
+    pruner gives up on; keeps the run's best value. With --folds all the steps run on across the folds."""
 
     def __init__(self, optuna, trial, config, folds):
         self.optuna, self.trial, self.folds = optuna, trial, folds
