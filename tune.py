@@ -324,11 +324,12 @@ class Objective:
             raise
         except Exception as e:  # noqa: BLE001 - out of memory, say: this config failed, the study goes on
             self.fail(trial, first_line(e), counts=True)
+        said = (stderr.getvalue().strip().splitlines() or [f"exit status {int(made)}"])[-1]
         if made >= 128:
-            trial.set_user_attr("reason", stderr.getvalue().strip().splitlines()[-1])
+            trial.set_user_attr("reason", said)
             raise StudyStopped(int(made))
         if made != 0:
-            self.fail(trial, (stderr.getvalue().strip().splitlines() or [f"exit status {int(made)}"])[-1], counts=True)
+            self.fail(trial, said, counts=True)
         self.failed_in_a_row = 0
         return self.out_of_fold_value(trial, made.run_dir) if self.folds else pruning.best
 
