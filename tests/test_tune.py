@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+import runs
 import train
 import tune
-from tests.helpers import REPO, error_line, make_config, read_history, shown, write_config
+from tests.helpers import REPO, error_line, evaluate, make_config, read_history, shown, write_config
 
 optuna = pytest.importorskip("optuna")
 
@@ -87,6 +88,13 @@ def test_a_study_with_pruning_finishes_and_its_best_config_trains(data_slice, tm
     for name in ("optimization_history", "param_importances", "parallel_coordinate"):
         assert (study_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert train.main(["-c", str(study_dir / "best_config.json")]) == 0
+
+    capsys.readouterr()  # the study's runs table, and a report of its best trial
+    assert runs.main([str(study_dir)]) == 0 and (study_dir / "runs.html").exists()
+    listed = {study_dir / line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {Path(t.user_attrs["run_dir"]) for t in trials}
+    made = evaluate(["-r", study.best_trial.user_attrs["run_dir"]])
+    assert made == 0 and (made.out / "report.html").exists()
 
 
 def test_an_impossible_drawn_config_is_a_failed_trial_and_the_study_goes_on(data_slice, tmp_path, capsys):
