@@ -467,6 +467,40 @@ def test_a_checkpoint_reaches_nothing_outside_its_folders(script, key, value, cu
     assert files_under(tmp_path) == ["crafted.pth"]
 
 
+SECRET = "s3cr3t"
+CELLS = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=8).map(
+    lambda text: f"{text}{SECRET}")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.lists(CELLS, min_size=1, max_size=3, unique=True), rows=st.lists(st.lists(CELLS, max_size=4),
+       min_size=1, max_size=4), key=st.sampled_from(["train_csv", "test_csv"]), id_known=st.booleans(),
+       script=st.sampled_from(["test", "resume"]))
+def test_no_line_quotes_a_file_that_only_a_checkpoint_names_outside_its_folders(saved_states, header, rows, key,
+                                                                                id_known, script):
+    """A checkpoint may name a data folder elsewhere (say /etc, with passwd as its CSV, even its first line as the
+    id column): the run reads it as data, and whatever fails, no printed line shows what the file holds."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "private").mkdir()
+        (folder / "run").mkdir()
+        id_column = "id" if id_known else "name"
+        lines = [[id_column, *header] if id_known else header] + rows
+        (folder / "private" / "file.csv").write_text("\n".join(",".join(line) for line in lines) + "\n")
+
+        def elsewhere(state):
+            state["config"]["data_loader"]["args"].update(
+                {"data_dir": str(folder / "private"), key: "file.csv", "id_column": id_column})
+
+        path = crafted(saved_states, "end", elsewhere, folder / "run" / "crafted.pth")
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = evaluate(["-r", path, "--out", folder / "out"]) if script == "test" else \
+                train.main(["-r", str(path)])
+        assert code == 2 and SECRET not in out.getvalue() + err.getvalue(), out.getvalue() + err.getvalue()
+        assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+
+
 def test_a_path_the_user_gives_for_a_checkpoint_is_used(saved_states, data_slice, tmp_path, capsys):
     """The same path given on the command line is the user's choice: used."""
     outside = tmp_path / "elsewhere"

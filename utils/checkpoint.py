@@ -11,6 +11,7 @@ import torch
 from utils.checkpoint_rules import MayLack, OneOf, Weights, check_checkpoint
 from utils.config import apply_overrides, overridden_keys
 from utils.util import MAX_NESTING, UserError, atomic_write
+from utils.withheld import withhold
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REQUIRED_KEYS = ("state_dict", "config")
@@ -64,7 +65,8 @@ def checkpoint_config(checkpoint, overrides=()):
     checkpoint says is data: its `import_roots` are dropped (code outside the project, torch and torchvision is
     imported only when the user's own config or command line allows it), pretrained weights are not fetched (its
     own weights replace them), and a path it names must lie in its run folder, its data folder or the working
-    folder, and must not be a URL."""
+    folder, and must not be a URL; a data folder it alone names outside the run folder and the working folder is
+    read, but no printed line quotes its files (utils/withheld.py)."""
     config = apply_overrides({**checkpoint["config"], "import_roots": []}, overrides)
     own = set(overridden_keys(overrides))
     args = config.get("arch", {}).get("args") if isinstance(config.get("arch"), dict) else None
@@ -109,6 +111,8 @@ def _confine_paths(config, run_dir, own, source):
             continue
         raise UserError(f"checkpoint {source!r}: {key} {named[:200]!r} is {problem}; a checkpoint may not name it "
                         f"(give it with -o {key}=... to use it)")
+    if "data_loader.args.data_dir" not in own and not any(data_dir.is_relative_to(root) for root in roots[1:]):
+        withhold(value("data_loader.args.data_dir") or ".", source)
 
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.withheld import shown
+
 
 class UserError(Exception):
     """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
@@ -78,7 +80,7 @@ def error_line(error):
     text = str(error).strip()
     if "Traceback" in text:
         text = text.splitlines()[-1].split("UserError: ", 1)[-1]
-    return "error: " + " ".join(text.split())
+    return "error: " + shown(" ".join(text.split()))
 
 
 def fault_line(error):
@@ -91,7 +93,7 @@ def fault_line(error):
     reason = error.strerror or first_line(error)
     where = f" on {str(error.filename)!r}" if error.filename else ""
     hint = "; free some space or point trainer.save_dir, --out or TMPDIR elsewhere" if error.errno == 28 else ""
-    return f"error: {reason}{where}{hint}"
+    return shown(f"error: {reason}{where}{hint}")
 
 
 def first_line(error):

@@ -1,0 +1,32 @@
+"""What files a checkpoint alone names may not show. A checkpoint may name a data folder outside its run folder and
+the working folder (where its run trained); the files there are read as data, but no line the program prints quotes
+them: a checkpoint from elsewhere naming `/etc` and `passwd` would otherwise read the file back in an error. A line
+that names such a folder keeps only what comes before its first quoted, bracketed or parenthesised part."""
+import os
+import re
+from pathlib import Path
+
+FOLDERS = {}  # each spelling of a withheld folder -> the checkpoint that alone names it
+QUOTED = re.compile(r"['\"(\[{`]")
+
+
+def withhold(folder, source):
+    """Quote no file of `folder`, which only the checkpoint (or run group) `source` names, in any printed line."""
+    for spelling in {str(Path(folder)), os.path.abspath(folder), os.path.realpath(folder)}:
+        FOLDERS[spelling] = FOLDERS[" ".join(spelling.split())] = source  # as printed lines space it
+
+
+def forget():
+    """Start a command with no folder withheld."""
+    FOLDERS.clear()
+
+
+def shown(text):
+    """`text` as it may be printed: whole, unless it names a withheld folder and quotes something after that."""
+    named = next((folder for folder in FOLDERS if folder in text), None)
+    cut = QUOTED.search(text) if named else None
+    if cut is None:
+        return text
+    return (f"{text[:cut.start()].rstrip(' :,;')} (the rest is not shown: it may quote files of {named!r}, which only "
+            f"{FOLDERS[named]!r} names, outside its run folder and the working folder; give that folder with "
+            f"-o data_loader.args.data_dir=... to see it)")
