@@ -80,7 +80,13 @@ def error_line(error):
     text = str(error).strip()
     if "Traceback" in text:
         text = text.splitlines()[-1].split("UserError: ", 1)[-1]
-    return "error: " + shown(" ".join(text.split()))
+    return printable("error: " + shown(" ".join(text.split())))
+
+
+def printable(line):
+    """A line with every character a terminal would act on (escape sequences, NUL, a byte-order mark) written as
+    its escape, so text from a file can neither hide nor forge what is printed around it."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in line)
 
 
 def fault_line(error):
@@ -93,7 +99,7 @@ def fault_line(error):
     reason = error.strerror or first_line(error)
     where = f" on {str(error.filename)!r}" if error.filename else ""
     hint = "; free some space or point trainer.save_dir, --out or TMPDIR elsewhere" if error.errno == 28 else ""
-    return shown(f"error: {reason}{where}{hint}")
+    return printable(shown(f"error: {reason}{where}{hint}"))
 
 
 def first_line(error):
