@@ -645,3 +645,15 @@ def test_a_checkpoint_whose_data_loader_would_download_reaches_no_network(saved_
     assert evaluate(["-r", path, "--out", tmp_path / "out"]) == 2
     assert "would reach the network" in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_json_file_beside_the_data_that_is_no_regular_file_is_one_line(tmp_path, capsys):
+    """A task.json (or a run group's group.json) linked to /dev/zero would be read without end: refused."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "probabilities.csv").write_text("id,0,1\nx,0.5,0.5\n")
+    (tmp_path / "a" / "task.json").symlink_to("/dev/zero")
+    code = evaluate(["--blend", tmp_path / "a" / "probabilities.csv", tmp_path / "b" / "probabilities.csv", "--out",
+                     tmp_path / "out"])
+    assert code == 2 and "not a regular file" in error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -16,12 +16,12 @@ import torch
 
 from base.base_data_loader import inputs_to
 from data_loader.data_loaders import class_source, read_classes
-from data_loader.files import open_regular
 from model.metric import EpochMetrics
 from trainer.preflight import check_width, checked_loss_and_metrics
 from trainer.steps import evaluation_step
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
+from utils.files import open_regular
 from utils.task import Task, WholeLoss, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, listed, worker_died, write_json
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.files import open_regular
 from utils.withheld import shown
 
 
@@ -127,7 +128,8 @@ def read_json(path):
     """A JSON file as Python values; a repeated key, NaN or Infinity is refused rather than silently taken."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path, "r", encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError:
