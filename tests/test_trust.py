@@ -354,6 +354,8 @@ CRAFTED = [
     Crafted("fine-tune-weights-not-tensors", "state_dict", set_in("state_dict", first_key, value=1.0),
             command="fine-tune"),
     Crafted("test-weights-not-tensors", "state_dict", set_in("state_dict", first_key, value="w"), command="test"),
+    Crafted("test-weights-complex", "features.0.weight", set_in("state_dict", first_key, value=torch.zeros(
+        8, 1, 3, 3, dtype=torch.complex64)), command="test"),
     Crafted("test-ema-not-a-dict", "ema_state_dict", set_field(ema_state_dict="w"), command="test-ema"),
     Crafted("test-ema-not-tensors", "ema_state_dict", set_in("ema_state_dict", first_key, value=[1.0]),
             command="test-ema"),

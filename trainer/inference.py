@@ -144,11 +144,11 @@ def check_class_order(members, data_config, data_loader):
         read_from = f"; read from {sources[k][0]}" + (f" and {data_source[0]}" if data_source else "")
         if k and trained[0] == names:
             raise UserError(f"-r: checkpoints {str(paths[0])!r} and {str(path)!r} were trained on different class "
-                            f"lists (class {i}: {theirs} in the first, {ours} in the second{read_from}); an ensemble "
-                            f"averages probabilities class by class")
-        raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data's "
-                        f"(data_loader.args.classes, else the sorted labels of the training CSV): class {i}: {ours} "
-                        f"for the checkpoint, {theirs} for the data{read_from}")
+                            f"lists, from class {i} (an ensemble averages probabilities class by class): {theirs} in "
+                            f"the first, {ours} in the second{read_from}")
+        raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data, from class "
+                        f"{i} (data_loader.args.classes, else the sorted labels of the training CSV): {ours} for the "
+                        f"checkpoint, {theirs} for the data{read_from}")
 
 
 INPUT_SETTINGS = ("image_mode", "eval_transforms", "mean", "std")  # what makes the inputs a model was trained on

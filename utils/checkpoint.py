@@ -185,8 +185,19 @@ def unwrap(model):
     return model
 
 
+def kind_of(tensor):
+    """Complex, floating or whole numbers: a cast between kinds loses what a cast within one keeps."""
+    return tensor.is_complex(), tensor.is_floating_point()
+
+
 def load_model_weights(model, state_dict, source):
-    """Load weights strictly; a checkpoint of another architecture gets one line naming the mismatch."""
+    """Load weights strictly; a checkpoint of another architecture, or a weight of another kind of number than the
+    model's (complex for real, floating for integer), which loading would cast silently, gets one line naming it."""
+    own = unwrap(model).state_dict()
+    for key, value in clean_state_dict(state_dict).items():
+        if key in own and kind_of(value) != kind_of(own[key]):
+            raise UserError(f"checkpoint {str(source)!r}: {key}: a {str(value.dtype).removeprefix('torch.')} tensor "
+                            f"where the model holds {str(own[key].dtype).removeprefix('torch.')}")
     try:
         unwrap(model).load_state_dict(clean_state_dict(state_dict))
     except RuntimeError as e:

@@ -24,7 +24,10 @@ def forget():
 def shown(text):
     """`text` as it may be printed: whole, unless it names a withheld folder and quotes something after that."""
     named = next((folder for folder in FOLDERS if folder in text), None)
-    cut = QUOTED.search(text) if named else None
+    masked = text
+    for source in set(FOLDERS.values()):  # the checkpoints' own names, quoted, are no file's contents
+        masked = masked.replace(repr(source), " " * len(repr(source)))
+    cut = QUOTED.search(masked) if named else None
     if cut is None:
         return text
     return (f"{text[:cut.start()].rstrip(' :,;')} (the rest is not shown: it may quote files of {named!r}, which only "
