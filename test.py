@@ -33,7 +33,7 @@ from trainer.inference import (
     write_predictions,
 )
 from trainer.trackers import TestReport
-from utils import run_group
+from utils import run_group, withheld
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, overridden_keys, validate, validate_inference
 from utils.settings import RunSettings
@@ -262,6 +262,7 @@ def main(argv=None):
     `files` the files in it (None on failure)."""
     args = parse_args(argv)
     logger = setup_logging(1)
+    withheld.forget()
     try:
         check_arguments(args)
         if not (args.blend or args.resume):

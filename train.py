@@ -24,7 +24,7 @@ from logger.report import report_from_out_of_fold
 from trainer.preflight import check_one_batch
 from trainer.trackers import build_trackers
 from trainer.trainer import Trainer
-from utils import dist, run_group
+from utils import dist, run_group, withheld
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
 from utils.checkpoint_rules import check_checkpoint
 from utils.config import (
@@ -94,6 +94,7 @@ def main(argv=None, hooks=()):
     (None for --fast-dev-run and on failure). `hooks` (base.hooks.Hook) are told of the run's progress."""
     args = parse_args(argv)
     logger = setup_logging()
+    withheld.forget()
     quiet_handover_errors()
     steady_allocator()
     try:

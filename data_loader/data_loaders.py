@@ -27,6 +27,7 @@ from data_loader.images import MAX_PIXELS
 from utils.config import build_transforms, resolve
 from utils.task import KINDS, Task
 from utils.util import UserError, listed
+from utils.withheld import shown
 
 
 class CsvImageDataLoader(BaseDataLoader):
@@ -123,8 +124,8 @@ def read_classes(source, path):
         return task_from_csv(csv_file, id_column, [columns] if isinstance(columns, str) else columns, kind, delimiter,
                              json.loads(classes), bins).columns
     except UserError as e:
-        logging.getLogger("template").warning("note: cannot check that %s was trained on the data's class list (%s)",
-                                              path, e)
+        logging.getLogger("template").warning(shown(f"note: cannot check that {path} was trained on the data's class "
+                                                    f"list ({e})"))
         return None
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from data_loader.files import open_regular
 from data_loader.image_cache import DecodedImages, ImageCache
 from data_loader.images import MAX_PIXELS, MODES, image_file, read_image
+from utils.files import open_regular
 from utils.task import Task
 from utils.util import UserError, listed
 

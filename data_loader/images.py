@@ -13,7 +13,7 @@ import io
 
 import torch
 
-from data_loader.files import open_regular
+from utils.files import open_regular
 from utils.util import UserError
 
 MAX_PIXELS = 100_000_000  # default bound on width x height, checked from the header before decoding

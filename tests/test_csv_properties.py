@@ -36,9 +36,10 @@ def csv_files(draw):
 
 
 def one_line(error, path=""):
-    """Whether the error is the one line the scripts print (naming `path` first), with nothing but a message."""
+    """Whether the error is the one line the scripts print (naming `path` first), with nothing but a message, and
+    nothing a terminal would act on (a NUL, an escape sequence) however the file is written."""
     line = error_line(error)
-    return line.startswith(f"error: {path}") and "Traceback" not in line and len(line) < 2000
+    return line.startswith(f"error: {path}") and "Traceback" not in line and len(line) < 2000 and line.isprintable()
 
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -50,6 +51,7 @@ PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @example(data=",".join(["id", "label", *(f"c{i}" for i in range(40_000))]).encode() + b"\nx,1" + b",0" * 40_000)
 @example(data="id,l\nx,1\n".encode("utf-16"))
 @example(data=b'"a\nb",label\nx,1\n')
+@example(data=b"\xef\xbb\xbf\xef\xbb\xbfid,label\x1b[2K\nx,1\n")
 def test_a_drawn_csv_loads_or_is_one_line_naming_it(tmp_path, data):
     path = tmp_path / "train.csv"
     path.write_bytes(data)

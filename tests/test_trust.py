@@ -355,6 +355,8 @@ CRAFTED = [
     Crafted("fine-tune-weights-not-tensors", "state_dict", set_in("state_dict", first_key, value=1.0),
             command="fine-tune"),
     Crafted("test-weights-not-tensors", "state_dict", set_in("state_dict", first_key, value="w"), command="test"),
+    Crafted("test-weights-complex", "features.0.weight", set_in("state_dict", first_key, value=torch.zeros(
+        8, 1, 3, 3, dtype=torch.complex64)), command="test"),
     Crafted("test-ema-not-a-dict", "ema_state_dict", set_field(ema_state_dict="w"), command="test-ema"),
     Crafted("test-ema-not-tensors", "ema_state_dict", set_in("ema_state_dict", first_key, value=[1.0]),
             command="test-ema"),
@@ -466,6 +468,40 @@ def test_a_checkpoint_reaches_nothing_outside_its_folders(script, key, value, cu
     line = error_line(capsys)
     assert code == 2 and key in line and culprit in line and "root:" not in line, line
     assert files_under(tmp_path) == ["crafted.pth"]
+
+
+SECRET = "s3cr3t"
+CELLS = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=8).map(
+    lambda text: f"{text}{SECRET}")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.lists(CELLS, min_size=1, max_size=3, unique=True), rows=st.lists(st.lists(CELLS, max_size=4),
+       min_size=1, max_size=4), key=st.sampled_from(["train_csv", "test_csv"]), id_known=st.booleans(),
+       script=st.sampled_from(["test", "resume"]))
+def test_no_line_quotes_a_file_that_only_a_checkpoint_names_outside_its_folders(saved_states, header, rows, key,
+                                                                                id_known, script):
+    """A checkpoint may name a data folder elsewhere (say /etc, with passwd as its CSV, even its first line as the
+    id column): the run reads it as data, and whatever fails, no printed line shows what the file holds."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "private").mkdir()
+        (folder / "run").mkdir()
+        id_column = "id" if id_known else "name"
+        lines = [[id_column, *header] if id_known else header] + rows
+        (folder / "private" / "file.csv").write_text("\n".join(",".join(line) for line in lines) + "\n")
+
+        def elsewhere(state):
+            state["config"]["data_loader"]["args"].update(
+                {"data_dir": str(folder / "private"), key: "file.csv", "id_column": id_column})
+
+        path = crafted(saved_states, "end", elsewhere, folder / "run" / "crafted.pth")
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = evaluate(["-r", path, "--out", folder / "out"]) if script == "test" else \
+                train.main(["-r", str(path)])
+        assert code == 2 and SECRET not in out.getvalue() + err.getvalue(), out.getvalue() + err.getvalue()
+        assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
 
 
 def test_a_path_the_user_gives_for_a_checkpoint_is_used(saved_states, data_slice, tmp_path, capsys):
@@ -611,4 +647,16 @@ def test_a_checkpoint_whose_data_loader_would_download_reaches_no_network(saved_
     path = crafted(saved_states, "end", set_config("data_loader", loader), tmp_path / "crafted.pth")
     assert evaluate(["-r", path, "--out", tmp_path / "out"]) == 2
     assert "would reach the network" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_json_file_beside_the_data_that_is_no_regular_file_is_one_line(tmp_path, capsys):
+    """A task.json (or a run group's group.json) linked to /dev/zero would be read without end: refused."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "probabilities.csv").write_text("id,0,1\nx,0.5,0.5\n")
+    (tmp_path / "a" / "task.json").symlink_to("/dev/zero")
+    code = evaluate(["--blend", tmp_path / "a" / "probabilities.csv", tmp_path / "b" / "probabilities.csv", "--out",
+                     tmp_path / "out"])
+    assert code == 2 and "not a regular file" in error_line(capsys)
     assert not (tmp_path / "out").exists()

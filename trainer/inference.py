@@ -16,12 +16,12 @@ import torch
 
 from base.base_data_loader import inputs_to
 from data_loader.data_loaders import class_source, read_classes
-from data_loader.files import open_regular
 from model.metric import EpochMetrics
 from trainer.preflight import check_width, checked_loss_and_metrics
 from trainer.steps import evaluation_step
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
+from utils.files import open_regular
 from utils.task import Task, WholeLoss, as_targets, read_task, task_of, write_task
 from utils.util import UserError, first_line, listed, worker_died, write_json
 
@@ -141,13 +141,14 @@ def check_class_order(members, data_config, data_loader):
         if classes is None or classes == names:
             continue
         i, ours, theirs = first_difference(classes, names)
+        read_from = f"; read from {sources[k][0]}" + (f" and {data_source[0]}" if data_source else "")
         if k and trained[0] == names:
             raise UserError(f"-r: checkpoints {str(paths[0])!r} and {str(path)!r} were trained on different class "
-                            f"lists (class {i}: {theirs} in the first, {ours} in the second); an ensemble averages "
-                            f"probabilities class by class")
-        raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data's "
-                        f"(data_loader.args.classes, else the sorted labels of the training CSV): class {i}: {ours} "
-                        f"for the checkpoint, {theirs} for the data")
+                            f"lists, from class {i} (an ensemble averages probabilities class by class): {theirs} in "
+                            f"the first, {ours} in the second{read_from}")
+        raise UserError(f"-r: checkpoint {str(path)!r} was trained on another class list than the data, from class "
+                        f"{i} (data_loader.args.classes, else the sorted labels of the training CSV): {ours} for the "
+                        f"checkpoint, {theirs} for the data{read_from}")
 
 
 INPUT_SETTINGS = ("image_mode", "eval_transforms", "mean", "std")  # what makes the inputs a model was trained on
@@ -484,9 +485,9 @@ def match_sample_submission(submission, table, sample, sample_path):
     elif len(value_columns) == 1 and len(own) == 1:
         result = submission.set_index("id").loc[sample[id_column]].reset_index()
     else:
-        raise UserError(f"inference.sample_submission: expected an id column and {' '.join(own)} "
+        raise UserError(f"inference.sample_submission: {sample_path}: expected an id column and {' '.join(own)} "
                         f"{'column' if len(own) == 1 else 'columns'}, one label column, or one column per class; "
-                        f"got {', '.join(sample.columns)}")
+                        f"got {listed(list(map(repr, sample.columns)))}")
     result.columns = [id_column, *value_columns]
     return result
 

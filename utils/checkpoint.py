@@ -11,6 +11,7 @@ import torch
 from utils.checkpoint_rules import MayLack, OneOf, Weights, check_checkpoint
 from utils.config import apply_overrides, overridden_keys
 from utils.util import MAX_NESTING, UserError, atomic_write
+from utils.withheld import withhold
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REQUIRED_KEYS = ("state_dict", "config")
@@ -64,7 +65,8 @@ def checkpoint_config(checkpoint, overrides=()):
     checkpoint says is data: its `import_roots` are dropped (code outside the project, torch and torchvision is
     imported only when the user's own config or command line allows it), pretrained weights are not fetched (its
     own weights replace them), and a path it names must lie in its run folder, its data folder or the working
-    folder, and must not be a URL."""
+    folder, and must not be a URL; a data folder it alone names outside the run folder and the working folder is
+    read, but no printed line quotes its files (utils/withheld.py)."""
     config = apply_overrides({**checkpoint["config"], "import_roots": []}, overrides)
     own = set(overridden_keys(overrides))
     args = config.get("arch", {}).get("args") if isinstance(config.get("arch"), dict) else None
@@ -109,6 +111,8 @@ def _confine_paths(config, run_dir, own, source):
             continue
         raise UserError(f"checkpoint {source!r}: {key} {named[:200]!r} is {problem}; a checkpoint may not name it "
                         f"(give it with -o {key}=... to use it)")
+    if "data_loader.args.data_dir" not in own and not any(data_dir.is_relative_to(root) for root in roots[1:]):
+        withhold(value("data_loader.args.data_dir") or ".", source)
 
 
 
@@ -181,8 +185,19 @@ def unwrap(model):
     return model
 
 
+def kind_of(tensor):
+    """Complex, floating or whole numbers: a cast between kinds loses what a cast within one keeps."""
+    return tensor.is_complex(), tensor.is_floating_point()
+
+
 def load_model_weights(model, state_dict, source):
-    """Load weights strictly; a checkpoint of another architecture gets one line naming the mismatch."""
+    """Load weights strictly; a checkpoint of another architecture, or a weight of another kind of number than the
+    model's (complex for real, floating for integer), which loading would cast silently, gets one line naming it."""
+    own = unwrap(model).state_dict()
+    for key, value in clean_state_dict(state_dict).items():
+        if key in own and kind_of(value) != kind_of(own[key]):
+            raise UserError(f"checkpoint {str(source)!r}: {key}: a {str(value.dtype).removeprefix('torch.')} tensor "
+                            f"where the model holds {str(own[key].dtype).removeprefix('torch.')}")
     try:
         unwrap(model).load_state_dict(clean_state_dict(state_dict))
     except RuntimeError as e:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.util import UserError, first_line, write_json
+from utils.util import UserError, first_line, read_json, write_json
 
 KINDS = ("multiclass", "multilabel", "regression")
 DEFAULT_LOSS = {"multiclass": "cross_entropy", "multilabel": "binary_cross_entropy_with_logits",
@@ -354,8 +354,8 @@ def read_task(folder):
     if not path.exists():
         return None
     try:
-        return Task.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Task.from_json(read_json(path))
+    except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a task description written by test.py ({first_line(e)})") from None
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.files import open_regular
+from utils.withheld import shown
+
 
 class UserError(Exception):
     """A mistake in the user's config, command line or files: reported as one line, exit code 2, no traceback."""
@@ -78,7 +81,13 @@ def error_line(error):
     text = str(error).strip()
     if "Traceback" in text:
         text = text.splitlines()[-1].split("UserError: ", 1)[-1]
-    return "error: " + " ".join(text.split())
+    return printable("error: " + shown(" ".join(text.split())))
+
+
+def printable(line):
+    """A line with every character a terminal would act on (escape sequences, NUL, a byte-order mark) written as
+    its escape, so text from a file can neither hide nor forge what is printed around it."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in line)
 
 
 def fault_line(error):
@@ -91,7 +100,7 @@ def fault_line(error):
     reason = error.strerror or first_line(error)
     where = f" on {str(error.filename)!r}" if error.filename else ""
     hint = "; free some space or point trainer.save_dir, --out or TMPDIR elsewhere" if error.errno == 28 else ""
-    return f"error: {reason}{where}{hint}"
+    return printable(shown(f"error: {reason}{where}{hint}"))
 
 
 def first_line(error):
@@ -119,7 +128,8 @@ def read_json(path):
     """A JSON file as Python values; a repeated key, NaN or Infinity is refused rather than silently taken."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path, "r", encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError:

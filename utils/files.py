@@ -1,5 +1,6 @@
-"""Data files are opened only when they are regular files: a FIFO would block for ever and a device such as
-/dev/zero would read without end, so a CSV or an image that is either (or a symbolic link to one) is refused."""
+"""Files read as data are opened only when they are regular files: a FIFO would block for ever and a device such as
+/dev/zero would read without end, so a CSV, an image or a JSON file (a run group's manifest, a task.json) that is
+either (or a symbolic link to one) is refused."""
 import os
 import stat
 
