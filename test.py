@@ -28,10 +28,10 @@ from trainer.inference import (
     predict_ensemble,
     row_ids,
     score,
-    settle_inference,
     try_one_batch,
     write_predictions,
 )
+from trainer.inference_settings import settle_inference
 from trainer.trackers import TestReport
 from utils import run_group, withheld
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint

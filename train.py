@@ -21,6 +21,7 @@ from base.resume_rules import STEP
 from data_loader.data_loaders import class_source, read_classes
 from logger.logger import add_log_file, setup_logging
 from logger.report import report_from_out_of_fold
+from trainer.inference_settings import settle_inference
 from trainer.preflight import check_one_batch
 from trainer.trackers import build_trackers
 from trainer.trainer import Trainer
@@ -111,9 +112,9 @@ def main(argv=None, hooks=()):
         if args.config:
             config = load_config(args.config, overrides)
         elif group:
-            config = validate(checkpoint_config(run_group.as_checkpoint(group), overrides))
+            config = validate(checkpoint_config(run_group.as_checkpoint(group), overrides, saving=True))
         elif checkpoint is not None:
-            config = validate(checkpoint_config(checkpoint, overrides))
+            config = validate(checkpoint_config(checkpoint, overrides, saving=True))
         else:
             raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
         if args.lr is not None and "max_lr" in config["lr_scheduler"].get("args", {}):
@@ -219,8 +220,6 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
 def check_inference(inference, task):
     """test.py's settings for this task, refused now rather than after training (thresholds from oof.csv are
     settled by test.py, once the run group has one)."""
-    from trainer.inference import settle_inference  # pandas, needed only here
-
     oof = inference["threshold"] == "oof" and task.kind == "multilabel"
     settle_inference({**inference, "threshold": 0.5} if oof else inference, task)
 

@@ -60,13 +60,14 @@ def load_checkpoint(path, mmap=False):
     return state
 
 
-def checkpoint_config(checkpoint, overrides=()):
+def checkpoint_config(checkpoint, overrides=(), saving=False):
     """A checkpoint's config with the command line's `overrides`, to be validated like any other. What only the
     checkpoint says is data: its `import_roots` are dropped (code outside the project, torch and torchvision is
     imported only when the user's own config or command line allows it), pretrained weights are not fetched (its
     own weights replace them), and a path it names must lie in its run folder, its data folder or the working
     folder, and must not be a URL; a data folder it alone names outside the run folder and the working folder is
-    read, but no printed line quotes its files (utils/withheld.py)."""
+    read, but no printed line quotes its files (utils/withheld.py). With `saving` (train.py -r), its save folder is
+    confined too."""
     config = apply_overrides({**checkpoint["config"], "import_roots": []}, overrides)
     own = set(overridden_keys(overrides))
     args = config.get("arch", {}).get("args") if isinstance(config.get("arch"), dict) else None
@@ -74,7 +75,7 @@ def checkpoint_config(checkpoint, overrides=()):
         for key, off in OFFLINE_ARGS.items():
             if key in args and f"arch.args.{key}" not in own:
                 args[key] = off
-    _confine_paths(config, Path(checkpoint["path"]).parent, own, checkpoint["path"])
+    _confine_paths(config, Path(checkpoint["path"]).parent, own, checkpoint["path"], saving)
     return config
 
 
@@ -84,7 +85,7 @@ IN_WORKING_DIR = ("data_loader.args.data_dir", "data_loader.args.cache_dir", "in
                   "arch.args.weights_file")
 
 
-def _confine_paths(config, run_dir, own, source):
+def _confine_paths(config, run_dir, own, source, saving):
     """Refuse a path that only the checkpoint names (not `own`, the command line's keys) outside the run folder, the
     data folder and the working folder, or a URL: loading a checkpoint reads and creates nothing elsewhere."""
     def value(key):
@@ -113,6 +114,23 @@ def _confine_paths(config, run_dir, own, source):
                         f"(give it with -o {key}=... to use it)")
     if "data_loader.args.data_dir" not in own and not any(data_dir.is_relative_to(root) for root in roots[1:]):
         withhold(value("data_loader.args.data_dir") or ".", source)
+    if saving:
+        _confine_save_dir(value("trainer.save_dir"), config.get("name"), roots, own, source)
+
+
+def _confine_save_dir(save_dir, name, roots, own, source):
+    """The save folder a checkpoint alone names (where a resumed run starts a new folder and trackers keep their
+    stores) lies in one of `roots`, or is the one its run folder was made in: `<save_dir>/<name>` holds the run
+    folder (or its run group)."""
+    if save_dir is None or "trainer.save_dir" in own:
+        return
+    path, run_dir = Path(os.path.realpath(save_dir)), roots[1]
+    if "://" not in save_dir and (any(path.is_relative_to(root) for root in roots) or isinstance(name, str) and
+                                  path / name in (run_dir.parent, run_dir.parent.parent)):
+        return
+    raise UserError(f"checkpoint {source!r}: trainer.save_dir {save_dir[:200]!r} is outside its run folder, data "
+                    f"folder and the working folder, and is not the folder its run was saved in; a checkpoint may not "
+                    f"name it (give it with -o trainer.save_dir=... to use it)")
 
 
 
