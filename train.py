@@ -23,7 +23,7 @@ from logger.logger import add_log_file, setup_logging
 from logger.report import report_from_out_of_fold
 from trainer.inference_settings import settle_inference
 from trainer.preflight import check_one_batch
-from trainer.trackers import build_trackers
+from trainer.trackers import build_trackers, tracker_hosts
 from trainer.trainer import Trainer
 from utils import dist, run_group, withheld
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint, load_model_weights
@@ -129,7 +129,7 @@ def main(argv=None, hooks=()):
             raise UserError("--fold/--folds: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
         scratch = tempfile.TemporaryDirectory(prefix="fast-dev-run-") if args.fast_dev_run else nullcontext()
         resuming = group or checkpoint is not None and not args.config
-        from_checkpoint = offline(f"resuming {args.resume}") if resuming else None
+        from_checkpoint = offline(f"resuming {args.resume}", allow=tracker_hosts(config)) if resuming else None
         with scratch as scratch_dir, from_checkpoint or nullcontext():
             if scratch_dir:
                 config["trainer"]["save_dir"] = scratch_dir

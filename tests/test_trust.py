@@ -504,24 +504,22 @@ def test_no_line_quotes_a_file_that_only_a_checkpoint_names_outside_its_folders(
         assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
 
 
-@pytest.mark.parametrize("save_dir, made", [("{folder}/elsewhere", False), ("{folder}", True)],
-                         ids=["elsewhere", "where-it-was-saved"])
-def test_a_resumed_checkpoint_makes_its_new_run_folder_only_where_it_was_saved(save_dir, made, saved_states,
-                                                                                tmp_path, capsys):
-    """An older checkpoint resumes into a new run folder under its save folder: only the one its run was made in
-    (`<save_dir>/<name>` holds the run folder), unless the user names another with -o trainer.save_dir."""
+@pytest.mark.parametrize("save_dir", ["{folder}/elsewhere", "{folder}", "http://127.0.0.1:9/saved"])
+def test_a_resumed_checkpoint_saves_and_reports_only_beside_its_run(save_dir, saved_states, tmp_path):
+    """An older checkpoint resumes into a new run folder beside its run, whatever save folder it names, and starts
+    none of the trackers it names (their files and servers are the user's to choose with -o)."""
     run = tmp_path / "tiny" / "0101_000000"
     run.mkdir(parents=True)
-    path = crafted(saved_states, "end", set_config("trainer.save_dir", save_dir.format(folder=tmp_path)),
-                   run / "checkpoint-epoch1.pth")
-    code = train.main(["-r", str(path)])
-    if made:
-        assert code == 0 and len(run_dirs(tmp_path)) == 2
-    else:
-        assert code == 2 and "trainer.save_dir" in error_line(capsys)
-        assert files_under(tmp_path) == ["tiny", "tiny/0101_000000", "tiny/0101_000000/checkpoint-epoch1.pth"]
-        assert train.main(["-r", str(path), "-o", f"trainer.save_dir={tmp_path / 'elsewhere'}"]) == 0
-        assert len(run_dirs(tmp_path / "elsewhere")) == 1
+
+    def elsewhere(state):
+        state["config"]["trainer"].update(save_dir=save_dir.format(folder=tmp_path), trackers=["csv", "mlflow"],
+                                          mlflow_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+
+    path = crafted(saved_states, "end", elsewhere, run / "checkpoint-epoch1.pth")
+    assert train.main(["-r", str(path)]) == 0
+    (new,) = set(run_dirs(tmp_path)) - {run}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"] and (new / "checkpoint-last.pth").exists()
+    assert json.loads((new / "config.json").read_text())["trainer"]["trackers"] == []  # it named csv and mlflow
 
 
 def test_a_path_the_user_gives_for_a_checkpoint_is_used(saved_states, data_slice, tmp_path, capsys):

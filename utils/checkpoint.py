@@ -1,5 +1,6 @@
 """Writing and reading checkpoints: atomic saves, `weights_only` loads, clean state-dict keys, and the config a
 checkpoint carries, read as data: it imports nothing, downloads nothing and names no path outside its folders."""
+import logging
 import os
 import pickle
 import warnings
@@ -66,8 +67,8 @@ def checkpoint_config(checkpoint, overrides=(), saving=False):
     imported only when the user's own config or command line allows it), pretrained weights are not fetched (its
     own weights replace them), and a path it names must lie in its run folder, its data folder or the working
     folder, and must not be a URL; a data folder it alone names outside the run folder and the working folder is
-    read, but no printed line quotes its files (utils/withheld.py). With `saving` (train.py -r), its save folder is
-    confined too."""
+    read, but no printed line quotes its files (utils/withheld.py). With `saving` (train.py -r), new run folders and
+    trackers' files go beside the checkpoint's run, and only trackers the command line names report."""
     config = apply_overrides({**checkpoint["config"], "import_roots": []}, overrides)
     own = set(overridden_keys(overrides))
     args = config.get("arch", {}).get("args") if isinstance(config.get("arch"), dict) else None
@@ -75,7 +76,9 @@ def checkpoint_config(checkpoint, overrides=(), saving=False):
         for key, off in OFFLINE_ARGS.items():
             if key in args and f"arch.args.{key}" not in own:
                 args[key] = off
-    _confine_paths(config, Path(checkpoint["path"]).parent, own, checkpoint["path"], saving)
+    roots = _confine_paths(config, Path(checkpoint["path"]).parent, own, checkpoint["path"])
+    if saving and isinstance(config.get("trainer"), dict):
+        _resumed_reporting(config, roots, own)
     return config
 
 
@@ -85,7 +88,7 @@ IN_WORKING_DIR = ("data_loader.args.data_dir", "data_loader.args.cache_dir", "in
                   "arch.args.weights_file")
 
 
-def _confine_paths(config, run_dir, own, source, saving):
+def _confine_paths(config, run_dir, own, source):
     """Refuse a path that only the checkpoint names (not `own`, the command line's keys) outside the run folder, the
     data folder and the working folder, or a URL: loading a checkpoint reads and creates nothing elsewhere."""
     def value(key):
@@ -114,24 +117,29 @@ def _confine_paths(config, run_dir, own, source, saving):
                         f"(give it with -o {key}=... to use it)")
     if "data_loader.args.data_dir" not in own and not any(data_dir.is_relative_to(root) for root in roots[1:]):
         withhold(value("data_loader.args.data_dir") or ".", source)
-    if saving:
-        _confine_save_dir(value("trainer.save_dir"), config.get("name"), roots, own, source)
+    return roots
 
 
-def _confine_save_dir(save_dir, name, roots, own, source):
-    """The save folder a checkpoint alone names (where a resumed run starts a new folder and trackers keep their
-    stores) lies in one of `roots`, or is the one its run folder was made in: `<save_dir>/<name>` holds the run
-    folder (or its run group)."""
-    if save_dir is None or "trainer.save_dir" in own:
-        return
-    path, run_dir = Path(os.path.realpath(save_dir)), roots[1]
-    if "://" not in save_dir and (any(path.is_relative_to(root) for root in roots) or isinstance(name, str) and
-                                  path / name in (run_dir.parent, run_dir.parent.parent)):
-        return
-    raise UserError(f"checkpoint {source!r}: trainer.save_dir {save_dir[:200]!r} is outside its run folder, data "
-                    f"folder and the working folder, and is not the folder its run was saved in; a checkpoint may not "
-                    f"name it (give it with -o trainer.save_dir=... to use it)")
-
+def _resumed_reporting(config, roots, own):
+    """Where a resumed run writes besides its folder: under the save folder the checkpoint names only when that lies
+    in one of `roots` (its data folder, its run folder, the working folder) or holds its run; else under the one that
+    holds its run, or in the checkpoint's folder. Only the trackers the command line names start (TensorBoard, inside
+    the run folder, stays)."""
+    trainer, logger, run_dir = config["trainer"], logging.getLogger("template"), roots[1]
+    named = trainer.get("save_dir")
+    holder = next((f.parent for f in list(run_dir.parents)[:3] if f.name == config.get("name")), None)
+    kept = Path(os.path.realpath(named)) if isinstance(named, str) and named and "://" not in named else None
+    if "trainer.save_dir" not in own and not (kept and (kept == holder or any(map(kept.is_relative_to, roots)))):
+        trainer["save_dir"] = str(holder or run_dir)
+        logger.info("trainer.save_dir: the checkpoint's lies elsewhere; a resumed run saves in %s (choose another "
+                    "with -o trainer.save_dir=...)", trainer["save_dir"])
+    trackers = trainer.get("trackers")
+    if "trainer.trackers" not in own and isinstance(trackers, list) and set(trackers) - {"tensorboard"}:
+        trainer["trackers"] = [t for t in trackers if t == "tensorboard"]
+        logger.info("trainer.trackers: a checkpoint starts no tracker of its own (%s); name them with -o "
+                    "trainer.trackers=[...] to report there", ", ".join(map(str, set(trackers) - {"tensorboard"})))
+    if "trainer.mlflow_uri" not in own:
+        trainer.pop("mlflow_uri", None)
 
 
 def nesting_over(value, limit):

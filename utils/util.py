@@ -213,23 +213,33 @@ def no_new_folders_on_failure(path):
 
 
 @contextlib.contextmanager
-def offline(what):
+def offline(what, allow=()):
     """Refuse every connection to another machine inside the block, naming `what` asked for it: reading data that
-    came from elsewhere never reaches the network. Local (Unix) sockets, which DataLoader workers use, stay open."""
+    came from elsewhere never reaches the network. Local (Unix) sockets, which DataLoader workers use, stay open, and
+    so do the hosts in `allow` (the servers the user named, such as a tracker's)."""
     import socket
+
+    allowed = set(allow)
 
     def refuse(host, *_, **__):
         raise UserError(f"{what} would reach the network ({str(host)[:100]}); give what it needs as local files")
 
+    def resolve(host, *args, **kwargs):
+        if host not in allowed:
+            refuse(host)
+        found = saved[0](host, *args, **kwargs)
+        allowed.update(entry[4][0] for entry in found)
+        return found
+
     def guarded(connect):
         def connect_local(sock, address):
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in allowed:
                 refuse(address[0])
             return connect(sock, address)
         return connect_local
 
     saved = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
-    socket.getaddrinfo = refuse
+    socket.getaddrinfo = resolve
     socket.socket.connect, socket.socket.connect_ex = guarded(saved[1]), guarded(saved[2])
     try:
         yield
