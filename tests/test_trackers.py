@@ -1,6 +1,7 @@
 """trainer.trackers: a run reports to MLflow, Weights & Biases (offline) or a CSV file besides its folder; a tracker
 that cannot start is one line before anything is written."""
 import json
+import os
 import sys
 
 import pytest
@@ -71,7 +72,8 @@ def test_a_tracker_that_cannot_start_is_one_line_before_training(config, tmp_pat
 
 def test_test_py_reports_its_metrics_and_submission_to_the_training_run(config, tmp_path):
     mlflow = pytest.importorskip("mlflow")
-    run_dir = train_with(config, tmp_path, ["mlflow", "csv"], epochs=1)
+    relative = os.path.relpath(tmp_path / "saved")  # a relative save_dir, as config.json's "saved/"
+    run_dir = train_with(config, tmp_path, ["mlflow", "csv"], epochs=1, save_dir=relative)
     made = evaluate(["-r", run_dir, "--track", "mlflow", "csv"])
     assert made == 0
     metrics = json.loads((made.out / "metrics.json").read_text())
@@ -81,8 +83,9 @@ def test_test_py_reports_its_metrics_and_submission_to_the_training_run(config, 
     assert {a.path for a in client.list_artifacts(run.info.run_id, made.out.name)} >= {
         f"{made.out.name}/predictions.csv", f"{made.out.name}/probabilities.csv"}
     rows = read_csv_rows(tmp_path / "saved" / "tracking.csv")
-    assert ("file", "predictions.csv", str(made.out / "predictions.csv")) in {(r["kind"], r["key"], r["value"])
-                                                                             for r in rows}
+    assert ("file", "predictions.csv", str(made.out.resolve() / "predictions.csv")) in {
+        (r["kind"], r["key"], r["value"]) for r in rows}
+    assert {r["run_dir"] for r in rows} == {str(run_dir.resolve())}  # training's rows and test.py's: one run
 
 
 def test_test_py_refuses_a_tracker_without_a_store_before_predicting(config, tmp_path, capsys, monkeypatch):

@@ -55,7 +55,7 @@ def flatten(config, prefix=""):
 def run_tags(trainer):
     """git commit (of the working directory, when it is a repository), fold, and trial (a run inside a study
     folder `study-*`)."""
-    tags = {"run_dir": str(trainer.run_dir)}
+    tags = {"run_dir": str(Path(trainer.run_dir).resolve())}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
@@ -88,6 +88,30 @@ def _package(tracker, module):
                         f"requirements-experiments.txt") from None
 
 
+def mlflow_experiment(client, name, uri):
+    """The id of MLflow experiment `name`, created when missing; a local store keeps its files beside it
+    (`<store folder>/mlartifacts/<name>`)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    local = uri.startswith("sqlite:///")
+    return client.create_experiment(name, artifact_location=(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" /
+                                                             name).as_uri() if local else None)
+
+
+def mlflow_run_of(client, experiment_ids, run_dir):
+    """The MLflow run tagged with `run_dir`, or None."""
+    if "'" in str(run_dir) or not experiment_ids:
+        return None
+    found = client.search_runs(experiment_ids, f"tags.run_dir = '{run_dir}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def wandb_mode(wandb):
+    """WANDB_MODE when set, else online only for a user who has logged in."""
+    return os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+
+
 @contextmanager
 def _no_retries():
     """MLflow's HTTP client retries for minutes by default; probing a server should fail fast."""
@@ -107,9 +131,8 @@ class MlflowTracker(Hook):
 
     def __init__(self, config):
         mlflow = _package("mlflow", "mlflow")
-        self.save_dir = Path(config["trainer"]["save_dir"]).resolve()
         self.uri = (config["trainer"]["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-                    or f"sqlite:///{self.save_dir / 'mlflow.db'}")
+                    or f"sqlite:///{Path(config['trainer']['save_dir']).resolve() / 'mlflow.db'}")
         self.client = mlflow.MlflowClient(self.uri)
         self.entities = mlflow.entities
         if not self.uri.startswith("sqlite:") and "://" in self.uri:
@@ -121,16 +144,10 @@ class MlflowTracker(Hook):
         self.run_id = None
 
     def on_run_start(self, trainer):
-        name = trainer.config["name"]
-        experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            name, artifact_location=(self.save_dir / "mlartifacts" / name).as_uri()
-            if self.uri.startswith("sqlite:") else None)
+        experiment_id = mlflow_experiment(self.client, trainer.config["name"], self.uri)
         tags = run_tags(trainer)
-        earlier = [] if "'" in tags["run_dir"] else self.client.search_runs(
-            [experiment_id], f"tags.run_dir = '{tags['run_dir']}'", max_results=1)
-        if earlier:
-            self.run_id = earlier[0].info.run_id
+        self.run_id = mlflow_run_of(self.client, [experiment_id], tags["run_dir"])
+        if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             return
         self.run_id = self.client.create_run(experiment_id, run_name=Path(trainer.run_dir).name, tags=tags).info.run_id
@@ -160,11 +177,10 @@ class WandbTracker(Hook):
         self.run = None
 
     def on_run_start(self, trainer):
-        mode = os.environ.get("WANDB_MODE") or ("online" if self.wandb.login(prompt=False, verify=False) else "offline")
-        tags = run_tags(trainer)
-        self.run = self.wandb.init(project=trainer.config["name"], name=Path(trainer.run_dir).name, mode=mode,
-                                   dir=str(trainer.run_dir), config=flatten(trainer.config),
-                                   tags=[f"{k}:{v}"[:64] for k, v in tags.items() if k != "run_dir"])
+        tags = [f"{k}:{v}"[:64] for k, v in run_tags(trainer).items() if k != "run_dir"]
+        self.run = self.wandb.init(project=trainer.config["name"], name=Path(trainer.run_dir).name,
+                                   mode=wandb_mode(self.wandb), dir=str(trainer.run_dir),
+                                   config=flatten(trainer.config), tags=tags)
 
     def on_epoch_end(self, trainer, epoch, log):
         self.run.log(epoch_metrics(log), step=epoch)
@@ -197,7 +213,8 @@ class CsvTracker(Hook):
             if new:
                 writer.writerow(cls.COLUMNS)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            writer.writerows((stamp, str(run_dir), kind, key, epoch, value) for kind, key, value in rows)
+            writer.writerows((stamp, str(Path(run_dir).resolve()), kind, key, epoch, value)
+                             for kind, key, value in rows)
 
     def on_run_start(self, trainer):
         self._append(trainer, [("param", k, v) for k, v in flatten(trainer.config).items()]
@@ -207,8 +224,9 @@ class CsvTracker(Hook):
         self._append(trainer, [("metric", k, v) for k, v in epoch_metrics(log).items()], epoch)
 
     def on_run_end(self, trainer, log):
-        files = [("file", name, str(Path(trainer.run_dir) / name)) for name in RUN_FILES]
-        self._append(trainer, files + [("file", "best_checkpoint", str(best_checkpoint_path(trainer)))])
+        run_dir = Path(trainer.run_dir).resolve()
+        files = [("file", name, str(run_dir / name)) for name in RUN_FILES if (run_dir / name).exists()]
+        self._append(trainer, files + [("file", "best_checkpoint", str(best_checkpoint_path(trainer).resolve()))])
 
 
 def nearest(run_dir, name):
@@ -231,7 +249,7 @@ class TestReport:
         if uri is None:
             raise UserError(f"--track mlflow: no mlflow.db in {str(self.run_dir)!r} or above it; set "
                             f"MLFLOW_TRACKING_URI to the store the run used")
-        self.client, self.entities = mlflow.MlflowClient(uri), mlflow.entities
+        self.uri, self.client, self.entities = uri, mlflow.MlflowClient(uri), mlflow.entities
 
     def _start_wandb(self):
         self.wandb = _package("wandb", "wandb")
@@ -239,37 +257,32 @@ class TestReport:
         self.wandb_id = runs[-1].name.rsplit("-", 1)[1] if runs else None
 
     def _start_csv(self):
-        self.path = nearest(self.run_dir, "tracking.csv") or self.run_dir.parent / "tracking.csv"
+        self.path = nearest(self.run_dir, "tracking.csv") or self.run_dir.parent.parent / "tracking.csv"
 
     def __call__(self, metrics, files):
         metrics = {f"{self.prefix}_{k}": v for k, v in epoch_metrics(metrics or {}).items()}
         try:
-            getattr(self, f"_report_{self.name}")(metrics, [Path(f) for f in files])
+            getattr(self, f"_report_{self.name}")(metrics, [Path(f).resolve() for f in files])
         except Exception as e:  # noqa: BLE001 (the files are written; the tracker's failure is one line)
             raise UserError(f"--track {self.name}: could not report ({first_line(e)}); the files are written "
                             f"in {str(files[0].parent) if files else '--out'!r}") from None
 
     def _report_mlflow(self, metrics, files):
-        experiments = [e.experiment_id for e in self.client.search_experiments()]
-        runs = [] if "'" in str(self.run_dir) or not experiments else self.client.search_runs(
-            experiments, f"tags.run_dir = '{self.run_dir}'", max_results=1)
-        if runs:
-            run_id = runs[0].info.run_id
-        else:
-            experiment = self.client.get_experiment_by_name(self.experiment)
-            run_id = self.client.create_run(experiment.experiment_id if experiment else self.client.create_experiment(
-                self.experiment), run_name=self.run_dir.name, tags={"run_dir": str(self.run_dir)}).info.run_id
+        training_run = mlflow_run_of(self.client, [e.experiment_id for e in self.client.search_experiments()],
+                                     self.run_dir)
+        run_id = training_run or self.client.create_run(
+            mlflow_experiment(self.client, self.experiment, self.uri), run_name=self.run_dir.name,
+            tags={"run_dir": str(self.run_dir)}).info.run_id
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[self.entities.Metric(k, v, now, 0) for k, v in metrics.items()])
         for path in files:
             self.client.log_artifact(run_id, str(path), artifact_path=path.parent.name)
-        if not runs:
+        if not training_run:
             self.client.set_terminated(run_id)
 
     def _report_wandb(self, metrics, files):
-        mode = os.environ.get("WANDB_MODE") or ("online" if self.wandb.login(prompt=False, verify=False) else "offline")
         run = self.wandb.init(project=self.experiment, id=self.wandb_id, resume="allow" if self.wandb_id else None,
-                              name=self.run_dir.name, dir=str(self.run_dir), mode=mode)
+                              name=self.run_dir.name, dir=str(self.run_dir), mode=wandb_mode(self.wandb))
         run.summary.update(metrics)
         for path in files:
             run.save(str(path), base_path=str(path.parent.parent), policy="now")
