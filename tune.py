@@ -153,6 +153,9 @@ def objective_direction(config, folds):
     mode, _, metric = config["trainer"]["monitor"].partition(" ")
     if mode == "off":
         raise UserError('trainer.monitor: tune.py optimises the monitored metric: set it, e.g. "max val_accuracy"')
+    if not metric.startswith("val_"):
+        raise UserError(f"trainer.monitor: tune.py scores and prunes trials by a validation value; {metric!r} is "
+                        f"measured on the training batches (monitor \"{mode} val_{metric}\")")
     if folds and not config["data_loader"]["args"].get("n_folds"):
         raise UserError("--folds all: set data_loader.args.n_folds (e.g. 5)")
     if folds and out_of_fold_metric(config).startswith("ema_"):

@@ -140,6 +140,13 @@ def test_bad_search_json_is_one_line_and_nothing_is_created(data_slice, tmp_path
     assert not (tmp_path / "saved").exists()
 
 
+def test_a_monitor_of_the_training_batches_is_one_line(data_slice, tmp_path, capsys):
+    config, search, _ = study_files(data_slice, tmp_path, monitor="min loss")
+    assert tune.main(["-c", str(config), "-s", str(search), "--trials", "2"]) == 2
+    assert error_line(capsys).startswith("error: trainer.monitor: tune.py scores and prunes trials by a validation")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_folds_all_scores_each_trial_by_its_out_of_fold_metric(data_slice, tmp_path):
     config, search, study_dir = study_files(data_slice, tmp_path, {"lr_scheduler.args.max_lr": [0.003, 0.01]},
                                             epochs=1, limit_val_batches=0)
