@@ -74,8 +74,7 @@ class BaseTrainer:
                 started = time.perf_counter()
                 log = self._train_epoch(epoch)
                 if self.lr_schedule is not None:
-                    self.lr_schedule.after_epoch(log.get(self.mnt_metric) if self.mnt_mode != "off" else
-                                                 log.get("val_loss", log["loss"]))
+                    self.lr_schedule.after_epoch(self._watched_value(epoch, log))
                 improved = self._update_monitor(log)
                 if self.is_main:
                     self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
@@ -94,6 +93,13 @@ class BaseTrainer:
                 signal.signal(s, handler)
             self.writer.close()
         return log
+
+    def _watched_value(self, epoch, log):
+        """What a scheduler watching a metric (ReduceLROnPlateau) is given: the monitored value, else the validation
+        loss (the training loss when nothing is validated); None after an epoch without validation: it waits."""
+        if self.mnt_mode != "off":
+            return log.get(self.mnt_metric)
+        return log.get("val_loss", log["loss"]) if self.should_validate(epoch) else None
 
     def should_validate(self, epoch):
         """Whether `epoch` ends with validation: every `val_every_n_epochs` epochs, and the last one."""
