@@ -80,10 +80,13 @@ def test_sam_a_closure_optimizer_from_a_project_module(config, tmp_path, project
     assert_resumes_exactly(run_dir, roots=["team_sam"])
 
 
-def test_a_closure_optimizer_with_accumulated_gradients_is_one_line(config, tmp_path, project, capsys):
+@pytest.mark.parametrize("key, value", [("accumulation_steps", 2), ("clip_grad_norm", 1.0),
+                                        ("nonfinite_loss", "skip")])
+def test_settings_a_closure_step_would_not_see_are_one_line(key, value, config, tmp_path, project, capsys):
+    """Accumulation, clipping and skipping act on the first pass's gradients; SAM steps with the second pass's."""
     config.update(import_roots=[project("team_sam", SAM)], lr_scheduler={}, optimizer={"type": "team_sam.SAM"})
-    config["trainer"]["accumulation_steps"] = 2
-    assert "trainer.accumulation_steps: SAM steps through a closure" in fails(config, tmp_path, capsys)
+    config["trainer"][key] = value
+    assert f"trainer.{key}: SAM steps through a closure" in fails(config, tmp_path, capsys)
 
 
 def test_sam_by_config_from_the_projects_optimizers(config, tmp_path):

@@ -17,10 +17,8 @@ from utils.util import UserError, first_line
 def check_one_batch(trainer):
     """One evaluation batch through the model, the loss and the metrics, then one real training step on a copy of
     the state (weights, optimizer, schedule and counters are put back). Warnings are shown only once it fits."""
-    if trainer.closure_step and trainer.cfg.accumulation_steps > 1:
-        raise UserError(f"trainer.accumulation_steps: {type(trainer.optimizer).__name__} steps through a closure that "
-                        f"recomputes the loss of one batch, not of {trainer.cfg.accumulation_steps} accumulated ones; "
-                        f"use 1 (and a larger data_loader.args.batch_size)")
+    if trainer.closure_step:
+        check_closure_fit(trainer)
     with warnings.catch_warnings(record=True) as caught:
         data, target, output = first_samples(trainer, 16)
         flat = flat_output(trainer, output)
@@ -31,6 +29,25 @@ def check_one_batch(trainer):
         trial_step(trainer, *mixed(trainer, data, target))
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def check_closure_fit(trainer):
+    """Refuse the trainer settings that act on the gradients of the first pass, which an optimizer stepping through
+    a closure (SAM, LBFGS) does not step with, or that it cannot take."""
+    cfg, name = trainer.cfg, type(trainer.optimizer).__name__
+    unfit = {
+        "trainer.accumulation_steps": (cfg.accumulation_steps > 1, f"its closure recomputes one batch, not "
+                                       f"{cfg.accumulation_steps} accumulated ones; use 1 and a larger batch_size"),
+        "trainer.amp": (trainer.scaler.is_enabled(), "fp16 scales the gradients, which a closure step cannot take; "
+                                                     "use \"bf16\""),
+        "trainer.clip_grad_norm": (bool(cfg.clip_grad_norm), "clipping would act on the gradients of the first "
+                                                             "pass, not those it steps with; leave it out"),
+        "trainer.nonfinite_loss": (cfg.nonfinite_loss == "skip", "skipping checks the gradients of the first pass, "
+                                                                 "not those it steps with; leave it out"),
+    }
+    for key, (given, why) in unfit.items():
+        if given:
+            raise UserError(f"{key}: {name} steps through a closure: {why}")
 
 
 def needs_closure(optimizer):
@@ -94,9 +111,6 @@ def mixed(trainer, data, target):
 
 def trial_step(trainer, data, target):
     """Trainer.train_step on one batch, then the schedule's epoch step; everything they change is put back."""
-    if needs_closure(trainer.optimizer) and trainer.scaler.is_enabled():
-        raise UserError(f"trainer.amp: \"fp16\" scales the gradients, which {type(trainer.optimizer).__name__}'s "
-                        f"closure step cannot take; use \"bf16\"")
     model, schedule = unwrap(trainer.model), trainer.lr_schedule
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                            "schedule": schedule.state_dict() if schedule else None,
