@@ -39,15 +39,16 @@ def describe(run):
     group = (run / "oof_metrics.json").is_file()
     config_path = run / "config.json" if (run / "config.json").is_file() else next(run.glob("fold*/config.json"),
                                                                                     run / "oof_metrics.json")
-    config = as_dict(read_json(config_path)) if config_path.name == "config.json" else {}
-    mode, _, metric = str(as_dict(config.get("trainer")).get("monitor", "off")).partition(" ")
+    config = read_object(config_path) if config_path.name == "config.json" else {}
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    mode, _, metric = str(trainer.get("monitor", "off")).partition(" ")
     best = best_epoch(run, mode, metric) if not group else (None, None)
     if group:
-        scores = as_dict(read_json(run / "oof_metrics.json"))
+        scores = read_object(run / "oof_metrics.json")
         where = "out-of-fold"
     else:
         tested = sorted(run.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-        scores, where = (as_dict(read_json(tested[-1])), tested[-1].parent.name) if tested else ({}, "")
+        scores, where = (read_object(tested[-1]), tested[-1].parent.name) if tested else ({}, "")
     name = metric.removeprefix("val_")
     score = scores.get(name) if isinstance(scores.get(name), (int, float)) else next(
         (v for k, v in scores.items() if k != "n_samples" and isinstance(v, (int, float))), None)
@@ -55,8 +56,13 @@ def describe(run):
             "best": best[0], "epoch": best[1], "score": score, "scored_on": where}
 
 
-def as_dict(value):
-    """A JSON object read from a run folder, or {} when the file holds something else."""
+def read_object(path):
+    """A JSON object read from a run folder, or {} when the file is damaged or holds something else: one odd file
+    leaves its cells empty, not the table unwritten."""
+    try:
+        value = read_json(path)
+    except UserError:
+        return {}
     return value if isinstance(value, dict) else {}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from utils.files import open_regular
 from utils.util import write_text
 
 MAX_HISTORY_ROWS = 10_000
@@ -87,7 +88,7 @@ def read_history(path):
     """history.csv as {column: [(epoch, value)]}, numbers only (an epoch without validation has empty cells); a
     missing or unreadable file gives nothing."""
     try:
-        with open(path, newline="") as f:
+        with open_regular(path, "r", newline="") as f:  # a run folder is data: no FIFO or device
             rows = [row for _, row in zip(range(MAX_HISTORY_ROWS), csv.DictReader(f))]
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}

@@ -88,6 +88,25 @@ def test_runs_table_of_a_run_group_and_of_nothing(experiment, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'empty'}: no runs in it (folders with config.json)"
 
 
+def test_runs_table_reads_damaged_files_of_a_run_folder_as_empty_cells(experiment, tmp_path):
+    """A run folder is data: a damaged metrics.json and a history.csv that is a FIFO leave cells empty, no more."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "copied" / "run"
+    shutil.copytree(experiment.runs[0], run)
+    (run / "test-model_best" / "metrics.json").write_text("{")
+    (run / "history.csv").unlink()
+    os.mkfifo(run / "history.csv")
+    proc = subprocess.run([sys.executable, str(Path(runs.__file__)), str(tmp_path / "copied")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header, row = proc.stdout.splitlines()[:2]
+    assert row.split()[0] == "run" and "best" in header
+
+
 def render(browser, path, shot):
     """Open `path`, click the first column header when it has one, screenshot it; returns the console errors, page
     errors and requests that left the file."""
