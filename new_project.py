@@ -10,14 +10,15 @@ copy gets a README of its own; the template's README goes to docs/template.md.
 """
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent
-TEMPLATE_ONLY = ("benchmarks/", "data/make_mnist5k.py", "data/README.md")
-SAMPLE_DATA = "data/mnist5k/"
+TEMPLATE_ONLY = ("benchmarks/", "data/make_mnist5k.py")
+SAMPLE_DATA = ("data/mnist5k/", "data/README.md")  # the images, with their source and licence
 
 
 def tracked_files(template):
@@ -38,7 +39,7 @@ def copy_template(target, with_sample_data=False, template=TEMPLATE):
         raise SystemExit(f"error: {target} exists and is not empty; choose a new folder")
     if target == template or template in target.parents:
         raise SystemExit(f"error: {target} is inside the template; choose a folder outside it")
-    left_out = TEMPLATE_ONLY + (() if with_sample_data else (SAMPLE_DATA,))
+    left_out = TEMPLATE_ONLY + (() if with_sample_data else SAMPLE_DATA)
     for name in tracked_files(template):
         if name.startswith(left_out):
             continue
@@ -47,7 +48,8 @@ def copy_template(target, with_sample_data=False, template=TEMPLATE):
         shutil.copy2(template / name, destination)
     if (target / "docs" / "template.md").exists():
         template_readme = target / "docs" / "template.md"
-        template_readme.write_text(template_readme.read_text().replace("](docs/", "]("))
+        links = re.sub(r"\]\((?!docs/|[a-z]+:|#)", "](../", template_readme.read_text())  # now one folder down
+        template_readme.write_text(links.replace("](docs/", "]("))
     (target / "saved").mkdir(parents=True, exist_ok=True)
     (target / "saved" / ".gitkeep").touch()
     (target / "README.md").write_text(project_readme(target))

@@ -722,6 +722,7 @@ def test_new_project_with_sample_data(tmp_path):
         assert sorted(p.name for p in (copied / split).iterdir()) == source and source
     first = sorted((REPO / "data" / "mnist5k" / "train").iterdir())[0]
     assert (copied / "train" / first.name).read_bytes() == first.read_bytes()
+    assert (target / "data" / "README.md").read_bytes() == (REPO / "data" / "README.md").read_bytes()  # licence
 
 
 def test_new_project_copies_what_git_tracks_not_runs_or_stray_outputs(tmp_path):
@@ -731,7 +732,8 @@ def test_new_project_copies_what_git_tracks_not_runs_or_stray_outputs(tmp_path):
         (template / name).write_text(f"{name}\n")
     (template / "config.json").write_text(json.dumps({"name": "leaf", "data_loader": {"args": {"data_dir": "data/"
                                                                                                        "leaves"}}}))
-    (template / "README.md").write_text("# PyTorch project template\nsee [the guide](docs/guide.md)\n")
+    (template / "README.md").write_text("# PyTorch project template\nsee [the guide](docs/guide.md), [train](train.py)"
+                                        " and [the site](https://pytorch.org)\n")
     subprocess.run(["git", "init", "-q", str(template)], check=True)
     subprocess.run(["git", "-C", str(template), "add", "."], check=True)
     (template / "runs" / "leaf" / "1").mkdir(parents=True)  # a custom save_dir's run folder and a stray output
@@ -743,7 +745,8 @@ def test_new_project_copies_what_git_tracks_not_runs_or_stray_outputs(tmp_path):
     copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
     assert copied == ["README.md", "config.json", "docs/guide.md", "docs/template.md", "saved/.gitkeep", "train.py"]
     assert (target / "train.py").read_text() == "edited, not committed\n"
-    assert (target / "docs" / "template.md").read_text() == "# PyTorch project template\nsee [the guide](guide.md)\n"
+    assert (target / "docs" / "template.md").read_text() == ("# PyTorch project template\nsee [the guide](guide.md), "
+                                                             "[train](../train.py) and [the site](https://pytorch.org)\n")
     readme = (target / "README.md").read_text()
     assert readme.startswith("# leaf-competition\n") and "`data/leaves`" in readme and "saved/leaf/" in readme
 
