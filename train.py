@@ -208,7 +208,7 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
             data_loader.write_caches()
             add_log_file(logger, run_dir / "train.log")
             save_run_config(config, run_dir, checkpoint if resume else None)
-        log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, resume)
+        log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, checkpoint, resume)
         gc.freeze()  # the objects of torch and the set-up, which the collector would otherwise walk again and again
         trainer.train()
     finally:
@@ -241,7 +241,7 @@ def check_same_targets(checkpoint, config, task):
                         f"resumed run keeps its targets: fine-tune from it with -c to change them")
 
 
-def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, resume):
+def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, checkpoint, resume):
     logger = logging.getLogger("template")
     logger.debug(str(model))
     logger.info("run folder: %s", run_dir)
@@ -254,6 +254,8 @@ def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, r
     elif resume:
         logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
                     trainer.global_step)
+    elif checkpoint is not None:
+        logger.info("fine-tuning: starting from the weights of %s", checkpoint["path"])
 
 
 def train_all_folds(config, device, group_dir=None, hooks=()):

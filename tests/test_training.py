@@ -275,6 +275,7 @@ def test_fine_tune_starts_a_new_run_from_the_checkpoint_weights(four_epochs):
     assert result["state_dict"]["features.1.num_batches_tracked"] == (
         source["state_dict"]["features.1.num_batches_tracked"] + BATCHES_PER_EPOCH)
     assert load(best)["epoch"] == source["epoch"]  # the source run is untouched
+    assert f"fine-tuning: starting from the weights of {best}" in (tuned / "train.log").read_text()
 
 
 def test_early_stopping_when_the_monitor_cannot_improve(data_slice, tmp_path):
