@@ -408,6 +408,15 @@ def test_shortcuts_and_overrides_land_in_the_saved_config(config, tmp_path):
     assert json.loads(path.read_text()) == config  # the user's file is left alone
 
 
+def test_an_optimizer_rate_that_the_schedule_replaces_is_said(config, tmp_path, capsys):
+    config["optimizer"]["args"]["lr"] = 0.05  # the shipped schedule, OneCycleLR, peaks at its max_lr 0.003
+    config["trainer"].update(epochs=1, limit_train_batches=2)
+    assert train.main(["-c", str(write_config(config, tmp_path / "config.json"))]) == 0
+    captured = capsys.readouterr()
+    assert "warning: optimizer.args.lr 0.05 is not used: OneCycleLR sets the rate from its max_lr 0.003" in \
+        captured.out + captured.err
+
+
 @pytest.mark.slow
 def test_bad_config_in_a_real_process(config, tmp_path):
     """What a user sees in the terminal: one `error:` line on stderr, no traceback, exit code 2, no run folder."""

@@ -84,6 +84,7 @@ def build_schedule(config, optimizer, batches_per_epoch):
         batches = min(batches_per_epoch, cfg["limit_train_batches"] or batches_per_epoch)
         extra["total_steps"] = cfg["epochs"] * math.ceil(batches / cfg["accumulation_steps"])
     extra.update(per_group_rates(cls, spec["args"], optimizer))
+    warn_unused_rate(cls, spec["args"], optimizer)
     return LrSchedule(build(config, "lr_scheduler", optimizer, **extra), spec["step_every"], cfg["epochs"])
 
 
@@ -96,3 +97,14 @@ def per_group_rates(cls, args, optimizer):
     names = inspect.signature(cls).parameters.keys() & {"max_lr", "base_lr"}
     return {name: [args[name] * group["lr"] / base for group in groups]
             for name in names if isinstance(args.get(name), (int, float))}
+
+
+def warn_unused_rate(cls, args, optimizer):
+    """Say so when a scheduler that sets the rate from its own `max_lr` (OneCycleLR, CyclicLR) makes the optimizer's
+    single `lr` unused: a value the user changed would otherwise do nothing."""
+    lr, max_lr = optimizer.defaults.get("lr"), args.get("max_lr")
+    if len(optimizer.param_groups) == 1 and isinstance(max_lr, (int, float)) and isinstance(lr, (int, float)) \
+            and not math.isclose(lr, max_lr) and "max_lr" in inspect.signature(cls).parameters:
+        logging.getLogger("template").warning(
+            "warning: optimizer.args.lr %g is not used: %s sets the rate from its max_lr %g (change "
+            "lr_scheduler.args.max_lr, or give --lr to set both)", lr, cls.__name__, max_lr)
