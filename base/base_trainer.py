@@ -77,9 +77,9 @@ class BaseTrainer:
                     self.lr_schedule.after_epoch(self._watched_value(epoch, log))
                 improved = self._update_monitor(log)
                 if self.is_main:
-                    self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
+                    row = self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
                     self._save_checkpoint(epoch, save_best=improved)
-                    self.on_epoch_end(epoch, log)
+                    self.on_epoch_end(epoch, row)
                 dist.barrier()
                 if self.stop_signal and epoch < self.cfg.epochs:
                     raise self._stopped(epoch, 0)
@@ -138,14 +138,15 @@ class BaseTrainer:
                                128 + getattr(signal, self.stop_signal))
 
     def _report_epoch(self, epoch, log, lr, seconds):
-        """Log line, TensorBoard scalars and a history.csv row; `lr` is the rate (one per parameter group) the epoch
-        started with: `lr`, or `lr_<group>` for each group."""
+        """Log line, TensorBoard scalars and a history.csv row, which it returns (without the epoch); `lr` is the rate
+        (one per parameter group) the epoch started with: `lr`, or `lr_<group>` for each group."""
         values = "  ".join(f"{k} {v:.4f}" for k, v in log.items())
         self.logger.info("epoch %d/%d  %s  (%.1f s)", epoch, self.cfg.epochs, values, seconds)
         rates = rate_columns(lr, self.optimizer.param_groups)
         self.writer.add_scalars("train", {k: v for k, v in log.items() if not k.startswith("val_")} | rates, epoch)
         self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k.startswith("val_")}, epoch)
         append_row(self.run_dir / "history.csv", {"epoch": epoch, **log, **rates})
+        return {**log, **rates}
 
     def _update_monitor(self, log):
         """True when the monitored metric improved this epoch; counts measurements without improvement (an epoch

@@ -13,7 +13,8 @@ class Hook:
         """After validating at the end of `epoch`; `log` holds the validation values (prefixed `val_`)."""
 
     def on_epoch_end(self, trainer, epoch, log):
-        """After `epoch` is logged and checkpointed; `log` is its row of history.csv (training and validation)."""
+        """After `epoch` is logged and checkpointed; `log` is its row of history.csv (training and validation values
+        and the learning rate: `lr`, or `lr_<group>` per parameter group)."""
 
     def on_run_end(self, trainer, log):
         """After the last epoch (or an early stop); `log` is the last epoch's. Not called when the run fails."""

@@ -28,6 +28,8 @@ def test_an_mlflow_run_is_readable_with_mlflows_client(config, tmp_path):
     history = read_history(run_dir)
     logged = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [(m.step, m.value) for m in logged] == [(int(r["epoch"]), float(r["val_accuracy"])) for r in history]
+    rates = client.get_metric_history(run.info.run_id, "lr")
+    assert [(m.step, m.value) for m in rates] == [(int(r["epoch"]), float(r["lr"])) for r in history]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"config.json", "history.csv"}
     assert run_dir / "model_best.pth" == type(run_dir)(client.get_run(run.info.run_id).data.tags["best_checkpoint"])
