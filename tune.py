@@ -19,6 +19,7 @@ from pathlib import Path
 
 import train
 from base.hooks import Hook
+from trainer.trackers import flatten
 from utils.config import apply_overrides, load_config, validate
 from utils.util import ArgumentParser, UserError, atomic_write, error_line, first_line, read_json, write_json
 
@@ -185,12 +186,19 @@ def open_study(optuna, args, study_dir, study_name, direction, space, config):
     except KeyError:
         raise UserError(f"--summary: no study named {study_name!r} in {url}") from None
     setting = {"search": space, "objective": "out-of-fold" if args.folds else "run", "direction": direction}
+    config = json.loads(json.dumps(config))  # as the storage keeps it
     if not study.user_attrs and not args.summary:
-        for name, value in setting.items():
+        for name, value in {**setting, "config": config}.items():
             study.set_user_attr(name, value)
     elif {k: study.user_attrs.get(k) for k in setting} != setting:
         raise UserError(f"study {study_name!r} was started with another search space, objective or direction; "
                         f"name a new one with --study")
+    elif study.user_attrs.get("config", config) != config:
+        then, now = flatten(study.user_attrs["config"]), flatten(config)
+        key = next(k for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k))
+        raise UserError(f"study {study_name!r} was started from another config ({key}: {then.get(key)!r} then, "
+                        f"{now.get(key)!r} now): its trials would not compare; go back to that config, or name a new "
+                        f"study with --study")
     return study
 
 
