@@ -163,8 +163,9 @@ def load_members(paths, overrides, batch_size, use_ema):
     return config, members
 
 
-def default_out(paths, split, ema):
-    suffix = "-ema" if ema else ""
+def default_out(paths, split, ema, tta):
+    """`<run folder>/<split>-<checkpoint name>[-ema][-tta]/`: evaluations that differ get folders of their own."""
+    suffix = ("-ema" if ema else "") + ("-tta" if tta else "")
     if len(paths) == 1:
         return paths[0].parent / f"{split}-{paths[0].stem}{suffix}"
     return Path(os.path.commonpath([p.parent for p in paths])) / f"{split}-ensemble{suffix}"
@@ -189,9 +190,9 @@ def evaluate(args, logger):
     user gives is checked first, and every model and TTA view is tried on one batch before predicting."""
     split = args.split or "test"
     paths = checkpoint_paths(args.resume)
-    out = Path(args.out) if args.out else default_out(paths, split, args.ema)
-    check_out(out, bool(args.out))
     config, members = load_members(paths, args.override, args.bs, args.ema)
+    out = Path(args.out) if args.out else default_out(paths, split, args.ema, config["inference"]["tta"])
+    check_out(out, bool(args.out))
     reports = [TestReport(name, paths[0].parent if len(paths) == 1 else out, config["name"], split)
                for name in args.track]
     if split == "valid":  # the validation rows are no test set: no sample submission to follow

@@ -280,6 +280,10 @@ def test_identity_tta_changes_nothing_and_a_flip_does(folds_run, tmp_path):
     flipped, _ = read_table(tmp_path / "flip" / "probabilities.csv")
     assert np.abs(np.array(list(plain.values())) - np.array(list(flipped.values()))).max() > 1e-3
 
+    shutil.copytree(best.parent, tmp_path / "run")  # by default, evaluations with TTA get a folder of their own
+    assert evaluate(["-r", tmp_path / "run" / "model_best.pth"]).out.name == "test-model_best"
+    assert evaluate(["-r", tmp_path / "run" / "model_best.pth", "-o", flip]).out.name == "test-model_best-tta"
+
 
 def test_a_run_group_folder_ensembles_its_folds(folds_run, tmp_path):
     group = folds_run.group
