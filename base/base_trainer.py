@@ -79,7 +79,7 @@ class BaseTrainer:
                 if self.is_main:
                     row = self._report_epoch(epoch, log, self.epoch_lr, time.perf_counter() - started)
                     self._save_checkpoint(epoch, save_best=improved)
-                    self.on_epoch_end(epoch, row)
+                self.on_epoch_end(epoch, row if self.is_main else log)
                 dist.barrier()
                 if self.stop_signal and epoch < self.cfg.epochs:
                     raise self._stopped(epoch, 0)
@@ -118,10 +118,21 @@ class BaseTrainer:
         self._call_hooks("on_run_end", log)
 
     def _call_hooks(self, name, *args):
-        """Call `name` on every hook (base.hooks.Hook), in the main process only."""
-        if self.is_main:
-            for hook in self.hooks:
-                getattr(hook, name)(self, *args)
+        """Call `name` on every hook (base.hooks.Hook), in the main process only; a hook that raises there ends the
+        run in every process (the others would wait for it forever)."""
+        if not self.hooks:
+            return
+        failed = None
+        try:
+            if self.is_main:
+                for hook in self.hooks:
+                    getattr(hook, name)(self, *args)
+        except BaseException as e:
+            failed = e
+        if dist.broadcast_object(failed is not None) and failed is None:
+            raise TrainingStopped(f"a hook failed in the main process during {name}", 1)
+        if failed is not None:
+            raise failed
 
     def _request_stop(self, signum, frame):
         """First signal: finish the current optimizer step, save, exit. A second one stops at once."""

@@ -104,6 +104,36 @@ def test_torchrun_validation_equals_a_single_process_evaluation(two_processes, t
         assert float(last_epoch["val_" + name]) == pytest.approx(metrics[name], rel=1e-6, abs=1e-6), name
 
 
+FAILING_HOOK = """
+import sys
+
+import train
+from base.hooks import Hook
+
+
+class Down(Hook):
+    def on_epoch_end(self, trainer, epoch, log):
+        raise RuntimeError("the tracker's server is down")
+
+
+sys.exit(train.main(["-c", sys.argv[1]], hooks=[Down()]))
+"""
+
+
+@pytest.mark.slow
+def test_a_hook_failing_under_torchrun_ends_every_process(data_slice, tmp_path):
+    """Hooks run in the main process; the others stop with it instead of waiting for it forever."""
+    config = write_config(make_config(data_slice, tmp_path / "saved", epochs=2), tmp_path / "config.json")
+    (tmp_path / "team.py").write_text(FAILING_HOOK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(tmp_path / "team.py"), str(config)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "the tracker's server is down" in result.stderr
+    assert "error: a hook failed in the main process during on_epoch_end" in result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_checkpoint_resumes_in_one_process_with_more_epochs(two_processes, tmp_path):
     """Another process count: 8 batches per epoch instead of 4 per process. OneCycleLR's schedule was sized for
