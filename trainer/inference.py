@@ -19,7 +19,7 @@ from data_loader.data_loaders import class_source, read_classes
 from model.metric import EpochMetrics
 from trainer.inference_settings import refuse_sorted_text
 from trainer.preflight import check_width, checked_loss_and_metrics
-from trainer.steps import evaluation_step
+from trainer.steps import evaluation_step, tta_view
 from utils.checkpoint import load_checkpoint, load_model_weights, unwrap
 from utils.config import build, build_loss, build_metrics, metric_name, split_change
 from utils.files import open_regular
@@ -41,7 +41,7 @@ def predict(model, data_loader, device, tta=()):
     probabilities, targets = [], []
     for data, target in data_loader:
         data = inputs_to(device, data, data_loader)
-        views = [data] + [transform(data) for transform in tta]
+        views = [data] + [tta_view(transform, data) for transform in tta]
         scores = [task.probabilities(task.flat(evaluation_step(model, view))) for view in views]
         probabilities.append(torch.stack(scores).mean(dim=0).cpu())
         targets.append(as_targets(target))

@@ -9,3 +9,9 @@ def as_inputs(data):
 def evaluation_step(model, data):
     """The model's whole output (a tensor, tuple or dict) for a batch's inputs: `model(*inputs)`."""
     return model(*as_inputs(data))
+
+
+def tta_view(transform, data):
+    """A batch seen through a TTA transform: the images (the first input) transformed, other inputs unchanged."""
+    images, *others = as_inputs(data)
+    return (transform(images), *others) if others else transform(images)
