@@ -3,6 +3,7 @@ that gets the flattened config as parameters, every epoch's metrics, tags (git c
 files. TensorBoard is the trainer's own writer. Their packages are optional: requirements-experiments.txt."""
 import csv
 import importlib
+import io
 import json
 import math
 import os
@@ -207,14 +208,23 @@ class CsvTracker(Hook):
 
     @classmethod
     def append_rows(cls, path, run_dir, rows, epoch=""):
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(cls.COLUMNS)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            writer.writerows((stamp, str(Path(run_dir).resolve()), kind, key, epoch, value)
-                             for kind, key, value in rows)
+        """Append `rows` in one write to a file opened for appending, so that runs writing side by side (the trials
+        of several tune.py workers) never interleave their lines; the first writer alone writes the header."""
+        text = io.StringIO()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        csv.writer(text).writerows((stamp, str(Path(run_dir).resolve()), kind, key, epoch, value)
+                                   for kind, key, value in rows)
+        try:
+            header = io.StringIO()
+            csv.writer(header).writerow(cls.COLUMNS)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            text = io.StringIO(header.getvalue() + text.getvalue())
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, text.getvalue().encode())
+        finally:
+            os.close(fd)
 
     def on_run_start(self, trainer):
         self._append(trainer, [("param", k, v) for k, v in flatten(trainer.config).items()]
