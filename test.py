@@ -279,6 +279,8 @@ def main(argv=None):
     except (OSError, RecursionError, MemoryError) as e:  # a full disk, a read-only folder: nothing half-written
         print(fault_line(e), file=sys.stderr)
         return Outcome(2)
+    finally:
+        withheld.forget()  # the next command in this process starts with none
     return Outcome(0, out=out, files=files)
 
 

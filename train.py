@@ -162,6 +162,7 @@ def main(argv=None, hooks=()):
         return Outcome(1)
     finally:
         dist.cleanup()
+        withheld.forget()  # the next command in this process (a tune.py trial, a script) starts with none
     return Outcome(0, run_dir=None if args.fast_dev_run else run_dir)
 
 
