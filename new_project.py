@@ -61,8 +61,9 @@ def project_readme(target):
     try:
         config = json.loads((target / "config.json").read_text())
         name, data_dir = config["name"], config["data_loader"]["args"]["data_dir"]
+        test_csv = config["data_loader"]["args"].get("test_csv", "test.csv")
     except (OSError, ValueError, KeyError, TypeError):
-        name, data_dir = "my_run", "data/"
+        name, data_dir, test_csv = "my_run", "data/", "test.csv"
     return f"""# {target.name}
 
 Trained with `train.py` from one JSON config (`config.json`); evaluated and turned into a submission with
@@ -71,7 +72,7 @@ Trained with `train.py` from one JSON config (`config.json`); evaluated and turn
 ## Data
 
 `config.json` reads the data from `{data_dir}`: `train.csv` (an `id` column and the label column) with the
-images in `train/`, and `test.csv` with the images in `test/`. Change `data_loader.args` (`data_dir`,
+images in `train/`, and `{test_csv}` (the test ids) with the images in `test/`. Change `data_loader.args` (`data_dir`,
 `label_column`, `extension`, ...) to match the competition's files; docs/configuration.md lists every argument.
 
 ## Train and predict
