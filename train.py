@@ -90,6 +90,29 @@ def command_line_overrides(args):
     return shortcuts + args.override
 
 
+def run_config(args, group):
+    """The validated config of this command (-c, a checkpoint's, or a run group's) with the command line's changes,
+    and the checkpoint given with -r (None for a run group or none)."""
+    if args.folds and args.resume:
+        raise UserError("--folds all trains every fold from the start and cannot take -r; finish a run group with "
+                        "python train.py -r <run group>, resume one fold with -r <run group>/fold<K>")
+    if group and (args.config or args.fold is not None):
+        raise UserError(f"-r {args.resume}: a run group resumes as a whole, with its own config (no -c, no "
+                        f"--fold); resume one fold with -r {args.resume}/fold<K>")
+    checkpoint = load_checkpoint(args.resume) if args.resume and not group else None
+    overrides = command_line_overrides(args) + (FAST_DEV_RUN if args.fast_dev_run else [])
+    if args.config:
+        config = load_config(args.config, overrides)
+    elif group or checkpoint is not None:
+        config = validate(checkpoint_config(run_group.as_checkpoint(group) if group else checkpoint, overrides,
+                                            saving=True))
+    else:
+        raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
+    if args.lr is not None and "max_lr" in config["lr_scheduler"].get("args", {}):
+        config["lr_scheduler"]["args"]["max_lr"] = args.lr  # the rate OneCycleLR or CyclicLR really trains at
+    return config, checkpoint
+
+
 def main(argv=None, hooks=()):
     """Train as the command line says; returns the exit status, whose `run_dir` is the run folder (or run group) made
     (None for --fast-dev-run and on failure). `hooks` (base.hooks.Hook) are told of the run's progress."""
@@ -100,25 +123,8 @@ def main(argv=None, hooks=()):
     steady_allocator()
     try:
         group = Path(args.resume) if args.resume and run_group.is_run_group(args.resume) else None
-        if args.folds and args.resume:
-            raise UserError("--folds all trains every fold from the start and cannot take -r; finish a run group with "
-                            "python train.py -r <run group>, resume one fold with -r <run group>/fold<K>")
-        if group and (args.config or args.fold is not None):
-            raise UserError(f"-r {args.resume}: a run group resumes as a whole, with its own config (no -c, no "
-                            f"--fold); resume one fold with -r {args.resume}/fold<K>")
         rank, world_size, local_rank = dist.init_distributed()
-        checkpoint = load_checkpoint(args.resume) if args.resume and not group else None
-        overrides = command_line_overrides(args) + (FAST_DEV_RUN if args.fast_dev_run else [])
-        if args.config:
-            config = load_config(args.config, overrides)
-        elif group:
-            config = validate(checkpoint_config(run_group.as_checkpoint(group), overrides, saving=True))
-        elif checkpoint is not None:
-            config = validate(checkpoint_config(checkpoint, overrides, saving=True))
-        else:
-            raise UserError("nothing to do: give a config with -c config.json, or a checkpoint to resume with -r")
-        if args.lr is not None and "max_lr" in config["lr_scheduler"].get("args", {}):
-            config["lr_scheduler"]["args"]["max_lr"] = args.lr  # the rate OneCycleLR or CyclicLR really trains at
+        config, checkpoint = run_config(args, group)
         logger = setup_logging(config["trainer"]["verbosity"] if rank == 0 else 0)
         if config["n_gpu"] > 1 and world_size == 1 and args.device is None and torch.cuda.device_count() > 1:
             raise UserError(f"n_gpu is {config['n_gpu']}: start one process per GPU with: torchrun "
