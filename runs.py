@@ -100,7 +100,7 @@ def main(argv=None):
     folder = Path(args.folder)
     try:
         if not folder.is_dir():
-            raise UserError(f"{args.folder}: not a folder of runs")
+            raise UserError(f"{args.folder}: {'not a folder' if folder.exists() else 'no such folder'}")
         runs = sorted((describe(run) for run in find_runs(folder)), key=lambda r: r["time"], reverse=True)
         if not runs:
             raise UserError(f"{args.folder}: no runs in it (folders with config.json)")

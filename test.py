@@ -131,6 +131,9 @@ def checkpoint_paths(given):
     paths = []
     for path in map(Path, given):
         runs = run_group.complete_folds(path) if run_group.is_run_group(path) else [path] if path.is_dir() else []
+        if runs == [path] and not best_checkpoint(path).is_file():
+            raise UserError(f"-r {str(path)!r}: a folder without model_best.pth or checkpoint-last.pth; give a run "
+                            f"folder, a run group of --folds all, or a checkpoint file")
         paths += [best_checkpoint(run) for run in runs] or [path]
     return paths
 

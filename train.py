@@ -283,7 +283,7 @@ def train_all_folds(config, device, group_dir=None, hooks=()):
     for fold in (k for k in range(n_folds) if k not in manifest["finished"]):
         fold_config = apply_overrides(config, [f"data_loader.args.fold={fold}"])
         run_dir = group_dir / f"fold{fold}"
-        logger.info("fold %d/%d", fold + 1, n_folds)
+        logger.info("fold%d (%d of %d)", fold, fold + 1, n_folds)
         checkpoint = load_checkpoint(run_dir) if (run_dir / "checkpoint-last.pth").exists() else None
         if checkpoint is None and run_dir.exists() and dist.is_main_process():  # killed before its first save
             shutil.rmtree(run_dir)
