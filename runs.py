@@ -74,11 +74,14 @@ def best_epoch(run, mode, metric):
     return value, int(epoch)
 
 
+PLACES = ("name", "trainer.save_dir")  # where a run was saved, not how it trained
+
+
 def changes(runs):
-    """For each run, the config keys whose values differ between the runs, as `key=value`."""
-    keys = sorted({k for r in runs for k in r["config"]})
-    differing = [k for k in keys if len({repr(r["config"].get(k)) for r in runs}) > 1 and k != "trainer.save_dir"]
-    return [" ".join(f"{k}={r['config'].get(k)}" for k in differing) for r in runs]
+    """For each run, the config keys it has whose values differ between the runs, as `key=value`."""
+    keys = sorted({k for r in runs for k in r["config"]} - set(PLACES))
+    differing = [k for k in keys if len({repr(r["config"].get(k)) for r in runs}) > 1]
+    return [" ".join(f"{k}={r['config'][k]}" for k in differing if k in r["config"]) for r in runs]
 
 
 def table_rows(folder, runs):
