@@ -256,8 +256,10 @@ def log_start(trainer, model, run_dir, device, data_loader, valid_data_loader, c
                 f" ({torch.distributed.get_backend()})" if dist.is_distributed() else "", data_loader.n_samples,
                 len(valid_data_loader.sampler) * dist.world_size() if valid_data_loader else 0)
     if resume and trainer.start_epoch > trainer.cfg.epochs:
-        logger.info("the run already finished its %d epochs: nothing to train (raise them with -o trainer.epochs=N)",
-                    trainer.cfg.epochs)
+        fixed = hasattr(getattr(trainer.lr_schedule, "scheduler", None), "total_steps")  # OneCycleLR: sized once
+        logger.info("the run already finished its %d epochs: nothing to train (%s)", trainer.cfg.epochs,
+                    "fine-tune from it to train on: -c config.json -r <checkpoint>" if fixed else
+                    "raise them with -o trainer.epochs=N")
     elif resume:
         logger.info("resumed at epoch %d, batch %d (global step %d)", trainer.start_epoch, trainer.resume_batches,
                     trainer.global_step)

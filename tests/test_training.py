@@ -254,6 +254,16 @@ def test_resume_with_more_epochs_under_one_cycle_lr_is_refused(data_slice, tmp_p
     assert (run / "checkpoint-last.pth").stat().st_mtime_ns == before
 
 
+def test_resuming_a_finished_run_trains_nothing_and_says_how_to_go_on(four_epochs, tmp_path, capsys):
+    run = tmp_path / "saved" / "tiny" / "run"
+    shutil.copytree(four_epochs.run, run)
+    capsys.readouterr()
+    assert train.main(["-r", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "the run already finished its 4 epochs: nothing to train (fine-tune from it to train on" in out  # OneCycleLR
+    assert read_history(run) == four_epochs.history
+
+
 def test_fine_tune_starts_a_new_run_from_the_checkpoint_weights(four_epochs):
     """With -c, -r only supplies weights. lr=0 for one epoch leaves every parameter as loaded, so they must equal
     the checkpoint's bit for bit; only BatchNorm running statistics move (training mode)."""
