@@ -60,11 +60,16 @@ def test_the_csv_tracker_writes_one_long_file_for_the_save_folder(config, tmp_pa
     (["mlflw"], "trainer.trackers: unknown tracker 'mlflw'"),
     (["mlflow"], "trainer.trackers: 'mlflow' needs the mlflow package"),
     (["mlflow"], "trainer.trackers: mlflow: cannot reach http://127.0.0.1:9"),
+    (["wandb"], "trainer.trackers: wandb: cannot reach http://127.0.0.1:9"),
 ])
 def test_a_tracker_that_cannot_start_is_one_line_before_training(config, tmp_path, capsys, monkeypatch, trackers,
                                                                  expected):
     if "package" in expected:
         monkeypatch.setitem(sys.modules, "mlflow", None)
+    elif "wandb" in expected:
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "online")  # as for a user who has logged in
+        monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     elif "reach" in expected:
         pytest.importorskip("mlflow")
         config["trainer"]["mlflow_uri"] = "http://127.0.0.1:9"

@@ -9,6 +9,8 @@ import math
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -175,12 +177,22 @@ class WandbTracker(Hook):
 
     def __init__(self, config):
         self.wandb = _package("wandb", "wandb")
+        self.mode = wandb_mode(self.wandb)
+        if self.mode == "online":  # probed once here, so that a server out of reach is one line before training
+            url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            try:
+                urllib.request.urlopen(url, timeout=10).close()
+            except urllib.error.HTTPError:
+                pass  # it answered
+            except (OSError, ValueError) as e:
+                raise UserError(f"trainer.trackers: wandb: cannot reach {url} ({first_line(e)}); set "
+                                f"WANDB_MODE=offline to report offline and sync later") from None
         self.run = None
 
     def on_run_start(self, trainer):
         tags = [f"{k}:{v}"[:64] for k, v in run_tags(trainer).items() if k != "run_dir"]
         self.run = self.wandb.init(project=trainer.config["name"], name=Path(trainer.run_dir).name,
-                                   mode=wandb_mode(self.wandb), dir=str(trainer.run_dir),
+                                   mode=self.mode, dir=str(trainer.run_dir),
                                    config=flatten(trainer.config), tags=tags)
 
     def on_epoch_end(self, trainer, epoch, log):
