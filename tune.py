@@ -37,6 +37,8 @@ def parse_args(argv):
     parser.add_argument("--study", help="the study's name (default: the search file's name)")
     parser.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
     parser.add_argument("--summary", action="store_true", help="only summarise the study: table, best config, plots")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="change the config every trial starts from, as for train.py (e.g. -o trainer.epochs=3)")
     return parser.parse_args(argv)
 
 
@@ -45,7 +47,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         optuna = import_optuna()
-        config = load_config(args.config)
+        config = load_config(args.config, args.override)
         space = read_space(args.search, config)
         if args.trials < 1:
             raise UserError(f"--trials: expected a positive number, got {args.trials}")

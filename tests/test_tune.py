@@ -144,12 +144,9 @@ def test_a_study_continued_from_another_config_is_one_line(data_slice, tmp_path,
     config, search, study_dir = study_files(data_slice, tmp_path, {"lr_scheduler.args.max_lr": [0.003, 0.01]},
                                             epochs=1, limit_val_batches=1)
     assert tune.main(["-c", str(config), "-s", str(search), "--trials", "1"]) == 0
-    edited = json.loads(config.read_text())
-    edited["trainer"]["epochs"] = 2
-    config.write_text(json.dumps(edited))
     capsys.readouterr()
-    for more in ([], ["--summary"]):
-        assert tune.main(["-c", str(config), "-s", str(search), "--trials", "2", *more]) == 2
+    for more in ([], ["--summary"]):  # an edited config, or the same one changed with -o
+        assert tune.main(["-c", str(config), "-s", str(search), "--trials", "2", "-o", "trainer.epochs=2", *more]) == 2
         assert "was started from another config (trainer.epochs: 1 then, 2 now)" in error_line(capsys)
     assert len(load_study(study_dir).get_trials()) == 1
 
