@@ -93,7 +93,7 @@ def read_space(path, config):
             try:
                 validate(apply_overrides(config, [f"{key}={json.dumps(value)}"]))
             except UserError as e:
-                raise UserError(f"{path}: {key}: {json.dumps(value)}: {str(e)}") from None
+                raise UserError(f"{path}: {key}: {json.dumps(value)}: {str(e).removeprefix(f'{key}: ')}") from None
     return space
 
 

@@ -128,8 +128,8 @@ def test_a_study_where_no_config_trains_stops_with_one_line(data_slice, tmp_path
     ({"optimizer.args.lr": {"low": 0.1, "high": 0.01}}, "search.json: optimizer.args.lr: expected low < high"),
     ({"optimizer.args.lr": {"low": 0, "high": 0.1, "log": True}}, "a log space needs low > 0"),
     ({"optimizer.args.lr": {"lo": 0.1, "high": 1}}, 'expected a list of choices or {"low": L, "high": H}'),
-    ({"optimizer.args.lrr": [0.1]}, "search.json: optimizer.args.lrr: 0.1: optimizer.args.lrr: not an argument"),
-    ({"optimizer.type": ["AdamW", "Adamm"]}, "search.json: optimizer.type: \"Adamm\": optimizer.type: unknown"),
+    ({"optimizer.args.lrr": [0.1]}, "search.json: optimizer.args.lrr: 0.1: not an argument"),
+    ({"optimizer.type": ["AdamW", "Adamm"]}, "search.json: optimizer.type: \"Adamm\": unknown"),
     ({"arch.args.width": []}, "search.json: arch.args.width: expected at least one choice"),
 ])
 def test_bad_search_json_is_one_line_and_nothing_is_created(data_slice, tmp_path, capsys, search, expected):
