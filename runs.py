@@ -49,6 +49,9 @@ def describe(run):
     else:
         tested = sorted(run.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
         scores, where = (read_object(tested[-1]), tested[-1].parent.name) if tested else ({}, "")
+    trial = read_object(run.parent / "trial.json")  # a run of a tune.py trial: pruned or failed ones say so
+    if trial.get("state") in ("pruned", "fail"):
+        where = f"{'failed' if trial['state'] == 'fail' else 'pruned'} trial" + (f" ({where})" if where else "")
     name = metric.removeprefix("val_")
     score = scores.get(name) if isinstance(scores.get(name), (int, float)) else next(
         (v for k, v in scores.items() if k != "n_samples" and isinstance(v, (int, float))), None)

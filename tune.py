@@ -412,6 +412,10 @@ def summarise(optuna, study, config, space, study_dir):
     print(trial_table(trials, space))
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     study_dir.mkdir(parents=True, exist_ok=True)
+    for t in trials:  # each trial's outcome beside its run folder, for runs.py
+        if (study_dir / f"trial{t.number}").is_dir():
+            write_json({"state": t.state.name.lower(), "value": t.value, "note": note(t)},
+                       study_dir / f"trial{t.number}" / "trial.json")
     if not complete:
         print("no complete trial yet: no best_config.json")
         return

@@ -91,8 +91,10 @@ def test_a_study_with_pruning_finishes_and_its_best_config_trains(data_slice, tm
 
     capsys.readouterr()  # the study's runs table, and a report of its best trial
     assert runs.main([str(study_dir)]) == 0 and (study_dir / "runs.html").exists()
-    listed = {study_dir / line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert listed == {Path(t.user_attrs["run_dir"]) for t in trials}
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert {study_dir / line.split()[0] for line in lines} == {Path(t.user_attrs["run_dir"]) for t in trials}
+    assert {line.split()[0].split("/")[0] for line in lines if "pruned trial" in line} == {
+        f"trial{t.number}" for t in pruned}
     made = evaluate(["-r", study.best_trial.user_attrs["run_dir"]])
     assert made == 0 and (made.out / "report.html").exists()
 
