@@ -13,6 +13,7 @@ import inspect
 import io
 import json
 import math
+import shutil
 import tempfile
 import typing
 from pathlib import Path
@@ -504,22 +505,31 @@ def test_no_line_quotes_a_file_that_only_a_checkpoint_names_outside_its_folders(
         assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
 
 
-@pytest.mark.parametrize("save_dir", ["{folder}/elsewhere", "{folder}", "http://127.0.0.1:9/saved"])
-def test_a_resumed_checkpoint_saves_and_reports_only_beside_its_run(save_dir, saved_states, tmp_path):
-    """An older checkpoint resumes into a new run folder beside its run, whatever save folder it names, and starts
-    none of the trackers it names (their files and servers are the user's to choose with -o)."""
-    run = tmp_path / "tiny" / "0101_000000"
-    run.mkdir(parents=True)
+@pytest.mark.parametrize("save_dir, name, beside", [("{folder}/elsewhere", "tiny", False), ("{folder}", "tiny", True),
+                                                    ("/", "tmp", False), ("http://127.0.0.1:9/saved", "tiny", False)])
+def test_a_resumed_checkpoint_saves_and_reports_only_in_its_own_folder(save_dir, name, beside, saved_states,
+                                                                       tmp_path):
+    """An older checkpoint resumes into a new run folder beside its run when it names the save folder its run lies
+    in (`<save_dir>/<name>/<run>`), else inside its own folder, never at the root (a run folder /tmp/<run> whose
+    checkpoint says name "tmp", save_dir "/"); it starts none of the trackers it names (those are the user's)."""
+    run = Path(tempfile.mkdtemp(dir="/tmp")) if name == "tmp" else tmp_path / name / "0101_000000"
+    run.mkdir(parents=True, exist_ok=True)
 
     def elsewhere(state):
         state["config"]["trainer"].update(save_dir=save_dir.format(folder=tmp_path), trackers=["csv", "mlflow"],
                                           mlflow_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+        state["config"]["name"] = name
 
-    path = crafted(saved_states, "end", elsewhere, run / "checkpoint-epoch1.pth")
-    assert train.main(["-r", str(path)]) == 0
-    (new,) = set(run_dirs(tmp_path)) - {run}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"] and (new / "checkpoint-last.pth").exists()
-    assert json.loads((new / "config.json").read_text())["trainer"]["trackers"] == []  # it named csv and mlflow
+    try:
+        path = crafted(saved_states, "end", elsewhere, run / "checkpoint-epoch1.pth")
+        before = set(Path("/tmp").iterdir())
+        assert train.main(["-r", str(path)]) == 0
+        (new,) = set(run_dirs(tmp_path)) - {run} if beside else run_dirs(run, name)
+        assert (new / "checkpoint-last.pth").exists() and set(Path("/tmp").iterdir()) == before
+        assert json.loads((new / "config.json").read_text())["trainer"]["trackers"] == []  # it named csv and mlflow
+    finally:
+        if name == "tmp":
+            shutil.rmtree(run)
 
 
 def test_a_path_the_user_gives_for_a_checkpoint_is_used(saved_states, data_slice, tmp_path, capsys):

@@ -86,6 +86,7 @@ OFFLINE_ARGS = {"weights": None, "weights_backbone": None, "pretrained": False} 
 IN_DATA_DIR = ("train_csv", "test_csv", "train_images", "test_images")  # data loader paths relative to data_dir
 IN_WORKING_DIR = ("data_loader.args.data_dir", "data_loader.args.cache_dir", "inference.sample_submission",
                   "arch.args.weights_file")
+WRITTEN = ("data_loader.args.cache_dir",)  # paths the program writes to, not only reads
 
 
 def _confine_paths(config, run_dir, own, source):
@@ -104,33 +105,36 @@ def _confine_paths(config, run_dir, own, source):
                         f"-o data_loader.args.data_dir=...")
     keys = IN_WORKING_DIR + tuple(f"data_loader.args.{k}" for k in IN_DATA_DIR)
     roots = [data_dir, Path(os.path.realpath(run_dir)), Path.cwd().resolve()]
+    elsewhere = "data_loader.args.data_dir" not in own and not any(data_dir.is_relative_to(r) for r in roots[1:])
     for key in (k for k in keys if value(k) and k not in own):
         named = value(key)
         path = Path(os.path.realpath(data_dir / named if key.split(".")[-1] in IN_DATA_DIR else named))
+        allowed = roots[1:] if key in WRITTEN and elsewhere else roots  # a data folder only it names is read only
         if "://" in named:
             problem = "a URL"
-        elif not any(path.is_relative_to(root) for root in roots):
-            problem = "outside its run folder, data folder and the working folder"
+        elif not any(path.is_relative_to(root) for root in allowed):
+            problem = f"outside its run folder, {'' if allowed is roots else 'its (read-only) '}data folder and the " \
+                      f"working folder"
         else:
             continue
         raise UserError(f"checkpoint {source!r}: {key} {named[:200]!r} is {problem}; a checkpoint may not name it "
                         f"(give it with -o {key}=... to use it)")
-    if "data_loader.args.data_dir" not in own and not any(data_dir.is_relative_to(root) for root in roots[1:]):
+    if elsewhere:
         withhold(value("data_loader.args.data_dir") or ".", source)
-    return roots
+    return roots[1:] if elsewhere else roots
 
 
 def _resumed_reporting(config, roots, own):
     """Where a resumed run writes besides its folder: under the save folder the checkpoint names only when that lies
-    in one of `roots` (its data folder, its run folder, the working folder) or holds its run; else under the one that
-    holds its run, or in the checkpoint's folder. Only the trackers the command line names start (TensorBoard, inside
-    the run folder, stays)."""
-    trainer, logger, run_dir = config["trainer"], logging.getLogger("template"), roots[1]
+    in one of `roots` (the folders it may write to: its run folder, the working folder, a data folder the user
+    trusts); else in the checkpoint's own folder. Only the trackers the command line names start (TensorBoard,
+    inside the run folder, stays)."""
+    trainer, logger, run_dir = config["trainer"], logging.getLogger("template"), roots[-2]
     named = trainer.get("save_dir")
-    holder = next((f.parent for f in list(run_dir.parents)[:3] if f.name == config.get("name")), None)
     kept = Path(os.path.realpath(named)) if isinstance(named, str) and named and "://" not in named else None
-    if "trainer.save_dir" not in own and not (kept and (kept == holder or any(map(kept.is_relative_to, roots)))):
-        trainer["save_dir"] = str(holder or run_dir)
+    if "trainer.save_dir" not in own and not (kept and (kept == made_in(run_dir, config.get("name")) or
+                                                         any(map(kept.is_relative_to, roots)))):
+        trainer["save_dir"] = str(run_dir)
         logger.info("trainer.save_dir: the checkpoint's lies elsewhere; a resumed run saves in %s (choose another "
                     "with -o trainer.save_dir=...)", trainer["save_dir"])
     trackers = trainer.get("trackers")
@@ -140,6 +144,15 @@ def _resumed_reporting(config, roots, own):
                     "trainer.trackers=[...] to report there", ", ".join(map(str, set(trackers) - {"tensorboard"})))
     if "trainer.mlflow_uri" not in own:
         trainer.pop("mlflow_uri", None)
+
+
+def made_in(run_dir, name):
+    """The save folder a run folder lies in by the layout train.py makes, `<save_dir>/<name>/<run>` (a fold's:
+    `<save_dir>/<name>/<group>/fold<k>`), or None; never the file system's root."""
+    group = (run_dir.parent / "group.json").is_file()
+    named = run_dir.parents[1] if group and len(run_dir.parents) > 2 else run_dir.parent
+    save_dir = named.parent
+    return save_dir if named.name == name and save_dir != save_dir.parent else None
 
 
 def nesting_over(value, limit):
