@@ -103,3 +103,28 @@ def test_test_py_refuses_a_tracker_without_a_store_before_predicting(config, tmp
     assert evaluate(["-r", run_dir, "--track", "mlflow"]) == 2
     assert error_line(capsys).startswith("error: --track mlflow: no mlflow.db in")
     assert not list(run_dir.glob("test-*"))
+
+
+@pytest.mark.parametrize("planted", ["tracking.csv linked to a file", "mlflow.db keeping files elsewhere"])
+def test_a_store_that_came_with_a_run_folder_cannot_choose_where_test_py_writes(planted, config, tmp_path, capsys):
+    """A run folder from elsewhere, under a save folder holding a planted store: the victim file is left alone, and
+    no artifact lands outside the store's own folder."""
+    mlflow = pytest.importorskip("mlflow")
+    run_dir = train_with(config, tmp_path, [], epochs=1)  # saved/tiny/<run>
+    victim = tmp_path / "victim.sh"
+    victim.write_text("# mine\n")
+    if planted.startswith("tracking.csv"):
+        (tmp_path / "saved" / "tracking.csv").symlink_to(victim)
+        track = "csv"
+    else:
+        mlflow.MlflowClient(f"sqlite:///{tmp_path / 'saved' / 'mlflow.db'}").create_experiment(
+            "tiny", artifact_location=(tmp_path / "elsewhere").as_uri())
+        track = "mlflow"
+    capsys.readouterr()
+    made = evaluate(["-r", run_dir, "--track", track])
+    assert victim.read_text() == "# mine\n" and not (tmp_path / "elsewhere").exists()
+    if track == "mlflow":  # refused before any prediction: nothing written
+        assert made == 2 and "keeps experiment 'tiny''s files at" in error_line(capsys)
+        assert not list(run_dir.glob("test-*"))
+    else:
+        assert made == 0 and (run_dir / "tracking.csv").is_file()  # the run folder's own file instead

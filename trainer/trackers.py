@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import stat
 import subprocess
 import time
 import urllib.error
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from base.hooks import Hook
+from utils.checkpoint import made_in
 from utils.util import UserError, first_line
 
 RUN_FILES = ("config.json", "history.csv")
@@ -91,15 +93,41 @@ def _package(tracker, module):
                         f"requirements-experiments.txt") from None
 
 
+def probe_mlflow(client, uri, what):
+    """Ask an MLflow server once, without retries, so that one out of reach is one line before any work."""
+    if uri.startswith("sqlite:") or "://" not in uri:
+        return
+    try:
+        with _no_retries():
+            client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 (any failure of the client means the same to the user)
+        raise UserError(f"{what}: cannot reach {uri}: {first_line(e)}") from None
+
+
 def mlflow_experiment(client, name, uri):
     """The id of MLflow experiment `name`, created when missing; a local store keeps its files beside it
-    (`<store folder>/mlartifacts/<name>`)."""
+    (`<store folder>/mlartifacts/<name>`), and one whose experiment says to keep them elsewhere (a store that came
+    with a run folder) is refused."""
     experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    local = uri.startswith("sqlite:///")
-    return client.create_experiment(name, artifact_location=(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" /
-                                                             name).as_uri() if local else None)
+    if experiment is None:
+        home = artifacts_home(uri)
+        return client.create_experiment(name, artifact_location=(home / name).as_uri() if home else None)
+    return checked_experiment(experiment, uri).experiment_id
+
+
+def artifacts_home(uri):
+    """Where a local (SQLite) store keeps its experiments' files: `<store folder>/mlartifacts`; None for a server."""
+    return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
+def checked_experiment(experiment, uri):
+    """`experiment`, refused when a local store would keep its files elsewhere (a store that came with a run folder
+    cannot send the written files to another path or machine)."""
+    home, where = artifacts_home(uri), experiment.artifact_location or ""
+    if home and not (where.startswith("file://") and Path(where[len("file://"):]).resolve().is_relative_to(home)):
+        raise UserError(f"mlflow: the store {uri} keeps experiment {experiment.name!r}'s files at {where[:200]!r}, "
+                        f"outside {str(home)!r}; use a store of your own (MLFLOW_TRACKING_URI)")
+    return experiment
 
 
 def mlflow_run_of(client, experiment_ids, run_dir):
@@ -138,12 +166,11 @@ class MlflowTracker(Hook):
                     or f"sqlite:///{Path(config['trainer']['save_dir']).resolve() / 'mlflow.db'}")
         self.client = mlflow.MlflowClient(self.uri)
         self.entities = mlflow.entities
-        if not self.uri.startswith("sqlite:") and "://" in self.uri:
-            try:
-                with _no_retries():
-                    self.client.search_experiments(max_results=1)
-            except Exception as e:  # noqa: BLE001 (any failure of the client means the same to the user)
-                raise UserError(f"trainer.trackers: mlflow: cannot reach {self.uri}: {first_line(e)}") from None
+        probe_mlflow(self.client, self.uri, "trainer.trackers: mlflow")
+        with _no_retries():
+            experiment = self.client.get_experiment_by_name(config["name"])
+        if experiment is not None:  # checked before the run folder exists
+            checked_experiment(experiment, self.uri)
         self.run_id = None
 
     def on_run_start(self, trainer):
@@ -226,14 +253,17 @@ class CsvTracker(Hook):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         csv.writer(text).writerows((stamp, str(Path(run_dir).resolve()), kind, key, epoch, value)
                                    for kind, key, value in rows)
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
             header = io.StringIO()
             csv.writer(header).writerow(cls.COLUMNS)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
             text = io.StringIO(header.getvalue() + text.getvalue())
         except FileExistsError:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(path, flags)  # a link is refused (ELOOP), a FIFO opened without waiting
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path}: not a regular file")
             os.write(fd, text.getvalue().encode())
         finally:
             os.close(fd)
@@ -251,9 +281,13 @@ class CsvTracker(Hook):
         self._append(trainer, files + [("file", "best_checkpoint", str(best_checkpoint_path(trainer).resolve()))])
 
 
-def nearest(run_dir, name):
-    """The closest folder at or above `run_dir` that holds `name` (a save folder's mlflow.db or tracking.csv)."""
-    return next((folder / name for folder in (run_dir, *run_dir.parents) if (folder / name).is_file()), None)
+def store_of(run_dir, experiment, name):
+    """The save folder's `name` (mlflow.db, tracking.csv) of a run folder laid out as train.py makes them,
+    `<save_dir>/<experiment>/<run>`, when it is a regular file and not a link; else None. Nothing further up is
+    looked at: a run folder is data, and does not choose the files the program writes to."""
+    save_dir = made_in(run_dir, experiment)
+    store = save_dir / name if save_dir else None
+    return store if store and store.is_file() and not store.is_symlink() else None
 
 
 class TestReport:
@@ -266,12 +300,20 @@ class TestReport:
 
     def _start_mlflow(self):
         mlflow = _package("mlflow", "mlflow")
-        store = nearest(self.run_dir, "mlflow.db")
+        store = store_of(self.run_dir, self.experiment, "mlflow.db")
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (f"sqlite:///{store}" if store else None)
         if uri is None:
-            raise UserError(f"--track mlflow: no mlflow.db in {str(self.run_dir)!r} or above it; set "
+            raise UserError(f"--track mlflow: no mlflow.db in the save folder of {str(self.run_dir)!r}; set "
                             f"MLFLOW_TRACKING_URI to the store the run used")
         self.uri, self.client, self.entities = uri, mlflow.MlflowClient(uri), mlflow.entities
+        probe_mlflow(self.client, uri, "--track mlflow")
+        with _no_retries():  # the training run, and where its files would go, known before anything is written
+            self.training_run = mlflow_run_of(self.client, [e.experiment_id for e in self.client.search_experiments()],
+                                              self.run_dir)
+            experiment = self.client.get_experiment(self.client.get_run(self.training_run).info.experiment_id) \
+                if self.training_run else self.client.get_experiment_by_name(self.experiment)
+            if experiment is not None:
+                checked_experiment(experiment, uri)
 
     def _start_wandb(self):
         self.wandb = _package("wandb", "wandb")
@@ -279,7 +321,7 @@ class TestReport:
         self.wandb_id = runs[-1].name.rsplit("-", 1)[1] if runs else None
 
     def _start_csv(self):
-        self.path = nearest(self.run_dir, "tracking.csv") or self.run_dir.parent.parent / "tracking.csv"
+        self.path = store_of(self.run_dir, self.experiment, "tracking.csv") or self.run_dir / "tracking.csv"
 
     def __call__(self, metrics, files):
         metrics = {f"{self.prefix}_{k}": v for k, v in epoch_metrics(metrics or {}).items()}
@@ -290,8 +332,7 @@ class TestReport:
                             f"in {str(files[0].parent) if files else '--out'!r}") from None
 
     def _report_mlflow(self, metrics, files):
-        training_run = mlflow_run_of(self.client, [e.experiment_id for e in self.client.search_experiments()],
-                                     self.run_dir)
+        training_run = self.training_run
         run_id = training_run or self.client.create_run(
             mlflow_experiment(self.client, self.experiment, self.uri), run_name=self.run_dir.name,
             tags={"run_dir": str(self.run_dir)}).info.run_id
