@@ -32,7 +32,7 @@ from trainer.inference import (
     write_predictions,
 )
 from trainer.inference_settings import settle_inference
-from trainer.trackers import TestReport
+from trainer.trackers import TestReport, tracker_hosts
 from utils import run_group, withheld
 from utils.checkpoint import best_checkpoint, checkpoint_config, load_checkpoint
 from utils.config import apply_overrides, build, build_transforms, overridden_keys, validate, validate_inference
@@ -271,7 +271,7 @@ def main(argv=None):
         check_arguments(args)
         if not (args.blend or args.resume):
             raise UserError("give a checkpoint with -r (repeat it for an ensemble), or probability files with --blend")
-        with offline("test.py"):  # checkpoints and probability files are data: nothing of theirs is fetched
+        with offline("test.py", allow=tracker_hosts(args.track)):  # checkpoints and probability files are data
             out, reports, metrics = (run_blend if args.blend else evaluate)(args, logger)
         files = sorted(path for path in out.iterdir() if path.is_file())
         for report in reports:  # the trackers the user named, at the addresses the user gave

@@ -135,7 +135,8 @@ def main(argv=None, hooks=()):
             raise UserError("--fold/--folds: set data_loader.args.n_folds (e.g. -o data_loader.args.n_folds=5)")
         scratch = tempfile.TemporaryDirectory(prefix="fast-dev-run-") if args.fast_dev_run else nullcontext()
         resuming = group or checkpoint is not None and not args.config
-        from_checkpoint = offline(f"resuming {args.resume}", allow=tracker_hosts(config)) if resuming else None
+        from_checkpoint = offline(f"resuming {args.resume}", allow=tracker_hosts(
+            config["trainer"]["trackers"], config["trainer"]["mlflow_uri"])) if resuming else None
         with scratch as scratch_dir, from_checkpoint or nullcontext():
             if scratch_dir:
                 config["trainer"]["save_dir"] = scratch_dir

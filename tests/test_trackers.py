@@ -95,13 +95,18 @@ def test_test_py_reports_its_metrics_and_submission_to_the_training_run(config, 
     assert {r["run_dir"] for r in rows} == {str(run_dir.resolve())}  # training's rows and test.py's: one run
 
 
-def test_test_py_refuses_a_tracker_without_a_store_before_predicting(config, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("server, expected", [(None, "no mlflow.db in the save folder of"),
+                                              ("http://127.0.0.1:9", "cannot reach http://127.0.0.1:9")])
+def test_test_py_refuses_a_tracker_without_a_store_before_predicting(server, expected, config, tmp_path, capsys,
+                                                                     monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     run_dir = train_with(config, tmp_path, ["tensorboard"], epochs=1)
     capsys.readouterr()
     assert evaluate(["-r", run_dir, "--track", "mlflow"]) == 2
-    assert error_line(capsys).startswith("error: --track mlflow: no mlflow.db in")
+    assert error_line(capsys).startswith(f"error: --track mlflow: {expected}")
     assert not list(run_dir.glob("test-*"))
 
 

@@ -34,14 +34,12 @@ def build_trackers(config):
     return hooks
 
 
-def tracker_hosts(config):
-    """The servers the config's trackers report to (an MLflow server, W&B's), which a resumed run may reach: a
+def tracker_hosts(trackers, mlflow_uri=""):
+    """The servers `trackers` report to (an MLflow server, W&B's), which a resumed run or test.py may reach: a
     checkpoint's own trackers are dropped (utils.checkpoint), so these are the ones the user named."""
     from urllib.parse import urlsplit
 
-    trackers = config["trainer"]["trackers"]
-    urls = [config["trainer"]["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI", "")] if "mlflow" in trackers \
-        else []
+    urls = [mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")] if "mlflow" in trackers else []
     urls += [os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")] if "wandb" in trackers else []
     return {urlsplit(url).hostname for url in urls if urlsplit(url).hostname}
 
