@@ -36,6 +36,7 @@ from utils.config import (
     check_monitor,
     load_config,
     optimizer_params,
+    overridden_keys,
     split_change,
     validate,
 )
@@ -101,6 +102,12 @@ def run_config(args, group):
                         f"--fold); resume one fold with -r {args.resume}/fold<K>")
     checkpoint = load_checkpoint(args.resume) if args.resume and not group else None
     overrides = command_line_overrides(args) + (FAST_DEV_RUN if args.fast_dev_run else [])
+    restored = next((k for k in overridden_keys(overrides) if k.startswith(("optimizer.", "lr_scheduler.")) and
+                     k != "lr_scheduler.type"), None) if args.resume and not args.config else None
+    if restored:
+        raise UserError(f"{'--lr' if args.lr is not None else '-o ' + restored}: a resumed run restores its optimizer "
+                        f"and schedule from the checkpoint, rates included, so this would change nothing; start a new "
+                        f"run from its weights to change them: -c config.json -r {args.resume}")
     if args.config:
         config = load_config(args.config, overrides)
     elif group or checkpoint is not None:

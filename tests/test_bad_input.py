@@ -277,6 +277,9 @@ CASES = [
     Case("resume-deleted-run-folder", lambda ctx: ["-r", ctx.run.parent / "1231_235959"], ("1231_235959",
                                                                                           "no such file")),
     Case("resume-folder-without-checkpoint", lambda ctx: ["-r", folder(ctx, "empty-run")], ("empty-run",)),
+    Case("resume-with-another-rate", lambda ctx: ["-r", ctx.run, "--lr", "0.5"], ("--lr", "restores its optimizer")),
+    Case("resume-with-other-optimizer-args", lambda ctx: ["-r", ctx.run, "-o", "optimizer.args.weight_decay=0.1"],
+         ("-o optimizer.args.weight_decay", "rates included")),
     # test.py
     Case("test-missing-checkpoint", lambda ctx: ["-r", ctx.run / "model_bets.pth"], ("model_bets.pth", "no such file"),
          script="test.py"),
