@@ -357,6 +357,13 @@ def test_nan_loss_stops_with_exit_1_naming_epoch_and_batch(data_slice, tmp_path)
     assert [row["epoch"] for row in read_history(run_dir)] == ["1"]
 
 
+def test_nan_loss_before_any_checkpoint_says_there_is_none(data_slice, tmp_path):
+    config = nan_config(data_slice, tmp_path / "saved", at=3)  # the trial step and batch 1 pass, batch 2 is NaN
+    proc = run("train.py", "-c", write_config(config, tmp_path / "config.json"))
+    assert proc.returncode == 1, shown(proc)
+    assert "no checkpoint was saved yet in" in process_error_line(proc)
+
+
 def test_exploding_learning_rate_stops_and_keeps_finite_weights(data_slice, tmp_path):
     """No test code in the loop: plain SGD at lr 1e30 blows the model up within a few steps."""
     config = small_config(data_slice, tmp_path / "saved")

@@ -210,9 +210,10 @@ class Trainer(BaseTrainer):
         """Stop (keeping the last checkpoint, which predates the bad batch) once a loss was NaN or infinite."""
         if dist.all_reduce_sum((self.first_nonfinite >= 0).float()).item():
             batch = int(self.first_nonfinite) if self.first_nonfinite >= 0 else "(on another process)"
-            raise TrainingStopped(f"the loss became non-finite at epoch {epoch}, batch {batch}; the last good "
-                                  f"checkpoint is kept in {self.run_dir}; set trainer.nonfinite_loss to \"skip\" to "
-                                  f"skip such batches", 1)
+            kept = f"the last good checkpoint is kept in {self.run_dir}" if (self.run_dir / "checkpoint-last.pth") \
+                .exists() else f"no checkpoint was saved yet in {self.run_dir}"
+            raise TrainingStopped(f"the loss became non-finite at epoch {epoch}, batch {batch}; {kept}; set "
+                                  f"trainer.nonfinite_loss to \"skip\" to skip such batches", 1)
 
     def _stop_requested(self, batch_idx):
         """Whether a signal asked to stop; under DDP the ranks agree on it every log_step batches."""
