@@ -85,10 +85,11 @@ FAST_DEV_RUN = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.li
 
 
 def command_line_overrides(args):
+    """-o's changes, then the shortcuts' (an -o that sets a whole `optimizer` block keeps --lr's rate)."""
     shortcuts = [f"optimizer.args.lr={args.lr}"] if args.lr is not None else []
     shortcuts += [f"data_loader.args.batch_size={args.bs}"] if args.bs is not None else []
     shortcuts += [f"data_loader.args.fold={args.fold}"] if args.fold is not None else []
-    return shortcuts + args.override
+    return args.override + shortcuts
 
 
 def run_config(args, group):

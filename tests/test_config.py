@@ -394,7 +394,7 @@ def test_load_config_raises_user_error(config, tmp_path):
 def test_shortcuts_and_overrides_land_in_the_saved_config(config, tmp_path):
     path = write_config(config, tmp_path / "config.json")
     code = train.main(["-c", str(path), "--lr", "0.01", "--bs", "16", "-o", "trainer.epochs=1", "-o", "name=foo",
-                       "-o", "data_loader.args.cache=false"])
+                       "-o", "data_loader.args.cache=false", "-o", 'optimizer={"type": "SGD", "args": {"lr": 0.5}}'])
     assert code == 0
     assert run_dirs(tmp_path / "saved", "tiny") == []
     (run,) = run_dirs(tmp_path / "saved", "foo")
