@@ -95,18 +95,24 @@ def test_test_py_reports_its_metrics_and_submission_to_the_training_run(config, 
     assert {r["run_dir"] for r in rows} == {str(run_dir.resolve())}  # training's rows and test.py's: one run
 
 
-@pytest.mark.parametrize("server, expected", [(None, "no mlflow.db in the save folder of"),
-                                              ("http://127.0.0.1:9", "cannot reach http://127.0.0.1:9")])
-def test_test_py_refuses_a_tracker_without_a_store_before_predicting(server, expected, config, tmp_path, capsys,
-                                                                     monkeypatch):
-    pytest.importorskip("mlflow")
+@pytest.mark.parametrize("tracker, server, expected", [
+    ("mlflow", None, "no mlflow.db in the save folder of"),
+    ("mlflow", "http://127.0.0.1:9", "cannot reach http://127.0.0.1:9"),
+    ("wandb", "http://127.0.0.1:9", "cannot reach http://127.0.0.1:9"),
+])
+def test_test_py_refuses_a_tracker_without_a_store_before_predicting(tracker, server, expected, config, tmp_path,
+                                                                     capsys, monkeypatch):
+    pytest.importorskip(tracker)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    if server:
+    if server and tracker == "mlflow":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    elif server:
+        monkeypatch.setenv("WANDB_MODE", "online")  # as for a user who has logged in
+        monkeypatch.setenv("WANDB_BASE_URL", server)
     run_dir = train_with(config, tmp_path, ["tensorboard"], epochs=1)
     capsys.readouterr()
-    assert evaluate(["-r", run_dir, "--track", "mlflow"]) == 2
-    assert error_line(capsys).startswith(f"error: --track mlflow: {expected}")
+    assert evaluate(["-r", run_dir, "--track", tracker]) == 2
+    assert error_line(capsys).startswith(f"error: --track {tracker}: {expected}")
     assert not list(run_dir.glob("test-*"))
 
 

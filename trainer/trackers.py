@@ -40,7 +40,7 @@ def tracker_hosts(trackers, mlflow_uri=""):
     from urllib.parse import urlsplit
 
     urls = [mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")] if "mlflow" in trackers else []
-    urls += [os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")] if "wandb" in trackers else []
+    urls += [wandb_url()] if "wandb" in trackers else []
     return {urlsplit(url).hostname for url in urls if urlsplit(url).hostname}
 
 
@@ -136,9 +136,23 @@ def mlflow_run_of(client, experiment_ids, run_dir):
     return found[0].info.run_id if found else None
 
 
-def wandb_mode(wandb):
-    """WANDB_MODE when set, else online only for a user who has logged in."""
-    return os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+def wandb_mode(wandb, what):
+    """WANDB_MODE when set, else online only for a user who has logged in; online, W&B's server is asked once here,
+    so that one out of reach is one line before any work."""
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb.login(prompt=False, verify=False) else "offline")
+    if mode == "online":
+        try:
+            urllib.request.urlopen(wandb_url(), timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, ValueError) as e:
+            raise UserError(f"{what}: cannot reach {wandb_url()} ({first_line(e)}); set WANDB_MODE=offline to report "
+                            f"offline and sync later") from None
+    return mode
+
+
+def wandb_url():
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
 @contextmanager
@@ -202,16 +216,7 @@ class WandbTracker(Hook):
 
     def __init__(self, config):
         self.wandb = _package("wandb", "wandb")
-        self.mode = wandb_mode(self.wandb)
-        if self.mode == "online":  # probed once here, so that a server out of reach is one line before training
-            url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-            try:
-                urllib.request.urlopen(url, timeout=10).close()
-            except urllib.error.HTTPError:
-                pass  # it answered
-            except (OSError, ValueError) as e:
-                raise UserError(f"trainer.trackers: wandb: cannot reach {url} ({first_line(e)}); set "
-                                f"WANDB_MODE=offline to report offline and sync later") from None
+        self.mode = wandb_mode(self.wandb, "trainer.trackers: wandb")
         self.run = None
 
     def on_run_start(self, trainer):
@@ -247,22 +252,18 @@ class CsvTracker(Hook):
     def append_rows(cls, path, run_dir, rows, epoch=""):
         """Append `rows` in one write to a file opened for appending, so that runs writing side by side (the trials
         of several tune.py workers) never interleave their lines; the first writer alone writes the header."""
-        text = io.StringIO()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        csv.writer(text).writerows((stamp, str(Path(run_dir).resolve()), kind, key, epoch, value)
+        stamp, body = time.strftime("%Y-%m-%dT%H:%M:%S"), io.StringIO()
+        csv.writer(body).writerows((stamp, str(Path(run_dir).resolve()), kind, key, epoch, value)
                                    for kind, key, value in rows)
         flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            header = io.StringIO()
-            csv.writer(header).writerow(cls.COLUMNS)
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-            text = io.StringIO(header.getvalue() + text.getvalue())
+            fd, head = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), ",".join(cls.COLUMNS) + "\r\n"
         except FileExistsError:
-            fd = os.open(path, flags)  # a link is refused (ELOOP), a FIFO opened without waiting
+            fd, head = os.open(path, flags), ""  # a link is refused (ELOOP), a FIFO opened without waiting
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(f"{path}: not a regular file")
-            os.write(fd, text.getvalue().encode())
+            os.write(fd, (head + body.getvalue()).encode())
         finally:
             os.close(fd)
 
@@ -315,6 +316,7 @@ class TestReport:
 
     def _start_wandb(self):
         self.wandb = _package("wandb", "wandb")
+        self.mode = wandb_mode(self.wandb, "--track wandb")
         runs = sorted((self.run_dir / "wandb").glob("*run-*-*"))
         self.wandb_id = runs[-1].name.rsplit("-", 1)[1] if runs else None
 
@@ -343,7 +345,7 @@ class TestReport:
 
     def _report_wandb(self, metrics, files):
         run = self.wandb.init(project=self.experiment, id=self.wandb_id, resume="allow" if self.wandb_id else None,
-                              name=self.run_dir.name, dir=str(self.run_dir), mode=wandb_mode(self.wandb))
+                              name=self.run_dir.name, dir=str(self.run_dir), mode=self.mode)
         run.summary.update(metrics)
         for path in files:
             run.save(str(path), base_path=str(path.parent.parent), policy="now")

@@ -76,9 +76,10 @@ def checkpoint_config(checkpoint, overrides=(), saving=False):
         for key, off in OFFLINE_ARGS.items():
             if key in args and f"arch.args.{key}" not in own:
                 args[key] = off
-    roots = _confine_paths(config, Path(checkpoint["path"]).parent, own, checkpoint["path"])
+    run_dir = Path(os.path.realpath(Path(checkpoint["path"]).parent))
+    writable = _confine_paths(config, run_dir, own, checkpoint["path"])
     if saving and isinstance(config.get("trainer"), dict):
-        _resumed_reporting(config, roots, own)
+        _resumed_reporting(config, run_dir, writable, own)
     return config
 
 
@@ -91,7 +92,8 @@ WRITTEN = ("data_loader.args.cache_dir",)  # paths the program writes to, not on
 
 def _confine_paths(config, run_dir, own, source):
     """Refuse a path that only the checkpoint names (not `own`, the command line's keys) outside the run folder, the
-    data folder and the working folder, or a URL: loading a checkpoint reads and creates nothing elsewhere."""
+    data folder and the working folder, or a URL: loading a checkpoint reads and creates nothing elsewhere. Returns
+    the folders it may write to (not a data folder that only it names)."""
     def value(key):
         node = config
         for part in key.split("."):
@@ -124,12 +126,12 @@ def _confine_paths(config, run_dir, own, source):
     return roots[1:] if elsewhere else roots
 
 
-def _resumed_reporting(config, roots, own):
+def _resumed_reporting(config, run_dir, roots, own):
     """Where a resumed run writes besides its folder: under the save folder the checkpoint names only when that lies
     in one of `roots` (the folders it may write to: its run folder, the working folder, a data folder the user
-    trusts); else in the checkpoint's own folder. Only the trackers the command line names start (TensorBoard,
-    inside the run folder, stays)."""
-    trainer, logger, run_dir = config["trainer"], logging.getLogger("template"), roots[-2]
+    trusts) or is the one `run_dir` lies in; else in `run_dir`, the checkpoint's own folder. Only the trackers the
+    command line names start (TensorBoard, inside the run folder, stays)."""
+    trainer, logger = config["trainer"], logging.getLogger("template")
     named = trainer.get("save_dir")
     kept = Path(os.path.realpath(named)) if isinstance(named, str) and named and "://" not in named else None
     if "trainer.save_dir" not in own and not (kept and (kept == made_in(run_dir, config.get("name")) or
