@@ -194,7 +194,8 @@ def train_one(config, device, run_dir, checkpoint=None, resume=False, hooks=()):
     model = build(config, "arch")
     if checkpoint is not None and not resume:
         load_model_weights(model, checkpoint["state_dict"], checkpoint["path"])
-    model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
+    # a memory format only when asked: converting one asks every weight its shape, which lazy layers do not know yet
+    model = model.to(device, memory_format=torch.channels_last) if cfg["channels_last"] else model.to(device)
     task = task_of(data_loader.dataset)
     check_monitor(config, task)
     check_inference(config["inference"], task)

@@ -97,6 +97,27 @@ def test_sam_by_config_from_the_projects_optimizers(config, tmp_path):
     assert_resumes_exactly(run_dir)
 
 
+LAZY_MODEL = """
+    import torch.nn as nn
+
+    class LazyHead(nn.Module):
+        '''A convolution and a head whose input width is found on the first batch (nn.LazyLinear).'''
+
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(num_classes))
+
+        def forward(self, x):
+            return self.net(x)
+"""
+
+
+def test_a_model_with_lazy_layers_trains_and_resumes_exactly(config, tmp_path, project):
+    config.update(import_roots=[project("team_lazy", LAZY_MODEL)], arch={"type": "team_lazy.LazyHead", "args": {}})
+    run_dir = trained(small(config), tmp_path)
+    assert_resumes_exactly(run_dir, roots=["team_lazy"])
+
+
 def test_a_frozen_backbone_then_a_ten_times_lower_backbone_rate_by_config(config, tmp_path):
     config["arch"] = {"type": "TorchvisionClassifier", "args": {"name": "resnet18", "num_classes": 10,
                                                                 "in_channels": 1}}
