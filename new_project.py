@@ -22,10 +22,14 @@ SAMPLE_DATA = ("data/mnist5k/", "data/README.md")  # the images, with their sour
 
 
 def tracked_files(template):
-    """The paths (relative, as POSIX strings) that git tracks in `template`, as they are on disk now."""
+    """The paths (relative, as POSIX strings) that git tracks in `template`, as they are on disk now; in a repository
+    where nothing is added yet (a copy just given `git init`), every file it does not ignore."""
+    def ls_files(*which):
+        return subprocess.run(["git", "-C", str(template), "ls-files", "-z", *which], capture_output=True,
+                              check=True).stdout.decode()
+
     try:
-        listed = subprocess.run(["git", "-C", str(template), "ls-files", "-z", "--cached"], capture_output=True,
-                                check=True).stdout.decode()
+        listed = ls_files("--cached") or ls_files("--others", "--exclude-standard")
     except (OSError, subprocess.CalledProcessError):
         raise SystemExit(f"error: {template} is not a git checkout (git ls-files failed); clone the template with "
                          f"git, then run new_project.py from the clone") from None

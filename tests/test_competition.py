@@ -755,6 +755,18 @@ def test_new_project_copies_what_git_tracks_not_runs_or_stray_outputs(tmp_path):
     assert readme.startswith("# leaf-competition\n") and "`data/leaves`" in readme and "saved/leaf/" in readme
 
 
+def test_a_copy_given_only_git_init_copies_what_it_does_not_ignore(tmp_path):
+    """The copy's own next step is `git init`, then its tests, which copy it in turn before anything is added."""
+    template = tmp_path / "copy"
+    for name, text in (("train.py", "x\n"), (".gitignore", "saved/*\n"), ("saved/run/model_best.pth", "w")):
+        (template / name).parent.mkdir(parents=True, exist_ok=True)
+        (template / name).write_text(text)
+    subprocess.run(["git", "init", "-q", str(template)], check=True)
+    target = new_project.copy_template(tmp_path / "again", template=template)
+    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert copied == [".gitignore", "README.md", "saved/.gitkeep", "train.py"]
+
+
 def test_new_project_refuses_a_folder_that_is_not_empty(tmp_path):
     target = tmp_path / "taken"
     target.mkdir()
